@@ -1,0 +1,35 @@
+"""/api/v1/datasets"""
+
+from fastapi import APIRouter, Form, UploadFile, status
+
+from app.deps import SessionDep
+from app.models import DatasetPublic, DatasetsPublic
+from app.services import datasets as service
+
+router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic)
+def upload_dataset(session: SessionDep, file: UploadFile, name: str | None = Form(default=None)) -> DatasetPublic:
+    """Upload a CSV, TSV, JSON (array) or JSONL file; it is validated and profiled before it is stored."""
+    dataset = service.create_dataset(session, file.file, file.filename, name)
+    return DatasetPublic.model_validate(dataset)
+
+
+@router.get("", response_model=DatasetsPublic)
+def list_datasets(session: SessionDep, offset: int = 0, limit: int = 100) -> DatasetsPublic:
+    """Datasets, newest first."""
+    rows, count = service.list_datasets(session, max(offset, 0), min(max(limit, 1), 1000))
+    return DatasetsPublic(data=[DatasetPublic.model_validate(row) for row in rows], count=count)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic)
+def get_dataset(session: SessionDep, dataset_id: int) -> DatasetPublic:
+    """One dataset with its profile."""
+    return DatasetPublic.model_validate(service.get_dataset(session, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_dataset(session: SessionDep, dataset_id: int) -> None:
+    """Delete a dataset and its file."""
+    service.delete_dataset(session, dataset_id)

@@ -1,0 +1,85 @@
+"""The ``peft-studio`` command: serve the studio, run a worker, migrate the database."""
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+cli = typer.Typer(help="PEFT Studio: a web-based fine-tuning studio.", no_args_is_help=True)
+
+
+def worker_command(queues: str | None = None, concurrency: int = 1, hostname: str | None = None) -> list[str]:
+    """The command line that starts one Celery training worker (solo pool: one job at a time)."""
+    from app.settings import get_settings
+
+    command = [
+        sys.executable, "-m", "celery", "-A", "app.queue:celery_app", "worker",
+        "--pool=solo", f"--concurrency={concurrency}", "--loglevel=INFO",
+        f"--queues={queues or get_settings().queue_name}", "--without-gossip", "--without-mingle",
+    ]
+    if hostname:
+        command.append(f"--hostname={hostname}")
+    return command
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Training workers to start beside the web app (0: none).")] = 1,
+) -> None:
+    """Start the web app and one training worker on the configured (by default embedded) database and broker."""
+    import uvicorn
+
+    from app.db import run_migrations
+    from app.settings import get_settings
+
+    settings = get_settings()
+    settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    run_migrations()
+    children = [
+        subprocess.Popen(worker_command(hostname=f"worker{i + 1}@%h")) for i in range(max(workers, 0))
+    ]
+
+    def stop_children(*_: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, lambda *a: (stop_children(), sys.exit(0)))
+    typer.echo(f"PEFT Studio on http://{host}:{port}  (data: {settings.resolved_data_dir})")
+    try:
+        uvicorn.run("app.main:app", host=host, port=port, log_level="info")
+    finally:
+        stop_children()
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+@cli.command()
+def worker(
+    queues: Annotated[str | None, typer.Option(help="Comma-separated queues to consume.")] = None,
+    hostname: Annotated[str | None, typer.Option(help="Worker name, e.g. gpu1@%h.")] = None,
+) -> None:
+    """Start one extra training worker against the configured broker."""
+    os.execv(sys.executable, worker_command(queues=queues, hostname=hostname))
+
+
+@cli.command()
+def migrate() -> None:
+    """Bring the database schema to the newest revision."""
+    from app.db import run_migrations
+
+    run_migrations()
+    typer.echo("database is up to date")
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    cli()

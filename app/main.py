@@ -1,0 +1,66 @@
+"""The FastAPI application: JSON API under /api/v1, HTML pages at /, static files."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from app.api import adapters, datasets, jobs, meta
+from app.db import PROJECT_ROOT, run_migrations
+from app.errors import StudioError
+from app.web import pages
+
+STATIC_DIR: Path = PROJECT_ROOT / "static"
+
+
+def _wants_html(request: Request) -> bool:
+    return not request.url.path.startswith(("/api/", "/v1/")) and "text/html" in request.headers.get("accept", "")
+
+
+def _field_path(location: tuple[object, ...]) -> str:
+    parts = [str(part) for part in location if part not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def create_app(migrate: bool = True) -> FastAPI:
+    """Build the app; by default the database is migrated to the newest schema on start."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if migrate:
+            run_migrations()
+        yield
+
+    app = FastAPI(title="PEFT Studio", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(StudioError)
+    async def studio_error(request: Request, exc: StudioError) -> Response:
+        if _wants_html(request):
+            return pages.error_page(request, exc.status_code, exc.message)
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        errors = [
+            {"field": _field_path(tuple(error.get("loc", ()))), "message": str(error.get("msg", "invalid"))}
+            for error in exc.errors()
+        ]
+        message = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
+        if _wants_html(request):
+            return pages.error_page(request, 422, message)
+        return JSONResponse({"detail": message, "errors": errors}, status_code=422)
+
+    app.include_router(datasets.router)
+    app.include_router(jobs.router)
+    app.include_router(adapters.router)
+    app.include_router(meta.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+app = create_app()

@@ -1,0 +1,130 @@
+"""Datasets: receive an upload, validate and profile it, store it, list and delete."""
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlmodel import Session, col, func, select
+
+from app.datasets_io import detect_format, parse_rows, profile_rows
+from app.errors import Conflict, InvalidDataset, NotFound, PayloadTooLarge
+from app.models import Dataset, Job, JobStatus
+from app.settings import get_settings
+from app.storage import get_store
+
+_CHUNK = 1024 * 1024
+_UNSAFE_NAME = re.compile(r"[/\\]|^\.\.?$|\x00")
+
+
+def _check_filename(filename: str | None) -> str:
+    if not filename or not filename.strip():
+        raise InvalidDataset("The upload has no file name; choose a .csv, .tsv, .json or .jsonl file.", field="file")
+    if _UNSAFE_NAME.search(filename) or ".." in Path(filename).parts:
+        raise InvalidDataset(
+            f"The file name {filename!r} contains a path; send only the file's own name.", field="file"
+        )
+    if len(filename) > 255:
+        raise InvalidDataset("The file name is longer than 255 characters.", field="file")
+    return filename
+
+
+def _receive(stream: BinaryIO, target: Path, limit: int) -> int:
+    size = 0
+    with target.open("wb") as out:
+        while chunk := stream.read(_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"The file is larger than the upload limit of {limit:,} bytes "
+                    "(PEFT_STUDIO_MAX_UPLOAD_BYTES).",
+                    field="file",
+                )
+            out.write(chunk)
+    return size
+
+
+def create_dataset(session: Session, stream: BinaryIO, filename: str | None, name: str | None = None) -> Dataset:
+    """Validate, profile and store an uploaded file; on any problem nothing is kept."""
+    settings = get_settings()
+    store = get_store()
+    filename = _check_filename(filename)
+    fmt = detect_format(filename)
+    temp = store.temp_path()
+    try:
+        size = _receive(stream, temp, settings.max_upload_bytes)
+        data = temp.read_bytes()
+        columns, rows = parse_rows(data, fmt)
+        if len(rows) > settings.max_rows:
+            raise InvalidDataset(
+                f"The file has {len(rows):,} rows; the limit is {settings.max_rows:,} (PEFT_STUDIO_MAX_ROWS).",
+                field="file",
+            )
+        digest = hashlib.sha256(data).hexdigest()
+        existing = session.exec(select(Dataset).where(Dataset.sha256 == digest)).first()
+        if existing is not None:
+            raise Conflict(
+                f"This file was already uploaded as dataset {existing.id} ({existing.name!r}); use that one.",
+                field="file",
+            )
+        key = store.new_dataset_key(fmt)
+        final = store.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        dataset = Dataset(
+            name=(name or filename)[:200],
+            filename=filename,
+            format=fmt,
+            storage_key=key,
+            size_bytes=size,
+            sha256=digest,
+            row_count=len(rows),
+            columns=columns,
+            profile=profile_rows(columns, rows),
+        )
+        os.replace(temp, final)
+        try:
+            session.add(dataset)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            final.unlink(missing_ok=True)
+            raise
+        session.refresh(dataset)
+        return dataset
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def list_datasets(session: Session, offset: int = 0, limit: int = 100) -> tuple[list[Dataset], int]:
+    """Datasets, newest first, and how many there are."""
+    count = session.exec(select(func.count()).select_from(Dataset)).one()
+    rows = session.exec(select(Dataset).order_by(col(Dataset.id).desc()).offset(offset).limit(limit)).all()
+    return list(rows), count
+
+
+def get_dataset(session: Session, dataset_id: int) -> Dataset:
+    """One dataset, or NotFound."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFound(f"Dataset {dataset_id} does not exist.")
+    return dataset
+
+
+def delete_dataset(session: Session, dataset_id: int) -> None:
+    """Delete a dataset and its file; refused while a queued or running job still needs it."""
+    dataset = get_dataset(session, dataset_id)
+    active = session.exec(
+        select(Job).where(
+            Job.dataset_id == dataset_id, col(Job.status).in_([JobStatus.queued, JobStatus.running])
+        )
+    ).first()
+    if active is not None:
+        raise Conflict(f"Dataset {dataset_id} is used by job {active.id}, which is {active.status}; wait or cancel it.")
+    for job in session.exec(select(Job).where(Job.dataset_id == dataset_id)).all():
+        job.dataset_id = None
+        session.add(job)
+    key = dataset.storage_key
+    session.delete(dataset)
+    session.commit()
+    get_store().delete(key)

@@ -1,0 +1,84 @@
+"""Turning a stored dataset into tokenized training and validation examples."""
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from app.datasets_io import load_rows
+from app.errors import InvalidDataset
+from app.models import Dataset
+from app.spec import JobSpec
+from app.storage import get_store
+
+
+@dataclass
+class ClassificationData:
+    """Texts and label ids for training and validation, with the label names in id order."""
+
+    labels: list[str]
+    train_texts: list[str]
+    train_labels: list[int]
+    eval_texts: list[str]
+    eval_labels: list[int]
+
+
+def _texts_and_labels(dataset: Dataset, spec: JobSpec) -> tuple[list[str], list[str]]:
+    _, rows = load_rows(get_store().path(dataset.storage_key), dataset.format)
+    texts: list[str] = []
+    labels: list[str] = []
+    for number, row in enumerate(rows, start=1):
+        text, label = row.get(spec.text_column), row.get(spec.label_column)
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidDataset(f"Row {number} of dataset {dataset.id}: column {spec.text_column!r} has no text.")
+        if label is None or label == "":
+            raise InvalidDataset(f"Row {number} of dataset {dataset.id}: column {spec.label_column!r} is empty.")
+        texts.append(text)
+        labels.append(str(label))
+    return texts, labels
+
+
+def _ordered_label_names(names: set[str]) -> list[str]:
+    """Integer labels in numeric order (so "0" stays id 0), any others alphabetically."""
+    if all(name.lstrip("-").isdigit() for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def classification_data(spec: JobSpec, train: Dataset, validation: Dataset | None) -> ClassificationData:
+    """Read, split (seeded) and label-encode the data for a classification job."""
+    texts, labels = _texts_and_labels(train, spec)
+    if validation is not None:
+        eval_texts, eval_label_names = _texts_and_labels(validation, spec)
+    elif spec.validation_fraction > 0:
+        order = list(range(len(texts)))
+        random.Random(spec.training.seed).shuffle(order)
+        held_out = set(order[: round(len(texts) * spec.validation_fraction)])
+        eval_texts = [texts[i] for i in sorted(held_out)]
+        eval_label_names = [labels[i] for i in sorted(held_out)]
+        texts = [texts[i] for i in range(len(texts)) if i not in held_out]
+        labels = [labels[i] for i in range(len(labels)) if i not in held_out]
+    else:
+        eval_texts, eval_label_names = [], []
+    names = _ordered_label_names(set(labels))
+    unseen = sorted(set(eval_label_names) - set(names))
+    if unseen:
+        raise InvalidDataset(
+            f"The validation data has label(s) {', '.join(map(repr, unseen))} that never occur in training."
+        )
+    index = {name: i for i, name in enumerate(names)}
+    return ClassificationData(
+        labels=names,
+        train_texts=texts,
+        train_labels=[index[name] for name in labels],
+        eval_texts=eval_texts,
+        eval_labels=[index[name] for name in eval_label_names],
+    )
+
+
+def tokenize(tokenizer: Any, texts: list[str], labels: list[int], max_length: int) -> list[dict[str, Any]]:
+    """Tokenize once, without padding: the collator pads each batch only to its longest example."""
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    return [
+        {"input_ids": ids, "attention_mask": mask, "labels": label}
+        for ids, mask, label in zip(encoded["input_ids"], encoded["attention_mask"], labels, strict=True)
+    ]

@@ -1,0 +1,369 @@
+"""The training engine: build model and data for a job, apply its method, run transformers.Trainer."""
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sqlmodel import select
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    EvalPrediction,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+
+from app.base_models import resolve_base_model
+from app.db import session_scope
+from app.models import Adapter, Dataset, Job, JobStatus, MetricPoint, utcnow
+from app.services.jobs import add_event
+from app.settings import get_settings
+from app.spec import JobSpec
+from app.storage import get_store
+from worker.data import classification_data, tokenize
+from worker.methods import BuildContext, get_method
+
+log = logging.getLogger(__name__)
+
+STUDIO_FILE = "studio.json"
+
+
+class JobCancelled(Exception):
+    """Raised inside the engine when the job was cancelled before it started training."""
+
+
+def classification_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    """Accuracy and macro-F1 of argmax predictions."""
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    predicted = np.asarray(logits).argmax(axis=-1)
+    truth = np.asarray(prediction.label_ids)
+    return {"accuracy": float((predicted == truth).mean()), "f1_macro": macro_f1(truth, predicted)}
+
+
+def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
+    """Unweighted mean of per-class F1 over the classes present in truth or predictions."""
+    scores = []
+    for label in np.union1d(truth, predicted):
+        tp = float(np.sum((predicted == label) & (truth == label)))
+        fp = float(np.sum((predicted == label) & (truth != label)))
+        fn = float(np.sum((predicted != label) & (truth == label)))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def without_dropout(config: Any) -> Any:
+    """Set every dropout probability in a model config to zero (names vary by architecture)."""
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
+            setattr(config, key, 0.0)
+    return config
+
+
+class StudioCallback(TrainerCallback):
+    """Reports every logged step to the database and stops training when the job is cancelled."""
+
+    def __init__(self, job_id: int, batch_size: int) -> None:
+        self.job_id = job_id
+        self.batch_size = batch_size
+        self.cancel_poll = get_settings().cancel_poll_seconds
+        self.cancelled = False
+        self._started = time.monotonic()
+        self._last_check = 0.0
+        self._last_log_time = time.monotonic()
+        self._last_log_step = 0
+
+    def _cancel_requested(self) -> bool:
+        with session_scope() as session:
+            job = session.get(Job, self.job_id)
+            if job is not None:
+                job.heartbeat_at = utcnow()
+                session.add(job)
+                session.commit()
+            return job is None or job.cancel_requested
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        now = time.monotonic()
+        if now - self._last_check >= self.cancel_poll:
+            self._last_check = now
+            if self._cancel_requested():
+                self.cancelled = True
+                control.should_training_stop = True
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not logs:
+            return
+        now = time.monotonic()
+        is_eval = any(key.startswith("eval_") for key in logs)
+        is_summary = "train_runtime" in logs
+        values = {
+            key.removeprefix("eval_"): float(value)
+            for key, value in logs.items()
+            if isinstance(value, int | float) and key != "epoch"
+        }
+        if not is_eval and not is_summary:
+            steps = state.global_step - self._last_log_step
+            if steps > 0 and now > self._last_log_time:
+                values["samples_per_second"] = steps * self.batch_size / (now - self._last_log_time)
+            self._last_log_step, self._last_log_time = state.global_step, now
+        elapsed = now - self._started
+        total = state.max_steps or None
+        with session_scope() as session:
+            if not is_summary:
+                session.add(
+                    MetricPoint(
+                        job_id=self.job_id,
+                        step=state.global_step,
+                        epoch=logs.get("epoch"),
+                        split="eval" if is_eval else "train",
+                        values=values,
+                    )
+                )
+            job = session.get(Job, self.job_id)
+            if job is not None:
+                job.current_step = state.global_step
+                job.total_steps = total
+                job.progress = min(1.0, state.global_step / total) if total else 0.0
+                if total and state.global_step:
+                    job.eta_seconds = elapsed / state.global_step * (total - state.global_step)
+                job.heartbeat_at = utcnow()
+                session.add(job)
+            session.commit()
+
+
+def _start(job_id: int, worker_name: str) -> JobSpec:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobCancelled(f"job {job_id} no longer exists")
+        if job.status.is_terminal or job.cancel_requested:
+            raise JobCancelled(f"job {job_id} is {job.status}; nothing to do")
+        job.status = JobStatus.running
+        job.started_at = utcnow()
+        job.heartbeat_at = utcnow()
+        job.worker = worker_name
+        add_event(session, job_id, "status", f"running on {worker_name}")
+        session.add(job)
+        session.commit()
+        return JobSpec.model_validate(job.spec)
+
+
+def _finish(job_id: int, status: JobStatus, message: str, error: str | None = None) -> None:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return
+        job.status = status
+        job.finished_at = utcnow()
+        job.error = error
+        if status == JobStatus.succeeded:
+            job.progress = 1.0
+            job.eta_seconds = 0.0
+        add_event(session, job_id, "status", message)
+        session.add(job)
+        session.commit()
+
+
+def mark_failed(job_id: int, error: str, traceback_text: str | None) -> None:
+    """Record a failure: a readable error on the job and the traceback in its event log."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status.is_terminal:
+            return
+        job.status = JobStatus.failed
+        job.error = error
+        job.finished_at = utcnow()
+        add_event(session, job_id, "error", error)
+        if traceback_text:
+            add_event(session, job_id, "traceback", traceback_text)
+        session.add(job)
+        session.commit()
+
+
+def _load_datasets(spec: JobSpec) -> tuple[Dataset, Dataset | None]:
+    with session_scope() as session:
+        train = session.get(Dataset, spec.dataset_id)
+        if train is None:
+            raise ValueError(f"dataset {spec.dataset_id} was deleted before the job started")
+        validation = session.get(Dataset, spec.validation_dataset_id) if spec.validation_dataset_id else None
+        if spec.validation_dataset_id and validation is None:
+            raise ValueError(f"validation dataset {spec.validation_dataset_id} was deleted before the job started")
+        session.expunge_all()
+        return train, validation
+
+
+def _folder_size(folder: Path) -> tuple[int, list[str]]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in files), [str(p.relative_to(folder)) for p in files]
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """Trainable and total parameter counts (peft's own count for peft models)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def run_job(job_id: int, worker_name: str = "worker") -> None:
+    """Train one job end to end and register its adapter; failures propagate to the task's on_failure."""
+    try:
+        spec = _start(job_id, worker_name)
+    except JobCancelled as reason:
+        log.info("skipping job %s: %s", job_id, reason)
+        return
+    settings = get_settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    store = get_store()
+    train_ds, validation_ds = _load_datasets(spec)
+    data = classification_data(spec, train_ds, validation_ds)
+    base = resolve_base_model(spec.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(str(base.path))
+    config = AutoConfig.from_pretrained(
+        str(base.path),
+        num_labels=len(data.labels),
+        id2label=dict(enumerate(data.labels)),
+        label2id={name: i for i, name in enumerate(data.labels)},
+    )
+    if spec.training.disable_dropout:
+        config = without_dropout(config)
+    model = AutoModelForSequenceClassification.from_pretrained(str(base.path), config=config)
+    method = get_method(spec.method)
+    training = spec.training
+    built = method.build(
+        model,
+        spec.method_settings(),
+        BuildContext(
+            task=spec.task,
+            num_labels=len(data.labels),
+            learning_rate=training.learning_rate,
+            weight_decay=training.weight_decay,
+        ),
+    )
+    model = built.model
+    train_examples = tokenize(tokenizer, data.train_texts, data.train_labels, training.max_length)
+    eval_examples = tokenize(tokenizer, data.eval_texts, data.eval_labels, training.max_length)
+    work_dir = store.path(store.job_key(job_id, "trainer"))
+    has_eval = bool(eval_examples)
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=max(training.batch_size, 32),
+        learning_rate=training.learning_rate,
+        num_train_epochs=training.num_epochs or 1.0,
+        max_steps=training.max_steps or -1,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio,
+        weight_decay=training.weight_decay,
+        logging_steps=training.logging_steps,
+        logging_first_step=True,
+        eval_strategy=("steps" if training.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=training.eval_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=training.seed,
+        data_seed=training.seed,
+        train_sampling_strategy="group_by_length" if training.group_by_length else "random",
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    callback = StudioCallback(job_id, training.batch_size)
+    optimizer = built.optimizer_factory(model) if built.optimizer_factory else None
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_examples,  # type: ignore[arg-type]
+        eval_dataset=eval_examples or None,  # type: ignore[arg-type]
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=classification_metrics,
+        callbacks=[callback],
+        optimizers=(optimizer, None),
+    )
+    trainer.train()
+    if callback.cancelled:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        _finish(job_id, JobStatus.cancelled, f"cancelled at step {trainer.state.global_step}")
+        return
+    final_metrics = {}
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            final_metrics = {
+                key.removeprefix("eval_"): float(value)
+                for key, value in entry.items()
+                if key.startswith("eval_") and isinstance(value, int | float)
+            }
+            break
+    train_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if train_losses:
+        final_metrics["train_loss"] = float(train_losses[-1])
+    adapter_key = store.job_key(job_id, "adapter")
+    adapter_dir = store.path(adapter_key)
+    save_adapter(model, tokenizer, adapter_dir, spec, data.labels)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    trainable, total = count_parameters(model)
+    size, files = _folder_size(adapter_dir)
+    with session_scope() as session:
+        existing = session.exec(select(Adapter).where(Adapter.job_id == job_id)).first()
+        if existing is not None:
+            session.delete(existing)
+            session.flush()
+        job = session.get(Job, job_id)
+        session.add(
+            Adapter(
+                job_id=job_id,
+                name=job.name if job else f"job {job_id}",
+                method=spec.method,
+                task=spec.task,
+                base_model=spec.base_model,
+                storage_key=adapter_key,
+                size_bytes=size,
+                files=files,
+                trainable_params=trainable,
+                total_params=total,
+                labels=data.labels,
+                metrics=final_metrics,
+            )
+        )
+        session.commit()
+    _finish(job_id, JobStatus.succeeded, "succeeded")
+
+
+def save_adapter(model: Any, tokenizer: Any, folder: Path, spec: JobSpec, labels: list[str]) -> None:
+    """Write the adapter folder: peft's files, the tokenizer, and studio.json describing how it was made."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    studio = {
+        "format": "peft-studio-adapter/1",
+        "method": spec.method,
+        "task": spec.task,
+        "base_model": spec.base_model,
+        "labels": labels,
+        "max_length": spec.training.max_length,
+        "spec": spec.model_dump(mode="json"),
+    }
+    (folder / STUDIO_FILE).write_text(json.dumps(studio, indent=2), encoding="utf-8")

@@ -1,0 +1,77 @@
+"""Try-out inference: the base model stays warm, adapters are switched onto it, never reloaded.
+
+Used by the web app on its dedicated inference thread (one thread, so no locking is needed here).
+"""
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from app.base_models import resolve_base_model
+from app.settings import get_settings
+
+STUDIO_FILE = "studio.json"
+
+
+class WarmModels:
+    """A small LRU of base models with the adapters loaded onto each, by adapter id."""
+
+    def __init__(self) -> None:
+        self.models: OrderedDict[tuple[str, str, int], Any] = OrderedDict()
+        self.loaded: dict[tuple[str, str, int], set[str]] = {}
+        self.tokenizers: dict[str, Any] = {}
+        self.base_loads = 0
+
+    def model_for(self, adapter_id: int, folder: Path) -> tuple[Any, Any, dict[str, Any]]:
+        """The warm model with this adapter active, its tokenizer and the adapter's studio.json."""
+        studio = json.loads((folder / STUDIO_FILE).read_text(encoding="utf-8"))
+        base = resolve_base_model(studio["base_model"])
+        labels = studio["labels"]
+        key = (str(base.path), studio["task"], len(labels))
+        name = f"adapter_{adapter_id}"
+        if key not in self.models:
+            capacity = get_settings().inference_cache_size
+            while len(self.models) >= capacity:
+                old_key, _ = self.models.popitem(last=False)
+                self.loaded.pop(old_key, None)
+            config = AutoConfig.from_pretrained(str(base.path), num_labels=len(labels))
+            base_model = AutoModelForSequenceClassification.from_pretrained(str(base.path), config=config)
+            self.base_loads += 1
+            model = PeftModel.from_pretrained(base_model, str(folder), adapter_name=name)
+            model.eval()
+            self.models[key] = model
+            self.loaded[key] = {name}
+        model = self.models[key]
+        self.models.move_to_end(key)
+        if name not in self.loaded[key]:
+            model.load_adapter(str(folder), adapter_name=name)
+            self.loaded[key].add(name)
+        model.set_adapter(name)
+        if str(folder) not in self.tokenizers:
+            self.tokenizers[str(folder)] = AutoTokenizer.from_pretrained(str(folder))
+        return model, self.tokenizers[str(folder)], studio
+
+
+WARM = WarmModels()
+
+
+@torch.inference_mode()
+def classify(adapter_id: int, folder: Path, texts: list[str]) -> list[dict[str, Any]]:
+    """Predicted label and class probabilities for each text."""
+    model, tokenizer, studio = WARM.model_for(adapter_id, folder)
+    labels: list[str] = studio["labels"]
+    batch = tokenizer(texts, truncation=True, max_length=studio.get("max_length", 512), padding=True,
+                      return_tensors="pt")
+    probabilities = torch.softmax(model(**batch).logits.float(), dim=-1).tolist()
+    return [
+        {
+            "label": labels[max(range(len(row)), key=row.__getitem__)],
+            "probabilities": {label: float(p) for label, p in zip(labels, row, strict=True)},
+        }
+        for row in probabilities
+    ]
