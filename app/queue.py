@@ -1,5 +1,8 @@
 """The Celery application, shared by the web app (which only sends tasks by name) and the worker."""
 
+from functools import lru_cache
+from typing import Any
+
 from celery import Celery
 
 from app.settings import get_settings
@@ -35,10 +38,20 @@ def make_celery() -> Celery:
     return app
 
 
-celery_app = make_celery()
+@lru_cache
+def get_celery() -> Celery:
+    """The process-wide Celery app (cleared together with the settings in tests)."""
+    return make_celery()
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A app.queue:celery_app`` and ``from app.queue import celery_app`` get the configured app lazily.
+    if name == "celery_app":
+        return get_celery()
+    raise AttributeError(name)
 
 
 def enqueue_training(job_id: int) -> str:
     """Send a job to the training queue; returns the Celery task id."""
-    result = celery_app.send_task(TRAIN_TASK, args=[job_id], queue=get_settings().queue_name)
+    result = get_celery().send_task(TRAIN_TASK, args=[job_id], queue=get_settings().queue_name)
     return str(result.id)

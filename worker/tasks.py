@@ -5,7 +5,7 @@ from typing import Any
 
 from celery import Task
 
-from app.queue import TRAIN_TASK, celery_app
+from app.queue import TRAIN_TASK, get_celery
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class TrainingTask(Task):
         mark_failed(job_id, f"{type(exc).__name__}: {_readable(exc)}", str(einfo))
 
 
-@celery_app.task(name=TRAIN_TASK, base=TrainingTask, bind=True, acks_late=True)
+@get_celery().task(name=TRAIN_TASK, base=TrainingTask, bind=True, acks_late=True)
 def train_job_task(self: Task, job_id: int) -> None:
     """Train the job with this id."""
     from worker.engine import run_job

@@ -1,0 +1,113 @@
+"""Shared fixtures. Tests run offline; Postgres, Redis and Chromium are real, and required when CI=true."""
+
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, available: bool) -> None:
+    """Skip when a service is missing on a developer machine; fail under CI=true."""
+    if available:
+        return
+    message = f"{name} is not available on 127.0.0.1"
+    if IN_CI:
+        pytest.fail(f"{message} (CI=true: a missing service is a failure)")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh, empty Postgres database for one test, dropped afterwards."""
+    require_service("PostgreSQL", _port_open("127.0.0.1", 5432))
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"studio_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A Redis database number of its own, flushed before and after the test."""
+    require_service("Redis", _port_open("127.0.0.1", 6379))
+    import redis
+
+    number = 1 + (uuid.uuid4().int % 14)
+    url = f"{REDIS_URL}/{number}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture
+def chromium_path() -> str:
+    """Debian's chromium binary, required under CI=true."""
+    require_service("Chromium", shutil.which(CHROMIUM) is not None or Path(CHROMIUM).exists())
+    return CHROMIUM
+
+
+@pytest.fixture
+def studio_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """In-process settings pointed at a fresh data folder (SQLite, migrated); yields the folder."""
+    from app.db import get_engine, run_migrations
+    from app.queue import get_celery
+    from app.settings import get_settings
+
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("PEFT_STUDIO_DATA_DIR", str(data_dir))
+    for name in ("PEFT_STUDIO_DATABASE_URL", "PEFT_STUDIO_BROKER_URL", "PEFT_STUDIO_ARTIFACT_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    get_settings.cache_clear()
+    get_engine.cache_clear()
+    get_celery.cache_clear()
+    run_migrations()
+    yield data_dir
+    get_engine().dispose()
+    get_settings.cache_clear()
+    get_engine.cache_clear()
+    get_celery.cache_clear()
+
+
+@pytest.fixture
+def client(studio_settings: Path) -> Iterator["object"]:
+    """A FastAPI TestClient on a fresh SQLite database (no worker: for validation and read paths)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app()) as test_client:
+        yield test_client
