@@ -4,24 +4,13 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from sqlmodel import select
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    EvalPrediction,
-    Trainer,
-    TrainerCallback,
-    TrainerControl,
-    TrainerState,
-    TrainingArguments,
-)
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from app.base_models import resolve_base_model
 from app.db import session_scope
@@ -30,8 +19,8 @@ from app.services.jobs import add_event
 from app.settings import get_settings
 from app.spec import JobSpec
 from app.storage import get_store
-from worker.data import classification_data, tokenize
-from worker.methods import BuildContext, get_method
+from worker.methods import BuildContext, MethodInfo, get_method
+from worker.recipes import Prepared, get_recipe
 
 log = logging.getLogger(__name__)
 
@@ -40,33 +29,6 @@ STUDIO_FILE = "studio.json"
 
 class JobCancelled(Exception):
     """Raised inside the engine when the job was cancelled before it started training."""
-
-
-def classification_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """Accuracy and macro-F1 of argmax predictions."""
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    predicted = np.asarray(logits).argmax(axis=-1)
-    truth = np.asarray(prediction.label_ids)
-    return {"accuracy": float((predicted == truth).mean()), "f1_macro": macro_f1(truth, predicted)}
-
-
-def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
-    """Unweighted mean of per-class F1 over the classes present in truth or predictions."""
-    scores = []
-    for label in np.union1d(truth, predicted):
-        tp = float(np.sum((predicted == label) & (truth == label)))
-        fp = float(np.sum((predicted == label) & (truth != label)))
-        fn = float(np.sum((predicted != label) & (truth == label)))
-        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else 0.0
-
-
-def without_dropout(config: Any) -> Any:
-    """Set every dropout probability in a model config to zero (names vary by architecture)."""
-    for key, value in config.to_dict().items():
-        if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
-            setattr(config, key, 0.0)
-    return config
 
 
 class StudioCallback(TrainerCallback):
@@ -224,49 +186,10 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def run_job(job_id: int, worker_name: str = "worker") -> None:
-    """Train one job end to end and register its adapter; failures propagate to the task's on_failure."""
-    try:
-        spec = _start(job_id, worker_name)
-    except JobCancelled as reason:
-        log.info("skipping job %s: %s", job_id, reason)
-        return
-    settings = get_settings()
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    store = get_store()
-    train_ds, validation_ds = _load_datasets(spec)
-    data = classification_data(spec, train_ds, validation_ds)
-    base = resolve_base_model(spec.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(str(base.path))
-    config = AutoConfig.from_pretrained(
-        str(base.path),
-        num_labels=len(data.labels),
-        id2label=dict(enumerate(data.labels)),
-        label2id={name: i for i, name in enumerate(data.labels)},
-    )
-    if spec.training.disable_dropout:
-        config = without_dropout(config)
-    model = AutoModelForSequenceClassification.from_pretrained(str(base.path), config=config)
-    method = get_method(spec.method)
+def _training_arguments(spec: JobSpec, output_dir: Path, has_eval: bool) -> TrainingArguments:
     training = spec.training
-    built = method.build(
-        model,
-        spec.method_settings(),
-        BuildContext(
-            task=spec.task,
-            num_labels=len(data.labels),
-            learning_rate=training.learning_rate,
-            weight_decay=training.weight_decay,
-        ),
-    )
-    model = built.model
-    train_examples = tokenize(tokenizer, data.train_texts, data.train_labels, training.max_length)
-    eval_examples = tokenize(tokenizer, data.eval_texts, data.eval_labels, training.max_length)
-    work_dir = store.path(store.job_key(job_id, "trainer"))
-    has_eval = bool(eval_examples)
-    args = TrainingArguments(
-        output_dir=str(work_dir),
+    return TrainingArguments(
+        output_dir=str(output_dir),
         per_device_train_batch_size=training.batch_size,
         per_device_eval_batch_size=max(training.batch_size, 32),
         learning_rate=training.learning_rate,
@@ -288,40 +211,81 @@ def run_job(job_id: int, worker_name: str = "worker") -> None:
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
-    callback = StudioCallback(job_id, training.batch_size)
-    optimizer = built.optimizer_factory(model) if built.optimizer_factory else None
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_examples,  # type: ignore[arg-type]
-        eval_dataset=eval_examples or None,  # type: ignore[arg-type]
-        data_collator=DataCollatorWithPadding(tokenizer),
-        processing_class=tokenizer,
-        compute_metrics=classification_metrics,
-        callbacks=[callback],
-        optimizers=(optimizer, None),
-    )
-    trainer.train()
-    if callback.cancelled:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        _finish(job_id, JobStatus.cancelled, f"cancelled at step {trainer.state.global_step}")
-        return
-    final_metrics = {}
-    for entry in reversed(trainer.state.log_history):
+
+
+def _final_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for entry in reversed(log_history):
         if "eval_loss" in entry:
-            final_metrics = {
+            metrics = {
                 key.removeprefix("eval_"): float(value)
                 for key, value in entry.items()
                 if key.startswith("eval_") and isinstance(value, int | float)
             }
             break
-    train_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    train_losses = [entry["loss"] for entry in log_history if "loss" in entry]
     if train_losses:
-        final_metrics["train_loss"] = float(train_losses[-1])
+        metrics["train_loss"] = float(train_losses[-1])
+    return metrics
+
+
+def build_trainable(spec: JobSpec) -> tuple[Prepared, MethodInfo, Any, Any]:
+    """Load data and base model through the task's recipe and apply the job's method.
+
+    Returns the prepared task, the method, the trainable model and an optimizer (or None for Trainer's).
+    """
+    train_ds, validation_ds = _load_datasets(spec)
+    method = get_method(spec.method)
+    settings = spec.method_settings()
+    training = spec.training
+    base = resolve_base_model(spec.base_model)
+    context = BuildContext(
+        task=spec.task, learning_rate=training.learning_rate, weight_decay=training.weight_decay
+    )
+    # The method may change how the base model loads (e.g. 4-bit weights for QLoRA).
+    load_kwargs = method.load_kwargs(settings, context)
+    prepared = get_recipe(spec.task).prepare(spec, base, train_ds, validation_ds, load_kwargs)
+    context = replace(context, num_labels=len(prepared.labels) or None)
+    built = method.build(prepared.model, settings, context)
+    optimizer = built.optimizer_factory(built.model) if built.optimizer_factory else None
+    return prepared, method, built.model, optimizer
+
+
+def run_job(job_id: int, worker_name: str = "worker") -> None:
+    """Train one job end to end and register its adapter; failures propagate to the task's on_failure."""
+    try:
+        spec = _start(job_id, worker_name)
+    except JobCancelled as reason:
+        log.info("skipping job %s: %s", job_id, reason)
+        return
+    settings = get_settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    store = get_store()
+    prepared, method, model, optimizer = build_trainable(spec)
+    work_dir = store.path(store.job_key(job_id, "trainer"))
+    has_eval = bool(prepared.eval_dataset)
+    callback = StudioCallback(job_id, spec.training.batch_size)
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(spec, work_dir, has_eval),
+        train_dataset=prepared.train_dataset,
+        eval_dataset=prepared.eval_dataset if has_eval else None,
+        data_collator=prepared.collator,
+        processing_class=prepared.tokenizer,
+        compute_metrics=prepared.compute_metrics,
+        preprocess_logits_for_metrics=prepared.preprocess_logits,
+        callbacks=[callback],
+        optimizers=(optimizer, None),
+    )
+    trainer.train()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    if callback.cancelled:
+        _finish(job_id, JobStatus.cancelled, f"cancelled at step {trainer.state.global_step}")
+        return
     adapter_key = store.job_key(job_id, "adapter")
     adapter_dir = store.path(adapter_key)
-    save_adapter(model, tokenizer, adapter_dir, spec, data.labels)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    save_adapter(model, method, prepared, adapter_dir, spec)
     trainable, total = count_parameters(model)
     size, files = _folder_size(adapter_dir)
     with session_scope() as session:
@@ -342,28 +306,29 @@ def run_job(job_id: int, worker_name: str = "worker") -> None:
                 files=files,
                 trainable_params=trainable,
                 total_params=total,
-                labels=data.labels,
-                metrics=final_metrics,
+                labels=prepared.labels,
+                metrics=_final_metrics(trainer.state.log_history),
             )
         )
         session.commit()
     _finish(job_id, JobStatus.succeeded, "succeeded")
 
 
-def save_adapter(model: Any, tokenizer: Any, folder: Path, spec: JobSpec, labels: list[str]) -> None:
-    """Write the adapter folder: peft's files, the tokenizer, and studio.json describing how it was made."""
+def save_adapter(model: Any, method: MethodInfo, prepared: Prepared, folder: Path, spec: JobSpec) -> None:
+    """Write the adapter folder: the method's files, the tokenizer, and studio.json saying how it was made."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
+    method.save(model, str(folder))
+    prepared.tokenizer.save_pretrained(str(folder))
     studio = {
         "format": "peft-studio-adapter/1",
         "method": spec.method,
         "task": spec.task,
         "base_model": spec.base_model,
-        "labels": labels,
+        "labels": prepared.labels,
         "max_length": spec.training.max_length,
+        **prepared.metadata,
         "spec": spec.model_dump(mode="json"),
     }
     (folder / STUDIO_FILE).write_text(json.dumps(studio, indent=2), encoding="utf-8")

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from app.base_models import resolve_base_model
 from app.settings import get_settings
+from worker.methods import BuildContext, get_method, load_peft_adapter
+from worker.recipes import get_recipe
 
 STUDIO_FILE = "studio.json"
 
@@ -32,17 +33,22 @@ class WarmModels:
         studio = json.loads((folder / STUDIO_FILE).read_text(encoding="utf-8"))
         base = resolve_base_model(studio["base_model"])
         labels = studio["labels"]
-        key = (str(base.path), studio["task"], len(labels))
+        method = get_method(studio["method"])
+        settings = method.config.model_validate(studio["spec"]["method_config"])
+        load_kwargs = method.load_kwargs(settings, BuildContext(task=studio["task"]))
+        # Adapters of peft's methods share one warm base; others (full fine-tuning, our own adapters, a
+        # quantized base) get a model of their own, keyed by folder.
+        shared = method.load is load_peft_adapter and not load_kwargs
+        key = (str(base.path), studio["task"], len(labels)) if shared else (str(folder), studio["task"], -1)
         name = f"adapter_{adapter_id}"
         if key not in self.models:
             capacity = get_settings().inference_cache_size
             while len(self.models) >= capacity:
                 old_key, _ = self.models.popitem(last=False)
                 self.loaded.pop(old_key, None)
-            config = AutoConfig.from_pretrained(str(base.path), num_labels=len(labels))
-            base_model = AutoModelForSequenceClassification.from_pretrained(str(base.path), config=config)
+            base_model = get_recipe(studio["task"]).load_base(base, studio, load_kwargs)
             self.base_loads += 1
-            model = PeftModel.from_pretrained(base_model, str(folder), adapter_name=name)
+            model = method.load(base_model, str(folder), name)
             model.eval()
             self.models[key] = model
             self.loaded[key] = {name}
@@ -51,7 +57,8 @@ class WarmModels:
         if name not in self.loaded[key]:
             model.load_adapter(str(folder), adapter_name=name)
             self.loaded[key].add(name)
-        model.set_adapter(name)
+        if shared:
+            model.set_adapter(name)
         if str(folder) not in self.tokenizers:
             self.tokenizers[str(folder)] = AutoTokenizer.from_pretrained(str(folder))
         return model, self.tokenizers[str(folder)], studio

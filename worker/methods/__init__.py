@@ -34,9 +34,30 @@ class BuiltModel:
     optimizer_factory: Callable[[Any], Any] | None = None
 
 
+def no_load_kwargs(config: BaseModel, context: BuildContext) -> dict[str, Any]:
+    """Most methods load the base model as it is."""
+    return {}
+
+
+def save_with_save_pretrained(model: Any, folder: str) -> None:
+    """Save through the model's own ``save_pretrained`` (peft models write only the adapter)."""
+    model.save_pretrained(folder)
+
+
+def load_peft_adapter(base_model: Any, folder: str, adapter_name: str) -> Any:
+    """Load a saved peft adapter onto a base model (the default loader for peft's methods)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, folder, adapter_name=adapter_name)
+
+
 @dataclass(frozen=True)
 class MethodInfo:
-    """A registered fine-tuning method."""
+    """A registered fine-tuning method.
+
+    ``load_kwargs`` adds arguments to the base model's ``from_pretrained`` (QLoRA's quantization config);
+    ``save`` writes the trained model to a folder; ``load`` puts a saved adapter onto a fresh base model.
+    """
 
     name: str
     title: str
@@ -44,7 +65,9 @@ class MethodInfo:
     config: type[BaseModel]
     build: Callable[[Any, BaseModel, BuildContext], BuiltModel]
     tasks: tuple[str, ...] = ("sequence-classification", "causal-lm")
-    saves_with_peft: bool = True
+    load_kwargs: Callable[[BaseModel, BuildContext], dict[str, Any]] = no_load_kwargs
+    save: Callable[[Any, str], None] = save_with_save_pretrained
+    load: Callable[[Any, str, str], Any] = load_peft_adapter
     extra: dict[str, Any] = field(default_factory=dict)
 
 

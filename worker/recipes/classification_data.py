@@ -1,4 +1,4 @@
-"""Turning a stored dataset into tokenized training and validation examples."""
+"""Reading a classification dataset into label-encoded, tokenized training and validation examples."""
 
 import random
 from dataclasses import dataclass
