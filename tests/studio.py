@@ -34,7 +34,7 @@ class RunningStudio:
     log_path: Path
     process: subprocess.Popen[bytes]
 
-    def client(self, timeout: float = 30.0) -> httpx.Client:
+    def client(self, timeout: float = 180.0) -> httpx.Client:
         """An HTTP client pointed at the studio."""
         return httpx.Client(base_url=self.url, timeout=timeout)
 
@@ -99,8 +99,12 @@ def run_studio(data_dir: Path, workers: int = 1, **overrides: str) -> Iterator[R
                 pass
 
 
-def wait_for_job(client: httpx.Client, job_id: int, timeout: float = 300, until: tuple[str, ...] = (
-    "succeeded", "failed", "cancelled")) -> dict[str, object]:
+def wait_for_job(
+    client: httpx.Client,
+    job_id: int,
+    timeout: float = 300,
+    until: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+) -> dict[str, object]:
     """Poll a job until its status is one of ``until``."""
     deadline = time.monotonic() + timeout
     while True:
