@@ -1,6 +1,6 @@
 """/api/v1/datasets"""
 
-from fastapi import APIRouter, Form, UploadFile, status
+from fastapi import APIRouter, Form, Response, UploadFile, status
 
 from app.deps import SessionDep
 from app.models import DatasetPublic, DatasetsPublic
@@ -10,9 +10,20 @@ router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic)
-def upload_dataset(session: SessionDep, file: UploadFile, name: str | None = Form(default=None)) -> DatasetPublic:
+def upload_dataset(
+    session: SessionDep, file: UploadFile, name: str | None = Form(default=None)
+) -> DatasetPublic:
     """Upload a CSV, TSV, JSON (array) or JSONL file; it is validated and profiled before it is stored."""
     dataset = service.create_dataset(session, file.file, file.filename, name)
+    return DatasetPublic.model_validate(dataset)
+
+
+@router.post("/demo", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic)
+def load_demo_dataset(session: SessionDep, response: Response) -> DatasetPublic:
+    """Load the bundled SST-2 demo (1,000 rows); 201 the first time, 200 with the same dataset afterwards."""
+    dataset, created = service.load_demo_dataset(session)
+    if not created:
+        response.status_code = status.HTTP_200_OK
     return DatasetPublic.model_validate(dataset)
 
 

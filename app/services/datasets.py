@@ -20,7 +20,9 @@ _UNSAFE_NAME = re.compile(r"[/\\]|^\.\.?$|\x00")
 
 def _check_filename(filename: str | None) -> str:
     if not filename or not filename.strip():
-        raise InvalidDataset("The upload has no file name; choose a .csv, .tsv, .json or .jsonl file.", field="file")
+        raise InvalidDataset(
+            "The upload has no file name; choose a .csv, .tsv, .json or .jsonl file.", field="file"
+        )
     if _UNSAFE_NAME.search(filename) or ".." in Path(filename).parts:
         raise InvalidDataset(
             f"The file name {filename!r} contains a path; send only the file's own name.", field="file"
@@ -45,7 +47,9 @@ def _receive(stream: BinaryIO, target: Path, limit: int) -> int:
     return size
 
 
-def create_dataset(session: Session, stream: BinaryIO, filename: str | None, name: str | None = None) -> Dataset:
+def create_dataset(
+    session: Session, stream: BinaryIO, filename: str | None, name: str | None = None
+) -> Dataset:
     """Validate, profile and store an uploaded file; on any problem nothing is kept."""
     settings = get_settings()
     store = get_store()
@@ -58,7 +62,8 @@ def create_dataset(session: Session, stream: BinaryIO, filename: str | None, nam
         columns, rows = parse_rows(data, fmt)
         if len(rows) > settings.max_rows:
             raise InvalidDataset(
-                f"The file has {len(rows):,} rows; the limit is {settings.max_rows:,} (PEFT_STUDIO_MAX_ROWS).",
+                f"The file has {len(rows):,} rows; the limit is {settings.max_rows:,} "
+                "(PEFT_STUDIO_MAX_ROWS).",
                 field="file",
             )
         digest = hashlib.sha256(data).hexdigest()
@@ -72,7 +77,7 @@ def create_dataset(session: Session, stream: BinaryIO, filename: str | None, nam
         final = store.path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         dataset = Dataset(
-            name=(name or filename)[:200],
+            name=((name or "").strip() or filename)[:200],
             filename=filename,
             format=fmt,
             storage_key=key,
@@ -114,13 +119,23 @@ def get_dataset(session: Session, dataset_id: int) -> Dataset:
 def delete_dataset(session: Session, dataset_id: int) -> None:
     """Delete a dataset and its file; refused while a queued or running job still needs it."""
     dataset = get_dataset(session, dataset_id)
-    active = session.exec(
-        select(Job).where(
-            Job.dataset_id == dataset_id, col(Job.status).in_([JobStatus.queued, JobStatus.running])
-        )
-    ).first()
+    active_jobs = session.exec(
+        select(Job).where(col(Job.status).in_([JobStatus.queued, JobStatus.running])).order_by(col(Job.id))
+    ).all()
+    # A job needs the dataset it trains on and the one it evaluates on (kept only in its spec).
+    active = next(
+        (
+            job
+            for job in active_jobs
+            if job.dataset_id == dataset_id or job.spec.get("validation_dataset_id") == dataset_id
+        ),
+        None,
+    )
     if active is not None:
-        raise Conflict(f"Dataset {dataset_id} is used by job {active.id}, which is {active.status}; wait or cancel it.")
+        raise Conflict(
+            f"Dataset {dataset_id} is used by job {active.id}, which is {active.status}; "
+            "wait for it to finish or cancel it, then delete the dataset."
+        )
     for job in session.exec(select(Job).where(Job.dataset_id == dataset_id)).all():
         job.dataset_id = None
         session.add(job)
@@ -128,3 +143,17 @@ def delete_dataset(session: Session, dataset_id: int) -> None:
     session.delete(dataset)
     session.commit()
     get_store().delete(key)
+
+
+DEMO_DATASET_PATH = Path(__file__).resolve().parent.parent / "demo" / "sst2_demo.csv"
+DEMO_DATASET_NAME = "SST-2 demo (1,000 movie-review sentences)"
+
+
+def load_demo_dataset(session: Session) -> tuple[Dataset, bool]:
+    """Load the bundled SST-2 demo through the normal upload path; the dataset, and whether it is new."""
+    digest = hashlib.sha256(DEMO_DATASET_PATH.read_bytes()).hexdigest()
+    existing = session.exec(select(Dataset).where(Dataset.sha256 == digest)).first()
+    if existing is not None:
+        return existing, False
+    with DEMO_DATASET_PATH.open("rb") as stream:
+        return create_dataset(session, stream, DEMO_DATASET_PATH.name, DEMO_DATASET_NAME), True

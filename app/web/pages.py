@@ -1,18 +1,399 @@
-"""HTML pages (Jinja2 + htmx). Handlers are thin: they call the same services as the JSON API."""
+"""HTML pages (Jinja2 + htmx). Handlers are thin: they call the same services as the JSON API.
+
+Forms work without JavaScript (post, then a 303 redirect); htmx enhances them where a fragment is enough.
+Errors from the services come back in the form they belong to, with the service's status code.
+"""
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
+from app.base_models import catalog
 from app.db import PROJECT_ROOT
+from app.deps import SessionDep
+from app.errors import InvalidDataset, StudioError
+from app.models import Dataset
+from app.services import adapters as adapters_service
+from app.services import datasets as datasets_service
+from app.services import jobs as jobs_service
+from app.spec import JobSpec
+from app.web import forms
+from worker.methods import registry
 
 templates = Jinja2Templates(directory=str(PROJECT_ROOT / "templates"))
 router = APIRouter(include_in_schema=False)
 
+RECENT_JOBS = 10
+LIST_LIMIT = 200
+
+
+# ---- template helpers -------------------------------------------------------------------------
+
+
+def human_bytes(size: int | float | None) -> str:
+    """1536 -> '1.5 KB'."""
+    if size is None:
+        return "—"
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def human_duration(seconds: float | None) -> str:
+    """95 -> '1m 35s'."""
+    if seconds is None:
+        return "—"
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def human_time(moment: datetime | None) -> str:
+    """A timestamp in UTC, to the second."""
+    if moment is None:
+        return "—"
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S") + " UTC"
+
+
+def human_number(value: float | int | None, digits: int = 4) -> str:
+    """Integers with thousands separators, floats to a few significant digits."""
+    if value is None:
+        return "—"
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
+        return f"{int(value):,}"
+    return f"{value:.{digits}g}"
+
+
+templates.env.filters.update(
+    bytes=human_bytes,
+    duration=human_duration,
+    time=human_time,
+    number=human_number,
+    tojson_pretty=lambda v: json.dumps(v, indent=2, sort_keys=False),
+)
+
+
+def _is_htmx(request: Request) -> bool:
+    return request.headers.get("hx-request") == "true"
+
+
+def render(
+    request: Request, name: str, context: Mapping[str, Any] | None = None, status_code: int = 200
+) -> HTMLResponse:
+    """Render a template (the context's ``nav`` marks the current page in the navigation bar)."""
+    return templates.TemplateResponse(request, name, dict(context or {}), status_code=status_code)
+
 
 def error_page(request: Request, status_code: int, message: str) -> HTMLResponse:
     """An error rendered as a page (or as a fragment for htmx requests)."""
-    name = "_error.html" if request.headers.get("hx-request") else "error.html"
+    name = "_error.html" if _is_htmx(request) else "error.html"
     return templates.TemplateResponse(
         request, name, {"status_code": status_code, "message": message}, status_code=status_code
+    )
+
+
+def _redirect(request: Request, url: str) -> Response:
+    """A redirect that htmx follows with a full page load, and a plain browser with a GET."""
+    if _is_htmx(request):
+        return Response(status_code=200, headers={"HX-Redirect": url})
+    return RedirectResponse(url, status_code=303)
+
+
+# ---- dashboard --------------------------------------------------------------------------------
+
+
+@router.get("/", response_class=HTMLResponse)
+def dashboard(request: Request, session: SessionDep) -> HTMLResponse:
+    """Recent jobs, and a way in for a first visit (the demo dataset)."""
+    jobs, job_count = jobs_service.list_jobs(session, 0, RECENT_JOBS)
+    datasets, dataset_count = datasets_service.list_datasets(session, 0, 5)
+    _, adapter_count = adapters_service.list_adapters(session, 0, 1)
+    return render(
+        request,
+        "dashboard.html",
+        {
+            "nav": "dashboard",
+            "jobs": [jobs_service.job_public(session, job) for job in jobs],
+            "job_count": job_count,
+            "datasets": datasets,
+            "dataset_count": dataset_count,
+            "adapter_count": adapter_count,
+        },
+    )
+
+
+# ---- datasets ---------------------------------------------------------------------------------
+
+
+def _datasets_page(request: Request, session: Session, error: StudioError | None = None) -> HTMLResponse:
+    datasets, count = datasets_service.list_datasets(session, 0, LIST_LIMIT)
+    return render(
+        request,
+        "datasets.html",
+        {"nav": "datasets", "datasets": datasets, "count": count, "error": error},
+        status_code=error.status_code if error else 200,
+    )
+
+
+@router.get("/datasets", response_class=HTMLResponse)
+def datasets_page(request: Request, session: SessionDep) -> HTMLResponse:
+    """Datasets and the upload form."""
+    return _datasets_page(request, session)
+
+
+@router.post("/datasets")
+async def upload_dataset(request: Request, session: SessionDep) -> Response:
+    """The upload form: validate and store through the service, then show the new dataset's profile."""
+    form = await request.form()
+    upload = form.get("file")
+    name = form.get("name")
+    try:
+        if not isinstance(upload, UploadFile) or not upload.filename:
+            raise InvalidDataset("Choose a file to upload (.csv, .tsv, .json or .jsonl).", field="file")
+        dataset = await run_in_threadpool(
+            datasets_service.create_dataset,
+            session,
+            upload.file,
+            upload.filename,
+            name.strip() if isinstance(name, str) and name.strip() else None,
+        )
+    except StudioError as exc:
+        if _is_htmx(request):
+            return error_page(request, exc.status_code, exc.message)
+        return _datasets_page(request, session, exc)
+    finally:
+        await form.close()
+    return _redirect(request, f"/datasets/{dataset.id}")
+
+
+@router.post("/datasets/demo")
+def load_demo_dataset(request: Request, session: SessionDep) -> Response:
+    """The dashboard's "Load demo dataset" button."""
+    dataset, _ = datasets_service.load_demo_dataset(session)
+    return _redirect(request, f"/datasets/{dataset.id}")
+
+
+def _label_columns(dataset: Dataset) -> list[tuple[str, dict[str, int]]]:
+    columns = dataset.profile.get("columns", {})
+    return [(name, info["value_counts"]) for name, info in columns.items() if info.get("value_counts")]
+
+
+@router.get("/datasets/{dataset_id}", response_class=HTMLResponse)
+def dataset_page(request: Request, session: SessionDep, dataset_id: int) -> HTMLResponse:
+    """A dataset's profile: columns, label balance, text lengths, preview."""
+    dataset = datasets_service.get_dataset(session, dataset_id)
+    return render(
+        request,
+        "dataset.html",
+        {"nav": "datasets", "dataset": dataset, "label_columns": _label_columns(dataset)},
+    )
+
+
+@router.post("/datasets/{dataset_id}/delete")
+def delete_dataset(request: Request, session: SessionDep, dataset_id: int) -> Response:
+    """Delete a dataset (refused while a job needs it), then back to the list."""
+    try:
+        datasets_service.delete_dataset(session, dataset_id)
+    except StudioError as exc:
+        if _is_htmx(request):
+            return error_page(request, exc.status_code, exc.message)
+        raise
+    return _redirect(request, "/datasets")
+
+
+# ---- jobs -------------------------------------------------------------------------------------
+
+
+def _guess_columns(dataset: Dataset) -> dict[str, str]:
+    """Text and label columns for a dataset whose columns are not called ``text`` and ``label``."""
+    columns: dict[str, Any] = dataset.profile.get("columns", {})
+    guesses: dict[str, str] = {}
+    text_default = str(JobSpec.model_fields["text_column"].default)
+    label_default = str(JobSpec.model_fields["label_column"].default)
+    if text_default not in columns:
+        texts = [
+            (info.get("length", {}).get("mean", 0), name)
+            for name, info in columns.items()
+            if "length" in info
+        ]
+        if texts:
+            guesses["text_column"] = max(texts)[1]
+    if label_default not in columns:
+        labels = [name for name, info in columns.items() if info.get("value_counts")]
+        labels = [name for name in labels if name != guesses.get("text_column", text_default)]
+        if labels:
+            guesses["label_column"] = labels[0]
+    return guesses
+
+
+def _job_form_context(
+    session: Session, values: Mapping[str, Any], errors: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    datasets, _ = datasets_service.list_datasets(session, 0, 1000)
+    dataset_choices = [forms.Choice(str(d.id), f"#{d.id} {d.name} ({d.row_count:,} rows)") for d in datasets]
+    choices = {
+        "dataset_id": dataset_choices,
+        "validation_dataset_id": dataset_choices,
+        "method": [forms.Choice(info.name, f"{info.title} ({info.name})") for info in registry().values()],
+    }
+    sections = forms.job_form(values, choices, errors)
+    for section in sections:
+        for form_field in section.fields:
+            if form_field.name == "method":
+                form_field.attrs = {
+                    "hx-get": "/jobs/new/method",
+                    "hx-target": "#section-method",
+                    "hx-swap": "outerHTML",
+                    "hx-trigger": "change",
+                }
+            elif form_field.name == "base_model":
+                form_field.suggestions = catalog()
+    known = {form_field.name for section in sections for form_field in section.fields}
+    return {
+        "nav": "new-job",
+        "sections": sections,
+        "errors": dict(errors or {}),
+        "unplaced_errors": {k: v for k, v in (errors or {}).items() if k not in known},
+        "has_datasets": bool(datasets),
+    }
+
+
+@router.get("/jobs/new", response_class=HTMLResponse)
+def new_job_page(
+    request: Request, session: SessionDep, dataset_id: int | None = None, method: str | None = None
+) -> HTMLResponse:
+    """The job form, generated from JobSpec, TrainingSettings and the method's config model."""
+    values: dict[str, Any] = {}
+    if method:
+        values["method"] = method
+    if dataset_id is not None:
+        values["dataset_id"] = str(dataset_id)
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is not None:
+            values.update(_guess_columns(dataset))
+    return render(request, "job_new.html", _job_form_context(session, values))
+
+
+@router.get("/jobs/new/method", response_class=HTMLResponse)
+def method_fields(request: Request, method: str = "lora") -> HTMLResponse:
+    """The fields of one method's config (swapped in by htmx when the method select changes)."""
+    if method not in registry():
+        return error_page(
+            request, 404, f"Unknown method {method!r}; choose one of: {', '.join(sorted(registry()))}."
+        )
+    return render(request, "_form_section.html", {"section": forms.method_section(method)})
+
+
+def _form_lists(form: Any) -> dict[str, list[str]]:
+    return {key: [value for value in form.getlist(key) if isinstance(value, str)] for key in form.keys()}
+
+
+@router.post("/jobs/new")
+async def create_job(request: Request, session: SessionDep) -> Response:
+    """Build a JobSpec from the form (the API's validation), queue it, and go to the job's page."""
+    form = await request.form()
+    data = forms.form_to_input(_form_lists(form))
+    spec, errors = forms.validate_job_input(data)
+    status_code = 422
+    if spec is not None:
+        try:
+            job = await run_in_threadpool(jobs_service.create_job, session, spec)
+        except StudioError as exc:
+            errors, status_code = {exc.field or "form": exc.message}, exc.status_code
+        else:
+            return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+    return render(request, "job_new.html", _job_form_context(session, data, errors), status_code=status_code)
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+def jobs_page(request: Request, session: SessionDep) -> HTMLResponse:
+    """All jobs, newest first."""
+    jobs, count = jobs_service.list_jobs(session, 0, LIST_LIMIT)
+    return render(
+        request,
+        "jobs.html",
+        {"nav": "jobs", "jobs": [jobs_service.job_public(session, job) for job in jobs], "count": count},
+    )
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(request: Request, session: SessionDep, job_id: int) -> HTMLResponse:
+    """A job's live dashboard: status, progress, curves (fed by the SSE stream), events, config."""
+    job = jobs_service.job_public(session, jobs_service.get_job(session, job_id))
+    dataset = session.get(Dataset, job.dataset_id) if job.dataset_id is not None else None
+    return render(
+        request,
+        "job.html",
+        {
+            "nav": "jobs",
+            "job": job,
+            "dataset": dataset,
+            "events": jobs_service.list_events(session, job_id),
+            "method": registry().get(job.method),
+        },
+    )
+
+
+@router.get("/jobs/{job_id}/events", response_class=HTMLResponse)
+def job_events(request: Request, session: SessionDep, job_id: int) -> HTMLResponse:
+    """The event log fragment (refreshed by htmx when the job's status changes)."""
+    return render(request, "_job_events.html", {"events": jobs_service.list_events(session, job_id)})
+
+
+# ---- adapters ---------------------------------------------------------------------------------
+
+
+@router.get("/adapters", response_class=HTMLResponse)
+def adapters_page(request: Request, session: SessionDep) -> HTMLResponse:
+    """Adapters of finished jobs with their size, parameters and metrics."""
+    rows, count = adapters_service.list_adapters(session, 0, LIST_LIMIT)
+    return render(
+        request,
+        "adapters.html",
+        {
+            "nav": "adapters",
+            "adapters": [adapters_service.adapter_public(row) for row in rows],
+            "count": count,
+        },
+    )
+
+
+@router.get("/adapters/{adapter_id}", response_class=HTMLResponse)
+def adapter_page(request: Request, session: SessionDep, adapter_id: int) -> HTMLResponse:
+    """One adapter, with a try-out box."""
+    adapter = adapters_service.adapter_public(adapters_service.get_adapter(session, adapter_id))
+    return render(request, "adapter.html", {"nav": "adapters", "adapter": adapter})
+
+
+@router.post("/adapters/{adapter_id}/predict", response_class=HTMLResponse)
+async def predict(request: Request, session: SessionDep, adapter_id: int) -> HTMLResponse:
+    """The try-out fragment: predicted label and a probability bar per class."""
+    form = await request.form()
+    text = form.get("text")
+    text = text.strip() if isinstance(text, str) else ""
+    try:
+        adapter = adapters_service.get_adapter(session, adapter_id)
+        results: Sequence[dict[str, Any]] = await adapters_service.predict(adapter, [text] if text else [])
+    except StudioError as exc:
+        return error_page(request, exc.status_code, exc.message)
+    result = results[0]
+    probabilities = sorted(result["probabilities"].items(), key=lambda item: item[1], reverse=True)
+    return render(
+        request, "_prediction.html", {"text": text, "label": result["label"], "probabilities": probabilities}
     )

@@ -1,0 +1,49 @@
+"""HTML for causal-LM jobs and adapters: the try-out page (streamed, adapter beside base) and the preview fragment.
+
+Thin handlers over the same services as the JSON API (app/api/generate.py). The fragments are meant to be
+included by other pages: ``_generate.html`` (needs ``adapter``) in an adapter page, and the preview returned
+by ``POST /jobs/preview`` into the job form (``hx-post="/jobs/preview" hx-include="#job-form"``).
+"""
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+from app.deps import SessionDep
+from app.errors import InvalidSpec, StudioError
+from app.services import adapters as adapters_service
+from app.services import causal_lm as causal_service
+from app.web import forms
+from app.web.pages import render
+
+router = APIRouter(include_in_schema=False)
+
+PREVIEW_EXAMPLES = 3
+
+
+@router.get("/adapters/{adapter_id}/generate", response_class=HTMLResponse)
+def generate_page(request: Request, session: SessionDep, adapter_id: int) -> HTMLResponse:
+    """Try-out for a causal-LM adapter: one prompt, the adapter's and the base model's answers streaming."""
+    adapter = adapters_service.adapter_public(adapters_service.get_adapter(session, adapter_id))
+    if adapter.task != causal_service.CAUSAL_LM:
+        raise InvalidSpec(f"Adapter {adapter_id} is a {adapter.task} adapter; try it on its own page.")
+    return render(request, "generate.html", {"nav": "adapters", "adapter": adapter})
+
+
+@router.post("/jobs/preview", response_class=HTMLResponse)
+async def preview_fragment(request: Request, session: SessionDep) -> HTMLResponse:
+    """The job form posted as it stands: its first training examples, with the masked part shown apart."""
+    form = await request.form()
+    data = forms.form_to_input({key: [str(value) for value in form.getlist(key)] for key in form.keys()})
+    spec, errors = forms.validate_job_input(data)
+    try:
+        if spec is None:
+            raise InvalidSpec("; ".join(f"{name}: {message}" for name, message in errors.items()))
+        preview = await causal_service.preview(session, spec, PREVIEW_EXAMPLES)
+    except StudioError as exc:
+        return render(
+            request,
+            "_error.html",
+            {"status_code": exc.status_code, "message": exc.message},
+            status_code=exc.status_code,
+        )
+    return render(request, "_preview.html", {"preview": preview})
