@@ -1,0 +1,139 @@
+"""Causal-LM jobs in the web app: spec validation (called from validate_spec) and the training-data preview.
+
+Validation reads only the database (the dataset's columns and profile) and the base model's config.json, so a
+bad spec is refused in milliseconds with a message that names the field. The preview loads the tokenizer and
+renders examples through the worker's own code on the inference thread.
+"""
+
+import asyncio
+import difflib
+from typing import Any
+
+from sqlmodel import Session
+
+from app.base_models import ResolvedModel, resolve_base_model
+from app.errors import InvalidDataset, InvalidSpec, NotFound
+from app.formats import example_from_row, required_columns
+from app.models import Dataset
+from app.services.datasets import get_dataset
+from app.spec import JobSpec
+
+CAUSAL_LM = "causal-lm"
+# Architectures whose class name ends like this have a language-model head that generates text.
+_GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+MAX_PREVIEW_EXAMPLES = 20
+# Methods that add virtual tokens or prefix key/values to every sequence: packed examples would share them.
+VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt", "ptuning"})
+
+
+def _dataset(session: Session, dataset_id: int, field: str, which: str) -> Dataset:
+    try:
+        return get_dataset(session, dataset_id)
+    except NotFound:
+        raise InvalidSpec(f"The {which}dataset {dataset_id} ({field}) does not exist.", field=field) from None
+
+
+def _check_columns(dataset: Dataset, spec: JobSpec, which: str) -> None:
+    """The format's columns exist, hold what the format needs, and the first rows read as examples."""
+    settings = spec.causal_lm
+    profile: dict[str, Any] = dataset.profile.get("columns", {})
+    for field, column in required_columns(settings, spec.text_column).items():
+        if column not in dataset.columns:
+            close = difflib.get_close_matches(column, dataset.columns, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            optional = " (set it empty if the data has none)" if field == "causal_lm.input_column" else ""
+            raise InvalidSpec(
+                f"The {settings.format} format reads column {column!r} ({field}{optional}), but {which}dataset "
+                f"{dataset.id} has only {', '.join(map(repr, dataset.columns))}.{hint}",
+                field=field,
+            )
+        info = profile.get(column, {})
+        missing = int(info.get("missing", 0) or 0)
+        if missing and field != "causal_lm.input_column":
+            first = info.get("first_missing_row")
+            raise InvalidSpec(
+                f"Column {column!r} ({field}) of {which}dataset {dataset.id} is empty in {missing} of "
+                f"{dataset.row_count} rows{f' (first: row {first})' if first else ''}; every example needs it.",
+                field=field,
+                row=first if isinstance(first, int) else None,
+            )
+        expected = "object" if field == "causal_lm.messages_column" else "string"
+        kind = info.get("type")
+        if kind not in (expected, "missing", None) and not (expected == "string" and kind == "number"):
+            what = "a list of {role, content} messages" if expected == "object" else "text"
+            raise InvalidSpec(
+                f"Column {column!r} ({field}) of {which}dataset {dataset.id} holds {kind} values; the "
+                f"{settings.format} format needs {what} there.",
+                field=field,
+            )
+    field = next(iter(required_columns(settings, spec.text_column)))
+    for number, row in enumerate(dataset.profile.get("preview", []), start=1):
+        try:
+            example_from_row(row, settings, spec.text_column, number)
+        except InvalidDataset as exc:
+            raise InvalidSpec(
+                f"{which.capitalize()}dataset {dataset.id}: {exc.message}", field=field
+            ) from None
+
+
+def _check_model(model: ResolvedModel, spec: JobSpec) -> None:
+    architectures = model.config.get("architectures") or []
+    if architectures and not any(str(name).endswith(_GENERATIVE_SUFFIXES) for name in architectures):
+        raise InvalidSpec(
+            f"Base model {spec.base_model!r} is a {architectures[0]}, which has no language-model head; "
+            "causal-LM jobs need a generative model (e.g. a Llama, Qwen or GPT-2 folder, or one made with "
+            "`peft-studio make-tiny-lm PATH`).",
+            field="base_model",
+        )
+    if model.max_positions is not None and spec.training.max_length > model.max_positions:
+        raise InvalidSpec(
+            f"training.max_length {spec.training.max_length} is beyond what {spec.base_model!r} accepts; "
+            f"use at most {model.max_positions} (its position embeddings).",
+            field="training.max_length",
+        )
+
+
+def validate_causal_lm_spec(session: Session, spec: JobSpec) -> None:
+    """Everything a causal-LM spec refers to: datasets and their columns, the split, the base model.
+
+    ``label_column`` is not used by causal-LM jobs and is not checked.
+    """
+    dataset = _dataset(session, spec.dataset_id, "dataset_id", "")
+    _check_columns(dataset, spec, "")
+    if spec.validation_dataset_id is not None:
+        validation = _dataset(session, spec.validation_dataset_id, "validation_dataset_id", "validation ")
+        _check_columns(validation, spec, "validation ")
+    elif spec.validation_fraction > 0:
+        held_out = round(dataset.row_count * spec.validation_fraction)
+        if held_out < 1 or dataset.row_count - held_out < 1:
+            raise InvalidSpec(
+                f"validation_fraction {spec.validation_fraction} of {dataset.row_count} rows leaves {held_out} "
+                f"for validation and {dataset.row_count - held_out} for training; both need at least 1 row. "
+                "Choose another fraction, 0 for no validation, or a validation dataset.",
+                field="validation_fraction",
+            )
+    if spec.causal_lm.packing and spec.method in VIRTUAL_TOKEN_METHODS:
+        raise InvalidSpec(
+            f"Packing cannot be used with {spec.method}: its virtual tokens (or prefix key/values) would be "
+            "shared by every example packed in a row. Turn packing off for this method.",
+            field="causal_lm.packing",
+        )
+    _check_model(resolve_base_model(spec.base_model), spec)
+
+
+async def preview(session: Session, spec: JobSpec, count: int) -> dict[str, Any]:
+    """The first ``count`` training examples as the model will see them, as token spans marked masked or not."""
+    from app.services.adapters import _inference_thread
+
+    if spec.task != CAUSAL_LM:
+        raise InvalidSpec("The training-data preview is for causal-LM jobs (task causal-lm).", field="task")
+    validate_causal_lm_spec(session, spec)
+    dataset = get_dataset(session, spec.dataset_id)
+    count = max(1, min(count, MAX_PREVIEW_EXAMPLES))
+
+    def run() -> dict[str, Any]:
+        from worker.preview import preview_examples  # heavy imports stay out of web start-up
+
+        return preview_examples(spec, dataset, count)
+
+    return await asyncio.get_running_loop().run_in_executor(_inference_thread, run)

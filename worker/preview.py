@@ -1,0 +1,98 @@
+"""The training-data preview: the first examples of a causal-LM job rendered and tokenized exactly as in training.
+
+Runs on the web app's inference thread (app/services/causal_lm.py) with the worker's own encoder, so what the
+page shows is what the model trains on: the same template, BOS/EOS handling, truncation and loss mask.
+"""
+
+from typing import Any
+
+from app.datasets_io import load_rows
+from app.formats import example_from_row
+from app.models import Dataset
+from app.spec import JobSpec
+from app.storage import get_store
+from app.templates_chat import resolve_template
+from worker.recipes.causal_lm_data import IGNORE, EncodedExample, Encoder, held_out_rows, load_tokenizer
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _tokenizer(path: str) -> Any:
+    """A fresh copy per call would cost seconds on big vocabularies; keep the last few."""
+    if path not in _TOKENIZERS:
+        if len(_TOKENIZERS) >= 4:
+            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+        _TOKENIZERS[path] = load_tokenizer(path)
+    return _TOKENIZERS[path]
+
+
+def spans(tokenizer: Any, example: EncodedExample) -> list[dict[str, Any]]:
+    """Runs of consecutive tokens that are all masked or all trained, with their text and token pieces."""
+    runs: list[dict[str, Any]] = []
+    for token_id, label in zip(example.input_ids, example.labels, strict=True):
+        masked = label == IGNORE
+        if not runs or runs[-1]["masked"] != masked:
+            runs.append({"masked": masked, "ids": []})
+        runs[-1]["ids"].append(token_id)
+    return [
+        {
+            "masked": run["masked"],
+            "text": tokenizer.decode(run["ids"], skip_special_tokens=False),
+            "tokens": [tokenizer.decode([token_id], skip_special_tokens=False) for token_id in run["ids"]],
+            "token_ids": run["ids"],
+        }
+        for run in runs
+    ]
+
+
+def preview_examples(spec: JobSpec, dataset: Dataset, count: int) -> dict[str, Any]:
+    """The first ``count`` training rows (after the held-out split) as token spans with a ``masked`` flag."""
+    tokenizer = _tokenizer(str(_base_path(spec)))
+    settings = spec.causal_lm
+    template_name: str | None
+    template: str | None
+    template_name, template = resolve_template(settings.template, tokenizer.chat_template)
+    if settings.format == "text":
+        template_name, template = None, None
+    encoder = Encoder(tokenizer, template, spec.training.max_length, settings.train_on_prompt)
+    _, rows = load_rows(get_store().path(dataset.storage_key), dataset.format)
+    held_out: set[int] = set()
+    if spec.validation_dataset_id is None and spec.validation_fraction > 0:
+        held_out = held_out_rows(len(rows), spec.validation_fraction, spec.training.seed)
+    examples: list[dict[str, Any]] = []
+    for index, row in enumerate(rows):
+        if len(examples) >= count:
+            break
+        if index in held_out:
+            continue
+        example = example_from_row(row, spec.causal_lm, spec.text_column, index + 1)
+        for encoded in encoder.encode(example, index + 1):
+            if len(examples) >= count:
+                break
+            examples.append(
+                {
+                    "row": index + 1,
+                    "tokens": len(encoded.input_ids),
+                    "trained_tokens": sum(1 for label in encoded.labels if label != IGNORE),
+                    "truncated": encoded.truncated,
+                    # Training skips an example whose response was cut off entirely by max_length.
+                    "dropped": all(label == IGNORE for label in encoded.labels),
+                    "spans": spans(tokenizer, encoded),
+                }
+            )
+    return {
+        "dataset_id": dataset.id,
+        "format": spec.causal_lm.format,
+        "template": template_name,
+        "chat_template": template,
+        "train_on_prompt": spec.causal_lm.train_on_prompt,
+        "packing": spec.causal_lm.packing,
+        "max_length": spec.training.max_length,
+        "examples": examples,
+    }
+
+
+def _base_path(spec: JobSpec) -> Any:
+    from app.base_models import resolve_base_model
+
+    return resolve_base_model(spec.base_model).path

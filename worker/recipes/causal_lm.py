@@ -1,0 +1,139 @@
+"""Causal-LM instruction tuning: prompts and responses in, loss on responses, loss/perplexity/accuracy out."""
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq, EvalPrediction, set_seed
+
+from app.base_models import ResolvedModel
+from app.models import Dataset
+from app.spec import JobSpec
+from worker.recipes import Prepared, Recipe
+from worker.recipes.causal_lm_data import (
+    IGNORE,
+    PackedCollator,
+    causal_data,
+    job_encoder,
+    load_tokenizer,
+    pack,
+)
+from worker.recipes.classification import without_dropout
+
+
+def preprocess_logits(logits: Any, labels: Any) -> tuple[Any, Any]:
+    """Keep only what the metrics need: argmax ids (aligned with labels) and each row's summed NLL.
+
+    ``predicted[:, t]`` is the model's guess for token t (made at position t-1), -100 at position 0.
+    """
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    # Prompt tuning and P-tuning put their virtual tokens' logits in front: keep the real tokens' positions.
+    logits = logits[:, -labels.shape[1] :, :]
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:]
+    predicted = torch.full_like(labels, IGNORE)
+    predicted[:, 1:] = shifted_logits.argmax(dim=-1)
+    mask = shifted_labels != IGNORE
+    nll = torch.nn.functional.cross_entropy(
+        shifted_logits.transpose(1, 2), shifted_labels.clamp(min=0), reduction="none"
+    )
+    return predicted, (nll * mask).sum(dim=-1)
+
+
+def causal_lm_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    """Token accuracy and perplexity (exp of the mean NLL per response token) on the validation split."""
+    outputs: Any = prediction.predictions  # (argmax ids, summed NLL per row) from preprocess_logits
+    predicted, nll = np.asarray(outputs[0]), np.asarray(outputs[1], dtype=np.float64)
+    labels = np.asarray(prediction.label_ids)
+    width = min(predicted.shape[1], labels.shape[1])
+    predicted, labels = predicted[:, :width], labels[:, :width]
+    mask = labels != IGNORE
+    mask[:, 0] = False
+    tokens = int(mask.sum())
+    if tokens == 0:
+        return {}
+    mean_nll = float(nll.sum()) / tokens
+    return {
+        "token_accuracy": float((predicted[mask] == labels[mask]).mean()),
+        "perplexity": math.exp(min(mean_nll, 50.0)),
+    }
+
+
+def _load_kwargs(load_kwargs: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(load_kwargs)
+    if not torch.cuda.is_available():
+        kwargs.setdefault("dtype", torch.float32)  # bf16 is ~5x slower than fp32 on this kind of CPU
+    return kwargs
+
+
+def prepare(
+    spec: JobSpec,
+    base: ResolvedModel,
+    train: Dataset,
+    validation: Dataset | None,
+    load_kwargs: dict[str, Any],
+) -> Prepared:
+    """Render, tokenize and mask once (no padding), maybe pack; load the base model without a KV cache."""
+    tokenizer = load_tokenizer(str(base.path))
+    encoder, template_name = job_encoder(spec, tokenizer)
+    data = causal_data(spec, train, validation, encoder)
+    config = AutoConfig.from_pretrained(str(base.path))
+    if spec.training.disable_dropout:
+        config = without_dropout(config)
+    # No KV cache while training: it is not needed, and with it transformers ignores packed position ids.
+    config.use_cache = False
+    model = AutoModelForCausalLM.from_pretrained(str(base.path), config=config, **_load_kwargs(load_kwargs))
+    # The method builds on this model next (e.g. LoRA's random A matrices): seed it, so a job is repeatable.
+    set_seed(spec.training.seed)
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+    train_dataset: list[dict[str, Any]]
+    if spec.causal_lm.packing:
+        train_dataset = pack(data.train, spec.training.max_length)
+        collator: Any = _TrainOrEvalCollator(PackedCollator(tokenizer.pad_token_id), padded)
+    else:
+        train_dataset = [example.features() for example in data.train]
+        collator = padded
+    eval_dataset = [example.features() for example in data.eval]
+    return Prepared(
+        tokenizer=tokenizer,
+        model=model,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        collator=collator,
+        compute_metrics=causal_lm_metrics,
+        preprocess_logits=preprocess_logits,
+        metadata={
+            "template": template_name,
+            "data_format": spec.causal_lm.format,
+            "system_prompt": spec.causal_lm.system_prompt,
+            "eos_token_id": tokenizer.eos_token_id,
+            "train_examples": len(data.train),
+            "train_sequences": len(train_dataset),
+            "eval_examples": len(data.eval),
+            "truncated_examples": data.truncated,
+            "dropped_examples": data.dropped,
+        },
+    )
+
+
+class _TrainOrEvalCollator:
+    """Packed training rows (with position_ids) to the packed collator, eval examples to the padding one."""
+
+    def __init__(self, packed: PackedCollator, padded: Any) -> None:
+        self.packed = packed
+        self.padded = padded
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if "position_ids" in features[0]:
+            return self.packed(features)
+        return dict(self.padded(features))
+
+
+def load_base(base: ResolvedModel, studio: dict[str, Any], load_kwargs: dict[str, Any]) -> Any:
+    """The base model for inference (with its KV cache)."""
+    return AutoModelForCausalLM.from_pretrained(str(base.path), **_load_kwargs(load_kwargs))
+
+
+RECIPE = Recipe(task="causal-lm", prepare=prepare, load_base=load_base)
