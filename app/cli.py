@@ -1,9 +1,10 @@
-"""The ``peft-studio`` command: serve the studio, run a worker, migrate the database."""
+"""The ``peft-studio`` command: serve the studio, run a worker, migrate the database, make a tiny LM."""
 
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -16,9 +17,18 @@ def worker_command(queues: str | None = None, concurrency: int = 1, hostname: st
     from app.settings import get_settings
 
     command = [
-        sys.executable, "-m", "celery", "-A", "app.queue:celery_app", "worker",
-        "--pool=solo", f"--concurrency={concurrency}", "--loglevel=INFO",
-        f"--queues={queues or get_settings().queue_name}", "--without-gossip", "--without-mingle",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "app.queue:celery_app",
+        "worker",
+        "--pool=solo",
+        f"--concurrency={concurrency}",
+        "--loglevel=INFO",
+        f"--queues={queues or get_settings().queue_name}",
+        "--without-gossip",
+        "--without-mingle",
     ]
     if hostname:
         command.append(f"--hostname={hostname}")
@@ -49,7 +59,11 @@ def serve(
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, lambda *a: (stop_children(), sys.exit(0)))
+    def stop_and_exit(*_: object) -> None:
+        stop_children()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop_and_exit)
     typer.echo(f"PEFT Studio on http://{host}:{port}  (data: {settings.resolved_data_dir})")
     try:
         uvicorn.run("app.main:app", host=host, port=port, log_level="info")
@@ -78,6 +92,25 @@ def migrate() -> None:
 
     run_migrations()
     typer.echo("database is up to date")
+
+
+@cli.command("make-tiny-lm")
+def make_tiny_lm(
+    path: Annotated[Path, typer.Argument(help="Folder to write the model to (created if missing).")],
+    corpus: Annotated[
+        Path | None,
+        typer.Option(help="A dataset file (.json, .jsonl, .csv, .tsv) whose texts train the tokenizer."),
+    ] = None,
+    vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 1024,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a tiny random Llama with a trained tokenizer and chat template, to try causal-LM jobs offline."""
+    from worker.tiny_lm import corpus_from_file
+    from worker.tiny_lm import make_tiny_lm as write_tiny_lm
+
+    texts = corpus_from_file(corpus) if corpus else None
+    folder = write_tiny_lm(path, texts, vocab_size=vocab_size, seed=seed)
+    typer.echo(f"tiny Llama written to {folder.resolve()}; use it as the base_model of a causal-lm job")
 
 
 def main() -> None:

@@ -1,29 +1,48 @@
 """The FastAPI application: JSON API under /api/v1, HTML pages at /, static files."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from app.api import adapters, datasets, jobs, meta
+from app.api import adapters, datasets, generate, jobs, meta
 from app.db import PROJECT_ROOT, run_migrations
 from app.errors import StudioError
-from app.web import pages
+from app.web import causal_pages, pages
 
 STATIC_DIR: Path = PROJECT_ROOT / "static"
 
 
 def _wants_html(request: Request) -> bool:
-    return not request.url.path.startswith(("/api/", "/v1/")) and "text/html" in request.headers.get("accept", "")
+    return not request.url.path.startswith(("/api/", "/v1/")) and "text/html" in request.headers.get(
+        "accept", ""
+    )
 
 
 def _field_path(location: tuple[object, ...]) -> str:
     parts = [str(part) for part in location if part not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
+
+
+def _validation_item(error: Mapping[str, Any]) -> dict[str, str]:
+    """One pydantic/FastAPI validation error as ``{field, message}``."""
+    if error.get("type") == "json_invalid":
+        # FastAPI puts the character offset where the field name would be.
+        location = tuple(error.get("loc", ()))
+        offset = location[-1] if location else "?"
+        reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+        message = f"the request body is not valid JSON: {reason} at character {offset}"
+        return {"field": "body", "message": message}
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")  # the field already says where
+    if message.startswith("Expected UploadFile"):
+        # A multipart part without a file name (e.g. a form sent with no file chosen) arrives as text.
+        message = "no file was attached; send the file as a multipart part with a file name"
+    return {"field": _field_path(tuple(error.get("loc", ()))), "message": message}
 
 
 def create_app(migrate: bool = True) -> FastAPI:
@@ -45,10 +64,7 @@ def create_app(migrate: bool = True) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        errors = [
-            {"field": _field_path(tuple(error.get("loc", ()))), "message": str(error.get("msg", "invalid"))}
-            for error in exc.errors()
-        ]
+        errors = [_validation_item(error) for error in exc.errors()]
         message = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
         if _wants_html(request):
             return pages.error_page(request, 422, message)
@@ -57,7 +73,9 @@ def create_app(migrate: bool = True) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(jobs.router)
     app.include_router(adapters.router)
+    app.include_router(generate.router)
     app.include_router(meta.router)
+    app.include_router(causal_pages.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

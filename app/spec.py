@@ -2,12 +2,13 @@
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from app.settings import BUNDLED_MODEL_ID
+from app.templates_chat import TemplateName
 from worker.methods import registry
 
-Task = Literal["sequence-classification"]
+Task = Literal["sequence-classification", "causal-lm"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 
 
@@ -17,22 +18,37 @@ class TrainingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_epochs: float | None = Field(
-        default=1.0, gt=0, le=1000, description="Passes over the training data (ignored when max steps is set)."
+        default=1.0,
+        gt=0,
+        le=1000,
+        description="Passes over the training data (ignored when max steps is set).",
     )
     max_steps: int | None = Field(
-        default=None, ge=1, le=10_000_000, description="Stop after this many optimizer steps; overrides epochs."
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Stop after this many optimizer steps; overrides epochs.",
     )
     batch_size: int = Field(default=32, ge=1, le=4096, description="Examples per training step.")
     learning_rate: float = Field(default=5e-4, gt=0, le=1, description="Peak learning rate.")
-    lr_scheduler: Scheduler = Field(default="linear", description="How the learning rate changes over training.")
+    lr_scheduler: Scheduler = Field(
+        default="linear", description="How the learning rate changes over training."
+    )
     warmup_ratio: float = Field(default=0.0, ge=0, le=0.5, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
-    max_length: int = Field(default=128, ge=8, le=32768, description="Longer texts are truncated to this many tokens.")
+    max_length: int = Field(
+        default=128, ge=8, le=32768, description="Longer texts are truncated to this many tokens."
+    )
     logging_steps: int = Field(default=10, ge=1, le=100_000, description="Log train loss every N steps.")
     eval_steps: int | None = Field(
-        default=None, ge=1, le=1_000_000, description="Evaluate every N steps; empty evaluates once per epoch."
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Evaluate every N steps; empty evaluates once per epoch.",
     )
-    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Random seed for the split, init and order.")
+    seed: int = Field(
+        default=42, ge=0, le=2**31 - 1, description="Random seed for the split, init and order."
+    )
     disable_dropout: bool = Field(
         default=True,
         description="Switch off the base model's dropout. On CPUs dropout costs more time than the matrix "
@@ -49,6 +65,58 @@ class TrainingSettings(BaseModel):
         return self
 
 
+DataFormat = Literal["alpaca", "prompt-completion", "chat", "text"]
+
+
+class CausalLMSettings(BaseModel):
+    """Causal-LM data: which columns hold prompts and responses, the chat template, loss masking and packing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: DataFormat = Field(
+        default="alpaca",
+        description="How rows become training text: alpaca (instruction, input, output), prompt-completion, "
+        "chat (a list of role/content messages) or text (plain text for continued pre-training).",
+    )
+    instruction_column: str = Field(
+        default="instruction", min_length=1, description="Alpaca: the instruction."
+    )
+    input_column: str | None = Field(
+        default="input",
+        description="Alpaca: optional context appended to the instruction; empty if the data has no such column.",
+    )
+    output_column: str = Field(default="output", min_length=1, description="Alpaca: the response to learn.")
+    prompt_column: str = Field(default="prompt", min_length=1, description="Prompt-completion: the prompt.")
+    completion_column: str = Field(
+        default="completion", min_length=1, description="Prompt-completion: the completion to learn."
+    )
+    messages_column: str = Field(
+        default="messages",
+        min_length=1,
+        description="Chat: a list of {role, content} messages (system, user, assistant); every assistant "
+        "message is learned.",
+    )
+    system_prompt: str | None = Field(
+        default=None,
+        max_length=4000,
+        description="A system message put before every example that has none (empty: none).",
+    )
+    template: TemplateName = Field(
+        default="auto",
+        description="Chat template: auto uses the tokenizer's own and falls back to alpaca when it has none; "
+        "alpaca, chatml or plain (no markup) override it. The adapter records it and try-out uses it.",
+    )
+    train_on_prompt: bool = Field(
+        default=False,
+        description="Also compute the loss on prompt tokens. Off: only responses are learned (prompt masked).",
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack short examples into sequences of up to max length tokens; examples still cannot "
+        "attend to each other (positions restart per example). Batch size then counts packed sequences.",
+    )
+
+
 class JobSpec(BaseModel):
     """Everything a worker needs to run one fine-tuning job."""
 
@@ -63,8 +131,14 @@ class JobSpec(BaseModel):
     )
     task: Task = Field(default="sequence-classification", description="What the model learns to do.")
     dataset_id: int = Field(ge=1, description="The training dataset.")
-    text_column: str = Field(default="text", min_length=1, description="Column holding the input text.")
-    label_column: str = Field(default="label", min_length=1, description="Column holding the class label.")
+    text_column: str = Field(
+        default="text",
+        min_length=1,
+        description="Column holding the input text (classification, and the causal-LM plain-text format).",
+    )
+    label_column: str = Field(
+        default="label", min_length=1, description="Column holding the class label (classification only)."
+    )
     validation_fraction: float = Field(
         default=0.1, ge=0, lt=1, description="Share of the training rows held out for evaluation."
     )
@@ -76,17 +150,36 @@ class JobSpec(BaseModel):
         default_factory=dict, description="The method's own settings (see GET /api/v1/methods)."
     )
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    causal_lm: CausalLMSettings = Field(default_factory=CausalLMSettings)
 
-    @model_validator(mode="after")
-    def _validate_method_config(self) -> "JobSpec":
+    # Field validators (not one model validator) so that errors name ``method`` and ``method_config.<field>``.
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str, info: ValidationInfo) -> str:
         methods = registry()
-        if self.method not in methods:
-            raise ValueError(f"unknown method {self.method!r}; choose one of: {', '.join(sorted(methods))}")
-        info = methods[self.method]
-        if self.task not in info.tasks:
-            raise ValueError(f"method {self.method!r} does not support task {self.task!r}")
-        self.method_config = info.config.model_validate(self.method_config).model_dump(mode="json")
-        return self
+        if method not in methods:
+            raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(sorted(methods))}")
+        task = info.data.get("task")
+        if task is not None and task not in methods[method].tasks:
+            supported = ", ".join(methods[method].tasks)
+            raise ValueError(f"method {method!r} does not support task {task!r}; it supports {supported}")
+        return method
+
+    @field_validator("method_config")
+    @classmethod
+    def _validate_method_config(cls, config: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        method = info.data.get("method")
+        if method not in registry():
+            return config  # the method's own error is reported
+        settings = registry()[method].config
+        known = set(settings.model_fields) | {f.alias for f in settings.model_fields.values() if f.alias}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown setting(s) {', '.join(map(repr, unknown))} for method {method!r}; "
+                f"its settings are: {', '.join(settings.model_fields)}"
+            )
+        return settings.model_validate(config).model_dump(mode="json")
 
     def method_settings(self) -> BaseModel:
         """The method config as its typed model."""

@@ -24,8 +24,14 @@ def test_lora_job_trains_saves_and_predicts(session: Session) -> None:
     job = create_job(
         session,
         dataset_id=dataset.id,
-        training={"max_steps": 12, "batch_size": 16, "learning_rate": 2e-3, "logging_steps": 2, "eval_steps": 6,
-                  "max_length": 64},
+        training={
+            "max_steps": 12,
+            "batch_size": 16,
+            "learning_rate": 2e-3,
+            "logging_steps": 2,
+            "eval_steps": 6,
+            "max_length": 64,
+        },
     )
     from worker.engine import run_job
     from worker.inference import WARM, classify

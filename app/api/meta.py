@@ -15,8 +15,13 @@ router = APIRouter(tags=["meta"])
 def list_methods() -> list[dict[str, Any]]:
     """Every registered fine-tuning method with the JSON schema of its config."""
     return [
-        {"name": m.name, "title": m.title, "summary": m.summary, "tasks": list(m.tasks),
-         "config_schema": m.config.model_json_schema()}
+        {
+            "name": m.name,
+            "title": m.title,
+            "summary": m.summary,
+            "tasks": list(m.tasks),
+            "config_schema": m.config.model_json_schema(),
+        }
         for m in registry().values()
     ]
 

@@ -31,7 +31,9 @@ def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
 
 def classification_metrics(prediction: EvalPrediction) -> dict[str, float]:
     """Accuracy and macro-F1 of argmax predictions."""
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    logits = (
+        prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    )
     predicted = np.asarray(logits).argmax(axis=-1)
     truth = np.asarray(prediction.label_ids)
     return {"accuracy": float((predicted == truth).mean()), "f1_macro": macro_f1(truth, predicted)}
@@ -55,7 +57,11 @@ def _model_config(base: ResolvedModel, labels: list[str]) -> Any:
 
 
 def prepare(
-    spec: JobSpec, base: ResolvedModel, train: Dataset, validation: Dataset | None, load_kwargs: dict[str, Any]
+    spec: JobSpec,
+    base: ResolvedModel,
+    train: Dataset,
+    validation: Dataset | None,
+    load_kwargs: dict[str, Any],
 ) -> Prepared:
     """Tokenize once (no padding), load the base model with a head sized to the labels."""
     data = classification_data(spec, train, validation)

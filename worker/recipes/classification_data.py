@@ -29,9 +29,13 @@ def _texts_and_labels(dataset: Dataset, spec: JobSpec) -> tuple[list[str], list[
     for number, row in enumerate(rows, start=1):
         text, label = row.get(spec.text_column), row.get(spec.label_column)
         if not isinstance(text, str) or not text.strip():
-            raise InvalidDataset(f"Row {number} of dataset {dataset.id}: column {spec.text_column!r} has no text.")
+            raise InvalidDataset(
+                f"Row {number} of dataset {dataset.id}: column {spec.text_column!r} has no text."
+            )
         if label is None or label == "":
-            raise InvalidDataset(f"Row {number} of dataset {dataset.id}: column {spec.label_column!r} is empty.")
+            raise InvalidDataset(
+                f"Row {number} of dataset {dataset.id}: column {spec.label_column!r} is empty."
+            )
         texts.append(text)
         labels.append(str(label))
     return texts, labels
