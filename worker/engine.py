@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import replace
@@ -19,7 +20,7 @@ from app.services.jobs import add_event
 from app.settings import get_settings
 from app.spec import JobSpec
 from app.storage import get_store
-from worker.methods import BuildContext, MethodInfo, get_method
+from worker.methods import BuildContext, MethodInfo, count_parameters, get_method
 from worker.recipes import Prepared, get_recipe
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,9 @@ def _load_datasets(spec: JobSpec) -> tuple[Dataset, Dataset | None]:
             raise ValueError(f"dataset {spec.dataset_id} was deleted before the job started")
         validation = session.get(Dataset, spec.validation_dataset_id) if spec.validation_dataset_id else None
         if spec.validation_dataset_id and validation is None:
-            raise ValueError(f"validation dataset {spec.validation_dataset_id} was deleted before the job started")
+            raise ValueError(
+                f"validation dataset {spec.validation_dataset_id} was deleted before the job started"
+            )
         session.expunge_all()
         return train, validation
 
@@ -175,15 +178,6 @@ def _load_datasets(spec: JobSpec) -> tuple[Dataset, Dataset | None]:
 def _folder_size(folder: Path) -> tuple[int, list[str]]:
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     return sum(p.stat().st_size for p in files), [str(p.relative_to(folder)) for p in files]
-
-
-def count_parameters(model: Any) -> tuple[int, int]:
-    """Trainable and total parameter counts (peft's own count for peft models)."""
-    if hasattr(model, "get_nb_trainable_parameters"):
-        trainable, total = model.get_nb_trainable_parameters()
-        return int(trainable), int(total)
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def _training_arguments(spec: JobSpec, output_dir: Path, has_eval: bool) -> TrainingArguments:
@@ -229,10 +223,20 @@ def _final_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return metrics
 
 
-def build_trainable(spec: JobSpec) -> tuple[Prepared, MethodInfo, Any, Any]:
+def total_steps(spec: JobSpec, train_examples: int | None) -> int | None:
+    """Optimizer steps the Trainer will run: max steps, or epochs × batches per epoch (as Trainer counts)."""
+    training = spec.training
+    if training.max_steps or train_examples is None:
+        return training.max_steps
+    batches = max(1, math.ceil(train_examples / training.batch_size))
+    return max(1, math.ceil((training.num_epochs or 1.0) * batches))
+
+
+def build_trainable(spec: JobSpec) -> tuple[Prepared, MethodInfo, Any, Any, list[Any]]:
     """Load data and base model through the task's recipe and apply the job's method.
 
-    Returns the prepared task, the method, the trainable model and an optimizer (or None for Trainer's).
+    Returns the prepared task, the method, the trainable model, an optimizer (or None for Trainer's) and the
+    method's own Trainer callbacks.
     """
     train_ds, validation_ds = _load_datasets(spec)
     method = get_method(spec.method)
@@ -240,15 +244,21 @@ def build_trainable(spec: JobSpec) -> tuple[Prepared, MethodInfo, Any, Any]:
     training = spec.training
     base = resolve_base_model(spec.base_model)
     context = BuildContext(
-        task=spec.task, learning_rate=training.learning_rate, weight_decay=training.weight_decay
+        task=spec.task,
+        learning_rate=training.learning_rate,
+        weight_decay=training.weight_decay,
+        base_model_path=str(base.path),
     )
     # The method may change how the base model loads (e.g. 4-bit weights for QLoRA).
     load_kwargs = method.load_kwargs(settings, context)
     prepared = get_recipe(spec.task).prepare(spec, base, train_ds, validation_ds, load_kwargs)
-    context = replace(context, num_labels=len(prepared.labels) or None)
+    examples = len(prepared.train_dataset) if hasattr(prepared.train_dataset, "__len__") else None
+    context = replace(
+        context, num_labels=len(prepared.labels) or None, total_steps=total_steps(spec, examples)
+    )
     built = method.build(prepared.model, settings, context)
     optimizer = built.optimizer_factory(built.model) if built.optimizer_factory else None
-    return prepared, method, built.model, optimizer
+    return prepared, method, built.model, optimizer, built.callbacks
 
 
 def run_job(job_id: int, worker_name: str = "worker") -> None:
@@ -262,7 +272,7 @@ def run_job(job_id: int, worker_name: str = "worker") -> None:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     store = get_store()
-    prepared, method, model, optimizer = build_trainable(spec)
+    prepared, method, model, optimizer, method_callbacks = build_trainable(spec)
     work_dir = store.path(store.job_key(job_id, "trainer"))
     has_eval = bool(prepared.eval_dataset)
     callback = StudioCallback(job_id, spec.training.batch_size)
@@ -275,7 +285,7 @@ def run_job(job_id: int, worker_name: str = "worker") -> None:
         processing_class=prepared.tokenizer,
         compute_metrics=prepared.compute_metrics,
         preprocess_logits_for_metrics=prepared.preprocess_logits,
-        callbacks=[callback],
+        callbacks=[callback, *method_callbacks],
         optimizers=(optimizer, None),
     )
     trainer.train()

@@ -23,8 +23,8 @@ class WarmModels:
     """A small LRU of base models with the adapters loaded onto each, by adapter id."""
 
     def __init__(self) -> None:
-        self.models: OrderedDict[tuple[str, str, int], Any] = OrderedDict()
-        self.loaded: dict[tuple[str, str, int], set[str]] = {}
+        self.models: OrderedDict[tuple[str, str, int, str], Any] = OrderedDict()
+        self.loaded: dict[tuple[str, str, int, str], set[str]] = {}
         self.tokenizers: dict[str, Any] = {}
         self.base_loads = 0
 
@@ -36,10 +36,14 @@ class WarmModels:
         method = get_method(studio["method"])
         settings = method.config.model_validate(studio["spec"]["method_config"])
         load_kwargs = method.load_kwargs(settings, BuildContext(task=studio["task"]))
-        # Adapters of peft's methods share one warm base; others (full fine-tuning, our own adapters, a
-        # quantized base) get a model of their own, keyed by folder.
+        # Adapters of one peft method share one warm base (peft cannot mix adapter types in one model); others
+        # (full fine-tuning, our own adapters, a quantized base) get a model of their own, keyed by folder.
         shared = method.load is load_peft_adapter and not load_kwargs
-        key = (str(base.path), studio["task"], len(labels)) if shared else (str(folder), studio["task"], -1)
+        key = (
+            (str(base.path), studio["task"], len(labels), method.name)
+            if shared
+            else (str(folder), studio["task"], -1, method.name)
+        )
         name = f"adapter_{adapter_id}"
         if key not in self.models:
             capacity = get_settings().inference_cache_size
@@ -72,8 +76,9 @@ def classify(adapter_id: int, folder: Path, texts: list[str]) -> list[dict[str, 
     """Predicted label and class probabilities for each text."""
     model, tokenizer, studio = WARM.model_for(adapter_id, folder)
     labels: list[str] = studio["labels"]
-    batch = tokenizer(texts, truncation=True, max_length=studio.get("max_length", 512), padding=True,
-                      return_tensors="pt")
+    batch = tokenizer(
+        texts, truncation=True, max_length=studio.get("max_length", 512), padding=True, return_tensors="pt"
+    )
     probabilities = torch.softmax(model(**batch).logits.float(), dim=-1).tolist()
     return [
         {

@@ -3,7 +3,7 @@
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request, status
 from sqlmodel import Session
@@ -13,6 +13,7 @@ from app.db import get_engine
 from app.deps import SessionDep
 from app.models import JobEventPublic, JobPublic, JobsPublic, MetricPointPublic
 from app.services import jobs as service
+from app.services.datasets import get_dataset
 from app.settings import get_settings
 from app.spec import JobSpec
 
@@ -23,6 +24,18 @@ router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 def create_job(session: SessionDep, spec: JobSpec) -> JobPublic:
     """Validate a job spec and queue it for a worker."""
     return service.job_public(session, service.create_job(session, spec))
+
+
+@router.post("/estimate")
+async def estimate_job(session: SessionDep, spec: JobSpec) -> dict[str, Any]:
+    """Before launch: the exact trainable and total parameter counts of the spec's base model with its method
+    (built on the meta device; no weights are loaded) and an estimate of training memory, in bytes by kind."""
+    service.validate_spec(session, spec)
+    profile = get_dataset(session, spec.dataset_id).profile
+    from worker.estimate import estimate_job as estimate  # torch loads on first use, never at web start-up
+
+    result = await asyncio.to_thread(estimate, spec, profile)
+    return result.model_dump()
 
 
 @router.get("", response_model=JobsPublic)
@@ -58,7 +71,9 @@ def job_events(session: SessionDep, job_id: int) -> list[JobEventPublic]:
 
 def _poll(job_id: int, after: int) -> tuple[list[MetricPointPublic], JobPublic]:
     with Session(get_engine()) as session:
-        points = [MetricPointPublic.model_validate(p) for p in service.list_metrics(session, job_id, after, 1000)]
+        points = [
+            MetricPointPublic.model_validate(p) for p in service.list_metrics(session, job_id, after, 1000)
+        ]
         job = service.job_public(session, service.get_job(session, job_id))
     return points, job
 
@@ -89,9 +104,15 @@ async def stream_job(
                 cursor = point.id
                 yield ServerSentEvent(data=point.model_dump_json(), event="metric", id=str(point.id))
             snapshot = json.dumps(
-                {"status": job.status, "progress": job.progress, "step": job.current_step,
-                 "total_steps": job.total_steps, "eta_seconds": job.eta_seconds, "error": job.error,
-                 "adapter_id": job.adapter_id}
+                {
+                    "status": job.status,
+                    "progress": job.progress,
+                    "step": job.current_step,
+                    "total_steps": job.total_steps,
+                    "eta_seconds": job.eta_seconds,
+                    "error": job.error,
+                    "adapter_id": job.adapter_id,
+                }
             )
             if snapshot != last_status:
                 last_status = snapshot

@@ -1,9 +1,10 @@
 """The registry of fine-tuning methods, discovered from the modules in this package.
 
-Each module defines ``METHOD = MethodInfo(...)``: its name, a typed pydantic config (whose field
-descriptions the job form shows as help texts) and a ``build`` function that turns a base model into a
-trainable one. Modules import torch/peft only inside ``build``, so the web app can read the registry
-without loading them.
+Each module defines ``METHOD = MethodInfo(...)`` (or ``METHODS = (...)`` for a family such as the bottleneck
+adapters): its name, a typed pydantic config (whose field descriptions the job form shows as help texts) and a
+``build`` function that turns a base model into a trainable one. Modules import torch/peft only inside their
+functions, so the web app can read the registry without loading them. Modules whose name starts with ``_``
+hold shared code and are not scanned.
 """
 
 import importlib
@@ -11,27 +12,44 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
+
+CLASSIFICATION = "sequence-classification"
+CAUSAL_LM = "causal-lm"
+
+# How a method's output folder loads outside the studio (shown on the adapter page and in docs/methods.md).
+SavedAs = Literal["peft", "transformers", "studio"]
 
 
 @dataclass(frozen=True)
 class BuildContext:
-    """What a method's build function may need besides the model and its config."""
+    """What a method's build function may need besides the model and its config.
+
+    ``total_steps`` is the number of optimizer steps the job will run (AdaLoRA schedules its rank budget over
+    it); ``base_model_path`` is the folder of the base model (prompt tuning reads its tokenizer from there).
+    """
 
     task: str
     num_labels: int | None = None
     learning_rate: float = 5e-4
     weight_decay: float = 0.0
+    total_steps: int | None = None
+    base_model_path: str | None = None
 
 
 @dataclass
 class BuiltModel:
-    """A trainable model, plus an optimizer when the method needs a custom one (e.g. LoRA+)."""
+    """A trainable model, plus what the Trainer needs besides it.
+
+    ``optimizer_factory`` builds a custom optimizer (LoRA+, layer-wise learning rates); ``callbacks`` are
+    ``transformers.TrainerCallback`` instances the method needs during training (AdaLoRA's rank allocation).
+    """
 
     model: Any
     optimizer_factory: Callable[[Any], Any] | None = None
+    callbacks: list[Any] = field(default_factory=list)
 
 
 def no_load_kwargs(config: BaseModel, context: BuildContext) -> dict[str, Any]:
@@ -57,6 +75,10 @@ class MethodInfo:
 
     ``load_kwargs`` adds arguments to the base model's ``from_pretrained`` (QLoRA's quantization config);
     ``save`` writes the trained model to a folder; ``load`` puts a saved adapter onto a fresh base model.
+    ``saved_as`` says what that folder is: a peft adapter, a complete transformers model, or one of the
+    studio's own adapters (loaded with the ``studio_adapters.py`` file saved next to it).
+    ``paper`` cites the method; ``learning_rate`` is a typical peak learning rate for it (a hint for the form
+    and the benchmark, not applied automatically).
     """
 
     name: str
@@ -64,10 +86,13 @@ class MethodInfo:
     summary: str
     config: type[BaseModel]
     build: Callable[[Any, BaseModel, BuildContext], BuiltModel]
-    tasks: tuple[str, ...] = ("sequence-classification", "causal-lm")
+    tasks: tuple[str, ...] = (CLASSIFICATION, CAUSAL_LM)
     load_kwargs: Callable[[BaseModel, BuildContext], dict[str, Any]] = no_load_kwargs
     save: Callable[[Any, str], None] = save_with_save_pretrained
     load: Callable[[Any, str, str], Any] = load_peft_adapter
+    saved_as: SavedAs = "peft"
+    paper: str = ""
+    learning_rate: float = 5e-4
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,12 +104,25 @@ def registry() -> dict[str, MethodInfo]:
         if module_info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{__name__}.{module_info.name}")
-        info = getattr(module, "METHOD", None)
-        if isinstance(info, MethodInfo):
-            found[info.name] = info
+        infos = [getattr(module, "METHOD", None), *getattr(module, "METHODS", ())]
+        for info in infos:
+            if isinstance(info, MethodInfo):
+                if info.name in found:
+                    raise RuntimeError(f"two methods are registered as {info.name!r}")
+                found[info.name] = info
     return found
 
 
 def get_method(name: str) -> MethodInfo:
     """The method registered under ``name``; KeyError if there is none."""
     return registry()[name]
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """Trainable and total parameter counts (peft's own count for peft models, which counts 4-bit weights
+    by their logical size); the engine records these and the estimate reproduces them on the meta device."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -81,6 +81,8 @@ def classification_data(spec: JobSpec, train: Dataset, validation: Dataset | Non
 
 def tokenize(tokenizer: Any, texts: list[str], labels: list[int], max_length: int) -> list[dict[str, Any]]:
     """Tokenize once, without padding: the collator pads each batch only to its longest example."""
+    if not texts:
+        return []  # no validation split (fraction 0): the tokenizer refuses an empty batch
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
     return [
         {"input_ids": ids, "attention_mask": mask, "labels": label}

@@ -1,0 +1,367 @@
+"""Every registered method, parametrized over the registry (a new method module gets its rows automatically).
+
+Classification, through the real worker path on the bundled MiniLM: the job trains (loss goes down on a
+repeated batch), its counts equal the pre-launch estimate, the saved adapter reloads onto a fresh base with
+identical logits, the downloaded archive loads outside the studio (plain peft, plain transformers, or the
+``studio_adapters.py`` shipped with our own adapters) and try-out predicts the same probabilities.
+Causal LM, at the method level on a tiny random Llama: build, a few Trainer steps, save, reload, same logits.
+"""
+
+import importlib.util
+import json
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from sqlmodel import Session, select
+
+from app.base_models import resolve_base_model
+from app.db import get_engine
+from app.models import Adapter, Job, JobStatus, MetricPoint
+from app.settings import BUNDLED_MODEL_ID
+from app.spec import JobSpec
+from tests.factories import create_dataset, create_job, sst2_bytes
+from worker.methods import CAUSAL_LM, CLASSIFICATION, BuildContext, MethodInfo, count_parameters, registry
+
+ROWS = 8  # one batch of 8, repeated every step: the loss must fall on it
+STEPS = 6
+MAX_LENGTH = 32
+TEXTS = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate clichés"]
+
+# Per-method test settings: a learning rate high enough to see learning in 6 steps, and small configs.
+# A method missing here runs with DEFAULT_CASE.
+DEFAULT_CASE: dict[str, Any] = {"learning_rate": 1e-3, "method_config": {}}
+CASES: dict[str, dict[str, Any]] = {
+    "full": {"learning_rate": 1e-4},
+    "freeze": {"learning_rate": 5e-4, "method_config": {"k": 1}},
+    "llrd": {"learning_rate": 2e-4, "method_config": {"decay": 0.5}},
+    "lora": {"learning_rate": 5e-3, "method_config": {"r": 4}},
+    "qlora": {"learning_rate": 5e-3, "method_config": {"r": 4, "target_modules": ["query", "value"]}},
+    "adalora": {"learning_rate": 5e-3, "method_config": {"init_r": 4, "target_r": 2}},
+    "loraplus": {"learning_rate": 1e-3, "method_config": {"r": 4, "lr_ratio": 16}},
+    "ia3": {"learning_rate": 3e-2},
+    "prefix": {"learning_rate": 3e-2, "method_config": {"num_virtual_tokens": 8}},
+    "prompt": {
+        "learning_rate": 3e-2,
+        "method_config": {"num_virtual_tokens": 8, "init": "text", "init_text": "is this review positive?"},
+    },
+    "ptuning": {"learning_rate": 1e-2, "method_config": {"num_virtual_tokens": 8, "encoder_hidden_size": 64}},
+    "houlsby": {"learning_rate": 5e-3},
+    "pfeiffer": {"learning_rate": 5e-3},
+    "hadamard": {"learning_rate": 3e-2},
+}
+CAUSAL_CASES: dict[str, dict[str, Any]] = {
+    "prompt": {
+        "learning_rate": 3e-2,
+        "method_config": {"num_virtual_tokens": 8},
+    },  # the tiny LM has no tokenizer
+    "qlora": {"learning_rate": 5e-3, "method_config": {"r": 4}},
+    "adalora": {"learning_rate": 5e-3, "method_config": {"init_r": 4, "target_r": 2}},
+}
+
+
+def case(name: str, cases: dict[str, dict[str, Any]] = CASES) -> dict[str, Any]:
+    return {**DEFAULT_CASE, **cases.get(name, {})}
+
+
+def methods_for(task: str) -> list[str]:
+    return sorted(name for name, info in registry().items() if task in info.tasks)
+
+
+def assert_same_logits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def session(studio_settings: Path):
+    with Session(get_engine()) as db:
+        yield db
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_base_model(BUNDLED_MODEL_ID).path))
+
+
+def import_studio_loader(folder: Path) -> Any:
+    """Import the ``studio_adapters.py`` shipped in a downloaded adapter, as a user would."""
+    spec = importlib.util.spec_from_file_location(
+        f"studio_adapters_{abs(hash(folder))}", folder / "studio_adapters.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_downloaded(method: MethodInfo, folder: Path, base_path: Path, load_kwargs: dict[str, Any]) -> Any:
+    """Load an unzipped adapter archive the way docs/methods.md tells users to, without studio code."""
+    from transformers import AutoModelForSequenceClassification
+
+    if method.saved_as == "transformers":
+        return AutoModelForSequenceClassification.from_pretrained(folder)
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2, **load_kwargs)
+    if method.saved_as == "peft":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, folder)
+    return import_studio_loader(folder).load_adapter(base, folder)
+
+
+def check_method_specifics(name: str, model: Any, optimizer: Any, learning_rate: float, config: dict) -> None:
+    """What a method promises beyond training: 4-bit weights, LoRA+ rates, LLRD depths, AdaLoRA ranks."""
+    if name == "qlora":
+        import bitsandbytes as bnb
+
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert layers, "QLoRA must put 4-bit bitsandbytes layers in the base"
+        heads = [m for n, m in model.named_modules() if n.endswith("classifier.modules_to_save.default")]
+        assert heads and all(type(m) is torch.nn.Linear for m in heads), "the new head must stay unquantized"
+    if name == "loraplus":
+        names = {id(param): param_name for param_name, param in model.named_parameters()}
+        rates: dict[str, set[float]] = {"lora_A": set(), "lora_B": set()}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                kind = next((k for k in rates if k in names[id(param)]), None)
+                if kind:
+                    rates[kind].add(group["lr"])
+        assert rates == {"lora_A": {learning_rate}, "lora_B": {learning_rate * config["lr_ratio"]}}
+    if name == "llrd":
+        by_depth = {group["depth"]: group["lr"] for group in optimizer.param_groups}
+        assert by_depth == {d: pytest.approx(learning_rate * config["decay"] ** d) for d in range(8)}
+    if name == "adalora":
+        assert model.peft_config["default"].rank_pattern, "the budget callback must have allocated ranks"
+
+
+@pytest.mark.parametrize("name", methods_for(CLASSIFICATION))
+def test_method_trains_reloads_downloads_and_predicts(
+    name: str, session: Session, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, minilm_tokenizer: Any
+) -> None:
+    from worker import engine
+    from worker.estimate import estimate_job
+    from worker.inference import classify
+    from worker.recipes import get_recipe
+
+    # given 16 SST-2 rows trained as one repeated batch
+    method = registry()[name]
+    test_case = case(name)
+    dataset = create_dataset(session, sst2_bytes(ROWS + 1))
+    job = create_job(
+        session,
+        dataset_id=dataset.id,
+        method=name,
+        method_config=test_case["method_config"],
+        validation_fraction=1 / (ROWS + 1),  # one row held out; never evaluated (eval_steps > max_steps)
+        training={
+            "max_steps": STEPS,
+            "batch_size": ROWS,
+            "learning_rate": test_case["learning_rate"],
+            "logging_steps": 1,
+            "eval_steps": 1000,
+            "max_length": MAX_LENGTH,
+            "warmup_ratio": 0,
+            "lr_scheduler": "constant",
+        },
+    )
+    spec = JobSpec.model_validate(job.spec)
+    built: dict[str, Any] = {}
+    real_build = engine.build_trainable
+
+    def spy(spec_: JobSpec) -> Any:
+        result = real_build(spec_)
+        built.update(model=result[2], optimizer=result[3])
+        return result
+
+    monkeypatch.setattr(engine, "build_trainable", spy)
+    # A cold try-out cache: adapter ids restart at 1 in every test's fresh database.
+    from worker import inference
+
+    monkeypatch.setattr(inference, "WARM", inference.WarmModels())
+
+    # when the worker runs the job
+    engine.run_job(job.id)
+
+    # then it succeeded and learned
+    session.expire_all()
+    finished = session.get(Job, job.id)
+    assert finished is not None and finished.status == JobStatus.succeeded, finished and finished.error
+    points = session.exec(select(MetricPoint).where(MetricPoint.job_id == job.id)).all()
+    train = sorted((p for p in points if p.split == "train" and "loss" in p.values), key=lambda p: p.step)
+    losses = [p.values["loss"] for p in train]
+    assert len(losses) >= STEPS - 1 and losses[-1] < losses[0], losses
+    model, optimizer = built["model"], built["optimizer"]
+    check_method_specifics(name, model, optimizer, test_case["learning_rate"], test_case["method_config"])
+
+    # and the recorded counts are exactly the pre-launch estimate
+    adapter = session.exec(select(Adapter).where(Adapter.job_id == job.id)).one()
+    estimate = estimate_job(spec, dataset.profile)
+    assert (adapter.trainable_params, adapter.total_params) == (
+        estimate.trainable_params,
+        estimate.total_params,
+    )
+    assert adapter.method == name and 0 < adapter.trainable_params <= adapter.total_params
+
+    # and the saved adapter reloads onto a fresh base with identical logits
+    model.eval()
+    batch = minilm_tokenizer(TEXTS, truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        trained = model(**batch).logits
+    from worker.engine import STUDIO_FILE
+
+    folder = engine.get_store().path(adapter.storage_key)
+    studio = json.loads((folder / STUDIO_FILE).read_text())
+    assert studio["method"] == name
+    base = resolve_base_model(BUNDLED_MODEL_ID)
+    settings = method.config.model_validate(test_case["method_config"])
+    load_kwargs = method.load_kwargs(settings, BuildContext(task=CLASSIFICATION))
+    fresh = get_recipe(CLASSIFICATION).load_base(base, studio, load_kwargs)
+    reloaded = method.load(fresh, str(folder), "reloaded").eval()
+    with torch.no_grad():
+        assert_same_logits(reloaded(**batch).logits, trained)
+
+    # and the downloaded archive loads outside the studio
+    from app.services.adapters import build_archive
+
+    archive = build_archive(adapter)
+    unpacked = tmp_path / "download"
+    with zipfile.ZipFile(archive) as zipped:
+        zipped.extractall(unpacked)
+    archive.unlink()
+    downloaded = load_downloaded(method, unpacked, base.path, load_kwargs).eval()
+    with torch.no_grad():
+        assert_same_logits(downloaded(**batch).logits, trained)
+
+    # and try-out predicts the trained model's probabilities
+    predictions = classify(adapter.id, folder, TEXTS)
+    expected = torch.softmax(trained, dim=-1)
+    for prediction, row in zip(predictions, expected, strict=True):
+        assert [prediction["probabilities"][label] for label in ("0", "1")] == pytest.approx(
+            row.tolist(), abs=1e-5
+        )
+
+
+# --- causal LM, at the method level ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama with hidden size 32 and a 256-token vocabulary, random weights, saved to a folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", methods_for(CAUSAL_LM))
+def test_method_on_a_causal_lm(name: str, tiny_llama: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from worker.estimate import estimate
+
+    # given the method applied to a tiny random Llama
+    method = registry()[name]
+    test_case = case(name, {**CASES, **CAUSAL_CASES})
+    settings = method.config.model_validate(test_case["method_config"])
+    lr = test_case["learning_rate"]
+    context = BuildContext(
+        task=CAUSAL_LM, learning_rate=lr, total_steps=STEPS, base_model_path=str(tiny_llama)
+    )
+    load_kwargs = method.load_kwargs(settings, context)
+    torch.manual_seed(0)
+    built = method.build(AutoModelForCausalLM.from_pretrained(tiny_llama, **load_kwargs), settings, context)
+    model = built.model
+    expected = estimate(
+        str(tiny_llama),
+        CAUSAL_LM,
+        method,
+        settings,
+        num_labels=None,
+        batch_size=8,
+        max_length=16,
+        total_steps=STEPS,
+    )
+    assert count_parameters(model) == (expected.trainable_params, expected.total_params)
+
+    # when it trains a few steps on one repeated batch of random tokens
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(3, 256, (8, 16), generator=generator)
+    rows = [{"input_ids": row, "labels": row} for row in tokens]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=STEPS,
+        per_device_train_batch_size=8,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    optimizer = built.optimizer_factory(model) if built.optimizer_factory else None
+    trainer = Trainer(
+        model=model, args=args, train_dataset=rows, callbacks=built.callbacks, optimizers=(optimizer, None)
+    )
+    trainer.train()
+
+    # then the loss went down
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0], losses
+
+    # and save → reload onto a fresh base gives identical logits
+    model.eval()
+    probe = tokens[:2]
+    with torch.no_grad():
+        trained = model(input_ids=probe).logits
+    saved = tmp_path / "saved"
+    method.save(model, str(saved))
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_llama, **load_kwargs)
+    reloaded = method.load(fresh, str(saved), "reloaded").eval()
+    with torch.no_grad():
+        assert_same_logits(reloaded(input_ids=probe).logits, trained)
+
+
+def test_registry_is_complete_and_documented() -> None:
+    expected = {
+        "full",
+        "freeze",
+        "llrd",
+        "lora",
+        "qlora",
+        "adalora",
+        "loraplus",
+        "ia3",
+        "prefix",
+        "prompt",
+        "ptuning",
+        "houlsby",
+        "pfeiffer",
+        "hadamard",
+    }
+    methods = registry()
+    assert expected <= set(methods)
+    docs = (Path(__file__).parents[1] / "docs" / "methods.md").read_text(encoding="utf-8")
+    for name, info in methods.items():
+        assert info.paper and info.summary and info.tasks and info.learning_rate > 0
+        for field_name, field in info.config.model_fields.items():
+            assert field.description, f"{name}.{field_name} needs a description: the form shows it as help"
+            assert f"`{field_name}`" in docs, f"docs/methods.md must name setting {field_name!r} of {name!r}"
+        assert f"`{name}`" in docs, f"docs/methods.md must describe method {name!r}"

@@ -1,0 +1,89 @@
+"""QLoRA: LoRA on a base model whose linear weights are quantized by bitsandbytes (4-bit NF4/FP4 or 8-bit).
+
+The quantization happens while the base loads (``load_kwargs``), so the try-out and a fresh reload quantize
+the same weights the same way. A newly initialised head is kept out of quantization: its random weights are
+not in the checkpoint, and bitsandbytes cannot quantize what is not loaded (the first forward fails).
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from worker.methods import BuildContext, BuiltModel, MethodInfo
+from worker.methods.lora import LoraSettings, peft_lora_config
+
+# Heads that stay in full precision: new classification heads (BERT, DistilBERT, Llama/GPT-2 "score") and the
+# language-model head (bitsandbytes' own default, which setting llm_int8_skip_modules replaces).
+UNQUANTIZED_MODULES = ["classifier", "pre_classifier", "score", "lm_head"]
+
+
+class QLoraSettings(LoraSettings):
+    """LoRA settings plus how the frozen base is quantized."""
+
+    bits: Literal[4, 8] = Field(
+        default=4, description="Bits per base weight: 4 (QLoRA proper) or 8 (LLM.int8)."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(
+        default="nf4",
+        description="4-bit data type: NF4 (normal float, best for normally distributed weights) or FP4.",
+    )
+    double_quant: bool = Field(
+        default=True,
+        description="4-bit: quantize the quantization constants too (saves ~0.4 bit per weight).",
+    )
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description="4-bit: dtype the weights are dequantized to for each matmul. float32 on CPUs (bf16 is "
+        "much slower there without AMX); bfloat16 on recent GPUs.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in the backward pass: less memory, ~30% more compute.",
+    )
+
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _bits_from_text(cls, value: Any) -> Any:
+        # An HTML form posts the choice as text; the API sends a number.
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
+def quantization_kwargs(config: BaseModel, context: BuildContext) -> dict[str, Any]:
+    """The BitsAndBytesConfig the base model loads with."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    assert isinstance(config, QLoraSettings)
+    if config.bits == 8:
+        quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+    else:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=config.quant_type,
+            bnb_4bit_use_double_quant=config.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, config.compute_dtype),
+            llm_int8_skip_modules=UNQUANTIZED_MODULES,
+        )
+    return {"quantization_config": quantization}
+
+
+def build(model: Any, config: BaseModel, context: BuildContext) -> BuiltModel:
+    """Prepare the quantized base for training (norms in fp32, inputs requiring grad), then add LoRA."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    assert isinstance(config, QLoraSettings)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    return BuiltModel(model=get_peft_model(model, peft_lora_config(config, context.task)))
+
+
+METHOD = MethodInfo(
+    name="qlora",
+    title="QLoRA",
+    summary="LoRA on a 4-bit (NF4/FP4, double-quant) or 8-bit frozen base: the least memory for big models.",
+    config=QLoraSettings,
+    build=build,
+    load_kwargs=quantization_kwargs,
+    paper="Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs (arXiv:2305.14314); "
+    "8-bit: Dettmers et al. 2022, LLM.int8() (arXiv:2208.07339)",
+    learning_rate=5e-4,
+)
