@@ -60,3 +60,22 @@ def test_lora_job_trains_saves_and_predicts(session: Session) -> None:
     second = classify(adapter.id, folder, ["a gorgeous, witty film"])
     assert WARM.base_loads == loads
     assert first == second and abs(sum(first[0]["probabilities"].values()) - 1) < 1e-5
+
+
+def test_job_without_validation_split_trains(session: Session) -> None:
+    # given a job that holds out nothing for evaluation
+    dataset = create_dataset(session, sst2_bytes(40))
+    job = create_job(
+        session,
+        dataset_id=dataset.id,
+        validation_fraction=0,
+        training={"max_steps": 2, "batch_size": 8, "max_length": 32, "logging_steps": 1},
+    )
+    from worker.engine import run_job
+
+    # when it runs, then it succeeds with train points only
+    run_job(job.id)
+    session.expire_all()
+    assert session.get(Job, job.id).status == JobStatus.succeeded
+    splits = {p.split for p in session.exec(select(MetricPoint).where(MetricPoint.job_id == job.id)).all()}
+    assert splits == {"train"}
