@@ -12,19 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CHROMIUM_ARGS
 from tests.studio import PROJECT_ROOT, run_studio, sst2_slice
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 TRAINING_TIMEOUT_MS = 600_000
 SCREENSHOT = PROJECT_ROOT / "docs" / "screenshot.png"
 

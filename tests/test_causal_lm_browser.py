@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests import lm
+from tests.conftest import CHROMIUM_ARGS
 from tests.lm import ALPACA_DEMO
 from tests.sse import read_events
 from tests.studio import RunningStudio, run_studio, wait_for_job
@@ -24,14 +25,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
 tiny_lm = lm.tiny_lm  # the session fixture, made available to this module
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 # Counts how often the adapter's answer changes while it streams, and whether it was done at the time.
 COUNT_UPDATES = """
