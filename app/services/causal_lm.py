@@ -15,7 +15,7 @@ from app.base_models import ResolvedModel, resolve_base_model
 from app.errors import InvalidDataset, InvalidSpec, NotFound
 from app.formats import example_from_row, required_columns
 from app.models import Dataset
-from app.services.datasets import get_dataset
+from app.services.datasets import check_validation_split, get_dataset
 from app.spec import JobSpec
 
 CAUSAL_LM = "causal-lm"
@@ -103,15 +103,8 @@ def validate_causal_lm_spec(session: Session, spec: JobSpec) -> None:
     if spec.validation_dataset_id is not None:
         validation = _dataset(session, spec.validation_dataset_id, "validation_dataset_id", "validation ")
         _check_columns(validation, spec, "validation ")
-    elif spec.validation_fraction > 0:
-        held_out = round(dataset.row_count * spec.validation_fraction)
-        if held_out < 1 or dataset.row_count - held_out < 1:
-            raise InvalidSpec(
-                f"validation_fraction {spec.validation_fraction} of {dataset.row_count} rows leaves {held_out} "
-                f"for validation and {dataset.row_count - held_out} for training; both need at least 1 row. "
-                "Choose another fraction, 0 for no validation, or a validation dataset.",
-                field="validation_fraction",
-            )
+    else:
+        check_validation_split(dataset, spec.validation_fraction)
     if spec.causal_lm.packing and spec.method in VIRTUAL_TOKEN_METHODS:
         raise InvalidSpec(
             f"Packing cannot be used with {spec.method}: its virtual tokens (or prefix key/values) would be "

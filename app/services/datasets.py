@@ -9,7 +9,7 @@ from typing import BinaryIO
 from sqlmodel import Session, col, func, select
 
 from app.datasets_io import detect_format, parse_rows, profile_rows
-from app.errors import Conflict, InvalidDataset, NotFound, PayloadTooLarge
+from app.errors import Conflict, InvalidDataset, InvalidSpec, NotFound, PayloadTooLarge
 from app.models import Dataset, Job, JobStatus
 from app.settings import get_settings
 from app.storage import get_store
@@ -157,3 +157,17 @@ def load_demo_dataset(session: Session) -> tuple[Dataset, bool]:
         return existing, False
     with DEMO_DATASET_PATH.open("rb") as stream:
         return create_dataset(session, stream, DEMO_DATASET_PATH.name, DEMO_DATASET_NAME), True
+
+
+def check_validation_split(dataset: Dataset, fraction: float) -> None:
+    """Refuse a held-out fraction that leaves no validation row or no training row."""
+    if fraction <= 0:
+        return
+    held_out = round(dataset.row_count * fraction)
+    if held_out < 1 or dataset.row_count - held_out < 1:
+        raise InvalidSpec(
+            f"validation_fraction {fraction} of {dataset.row_count} rows leaves {held_out} for validation and "
+            f"{dataset.row_count - held_out} for training; both need at least 1 row. Choose another fraction, "
+            "0 for no validation, or a validation dataset.",
+            field="validation_fraction",
+        )

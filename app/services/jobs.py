@@ -9,7 +9,7 @@ from app.base_models import resolve_base_model
 from app.datasets_io import MAX_LABEL_CLASSES
 from app.errors import InvalidSpec, JobStateError, NotFound, ServiceUnavailable
 from app.models import Adapter, Dataset, Job, JobEvent, JobPublic, JobStatus, MetricPoint, utcnow
-from app.services.datasets import get_dataset
+from app.services.datasets import check_validation_split, get_dataset
 from app.spec import JobSpec
 
 _KIND_NAMES = {
@@ -191,15 +191,8 @@ def validate_spec(session: Session, spec: JobSpec) -> None:
         validation = _get_dataset(session, spec.validation_dataset_id, "validation_dataset_id", "validation ")
     if spec.task == "sequence-classification":
         _check_classification_data(dataset, validation, spec)
-    if validation is None and spec.validation_fraction > 0:
-        held_out = round(dataset.row_count * spec.validation_fraction)
-        if held_out < 1 or dataset.row_count - held_out < 1:
-            raise InvalidSpec(
-                f"validation_fraction {spec.validation_fraction} of {dataset.row_count} rows leaves "
-                f"{held_out} for validation and {dataset.row_count - held_out} for training; both need at "
-                "least 1 row. Choose another fraction, 0 for no validation, or a validation dataset.",
-                field="validation_fraction",
-            )
+    if validation is None:
+        check_validation_split(dataset, spec.validation_fraction)
     model = resolve_base_model(spec.base_model)
     if model.max_positions is not None and spec.training.max_length > model.max_positions:
         raise InvalidSpec(
