@@ -11,7 +11,14 @@ from typing import Any
 
 import torch
 from sqlmodel import select
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+    set_seed,
+)
 
 from app.base_models import resolve_base_model
 from app.db import session_scope
@@ -256,6 +263,8 @@ def build_trainable(spec: JobSpec) -> tuple[Prepared, MethodInfo, Any, Any, list
     context = replace(
         context, num_labels=len(prepared.labels) or None, total_steps=total_steps(spec, examples)
     )
+    # The method adds random weights next (e.g. LoRA's A matrices): seed them so a job is repeatable.
+    set_seed(training.seed)
     built = method.build(prepared.model, settings, context)
     optimizer = built.optimizer_factory(built.model) if built.optimizer_factory else None
     return prepared, method, built.model, optimizer, built.callbacks

@@ -15,7 +15,7 @@ from app.storage import get_store
 
 # Try-out runs in this process on one dedicated thread: the event loop never blocks, the warm base model is
 # shared by every request, and a prediction costs no queue round trip (see docs/architecture.md).
-_inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
 MAX_PREDICT_TEXTS = 64
 
@@ -89,4 +89,4 @@ async def predict(adapter: Adapter, texts: list[str]) -> list[dict[str, Any]]:
 
         return classify(adapter.id or 0, folder, texts)
 
-    return await asyncio.get_running_loop().run_in_executor(_inference_thread, run)
+    return await asyncio.get_running_loop().run_in_executor(inference_thread, run)

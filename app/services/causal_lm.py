@@ -116,7 +116,7 @@ def validate_causal_lm_spec(session: Session, spec: JobSpec) -> None:
 
 async def preview(session: Session, spec: JobSpec, count: int) -> dict[str, Any]:
     """The first ``count`` training examples as the model will see them, as token spans marked masked or not."""
-    from app.services.adapters import _inference_thread
+    from app.services.adapters import inference_thread
 
     if spec.task != CAUSAL_LM:
         raise InvalidSpec("The training-data preview is for causal-LM jobs (task causal-lm).", field="task")
@@ -129,4 +129,4 @@ async def preview(session: Session, spec: JobSpec, count: int) -> dict[str, Any]
 
         return preview_examples(spec, dataset, count)
 
-    return await asyncio.get_running_loop().run_in_executor(_inference_thread, run)
+    return await asyncio.get_running_loop().run_in_executor(inference_thread, run)

@@ -20,7 +20,7 @@ from typing import Any
 from app.errors import InvalidSpec
 from app.formats import GenerationSettings
 from app.models import Adapter
-from app.services.adapters import _inference_thread, adapter_folder
+from app.services.adapters import adapter_folder, inference_thread
 
 CAUSAL_LM = "causal-lm"
 
@@ -43,7 +43,7 @@ async def generate(adapter: Adapter, settings: GenerationSettings) -> dict[str, 
 
         return asdict(generate_text(adapter.id or 0, folder, settings))
 
-    return await asyncio.get_running_loop().run_in_executor(_inference_thread, run)
+    return await asyncio.get_running_loop().run_in_executor(inference_thread, run)
 
 
 def stream(adapter: Adapter, settings: GenerationSettings) -> AsyncIterator[tuple[str, dict[str, Any]]]:
@@ -67,7 +67,7 @@ async def _stream(
         return tokenizer_for(adapter_id, folder)
 
     try:
-        tokenizer = await loop.run_in_executor(_inference_thread, load)
+        tokenizer = await loop.run_in_executor(inference_thread, load)
     except Exception as exc:  # the response has started: report the failure as an event
         yield "error", {"detail": f"{type(exc).__name__}: {exc}"}
         return
@@ -80,7 +80,7 @@ async def _stream(
 
         return generate_text(adapter_id, folder, settings, streamer=streamer, stop=stop)
 
-    future = loop.run_in_executor(_inference_thread, run)
+    future = loop.run_in_executor(inference_thread, run)
     index = 0
     try:
         async for text in streamer:

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq, EvalPrediction, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq, EvalPrediction
 
 from app.base_models import ResolvedModel
 from app.models import Dataset
@@ -85,8 +85,6 @@ def prepare(
     # No KV cache while training: it is not needed, and with it transformers ignores packed position ids.
     config.use_cache = False
     model = AutoModelForCausalLM.from_pretrained(str(base.path), config=config, **_load_kwargs(load_kwargs))
-    # The method builds on this model next (e.g. LoRA's random A matrices): seed it, so a job is repeatable.
-    set_seed(spec.training.seed)
     padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
     train_dataset: list[dict[str, Any]]
     if spec.causal_lm.packing:
