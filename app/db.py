@@ -63,4 +63,5 @@ def run_migrations() -> None:
     config = Config(str(PROJECT_ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
     config.set_main_option("sqlalchemy.url", get_settings().resolved_database_url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    # "heads": every branch of the revision graph (features add their own revisions off a shared base).
+    command.upgrade(config, "heads")

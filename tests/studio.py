@@ -1,6 +1,7 @@
 """Start a real studio (``peft-studio serve``: uvicorn + a Celery worker) in subprocesses for end-to-end tests."""
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -26,17 +28,32 @@ def free_port() -> int:
 
 @dataclass
 class RunningStudio:
-    """A studio started by a test: its base URL, data folder, environment and log file."""
+    """A studio started by a test: its base URL, data folder, environment, log file and admin API token."""
 
     url: str
     data_dir: Path
     env: dict[str, str]
     log_path: Path
     process: subprocess.Popen[bytes]
+    token: str = ""
 
-    def client(self, timeout: float = 180.0) -> httpx.Client:
-        """An HTTP client pointed at the studio."""
-        return httpx.Client(base_url=self.url, timeout=timeout)
+    @property
+    def headers(self) -> dict[str, str]:
+        """The Authorization header of the studio's admin (its bootstrap API token)."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def client(self, timeout: float = 180.0, token: str | None = None) -> httpx.Client:
+        """An HTTP client pointed at the studio, authenticated with the admin token (or ``token``)."""
+        headers = {"Authorization": f"Bearer {token if token is not None else self.token}"}
+        return httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
+
+    def login_url(self, next_path: str = "/") -> str:
+        """A URL that signs a browser in as the admin (the one-time login link) and then shows ``next_path``."""
+        return f"{self.url}/login/token?token={self.token}&next={next_path}"
+
+    def open_page(self, page: Any, path: str = "/") -> None:
+        """Sign a Playwright page in as the admin and open ``path``."""
+        page.goto(self.login_url(path))
 
     def log(self) -> str:
         """What the studio's processes printed so far."""
@@ -62,7 +79,9 @@ def run_studio(data_dir: Path, workers: int = 1, **overrides: str) -> Iterator[R
     """Run ``peft-studio serve`` until the block ends; waits until /healthz answers."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = studio_env(data_dir, **overrides)
+    # The admin's API token is fixed up front so tests (and the browser login link) can use it.
+    token = overrides.pop("PEFT_STUDIO_ADMIN_TOKEN", None) or f"pst_{secrets.token_urlsafe(24)}"
+    env = studio_env(data_dir, PEFT_STUDIO_ADMIN_TOKEN=token, **overrides)
     log_path = data_dir / "studio.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
@@ -73,7 +92,7 @@ def run_studio(data_dir: Path, workers: int = 1, **overrides: str) -> Iterator[R
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    studio = RunningStudio(f"http://127.0.0.1:{port}", data_dir, env, log_path, process)
+    studio = RunningStudio(f"http://127.0.0.1:{port}", data_dir, env, log_path, process, token)
     try:
         deadline = time.monotonic() + 60
         while True:
