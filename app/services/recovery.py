@@ -1,0 +1,163 @@
+"""Crash recovery: running jobs whose worker vanished are requeued (resuming from their last checkpoint)
+or, after too many attempts, failed. Runs periodically in the web app and once when a worker starts.
+
+A running job's worker writes ``heartbeat_at`` every few seconds from a thread of its own (independent of
+how long a training step takes). Each queue delivery carries the job's ``run_token``; requeueing issues a new
+token, so a worker still holding the old one (a stalled process, a redelivered message) cannot run or finish
+the job any more: every transition is a conditional update on the token.
+"""
+
+import asyncio
+import logging
+import secrets
+from datetime import datetime, timedelta
+
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from app.db import session_scope
+from app.models import Job, JobStatus, utcnow
+from app.services.checkpoints import latest_checkpoint
+from app.services.jobs import add_event
+from app.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def new_run_token() -> str:
+    """A fresh token for one queue delivery of a job."""
+    return secrets.token_hex(16)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is not None and moment.tzinfo is None:
+        from datetime import UTC
+
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+def _last_sign_of_life(job: Job) -> datetime | None:
+    return _aware(job.heartbeat_at) or _aware(job.started_at)
+
+
+def requeue_or_fail(session: Session, job: Job, reason: str) -> str | None:
+    """Requeue a running job whose worker is gone, or fail it after ``max_attempts`` starts.
+
+    Returns "requeued", "failed", or None when another process changed the job first (nothing done).
+    """
+    from app.queue import enqueue_training
+
+    settings = get_settings()
+    assert job.id is not None
+    old_token = job.run_token
+    checkpoint = latest_checkpoint(session, job.id)
+    resume = f"it resumes from the checkpoint at step {checkpoint.step}" if checkpoint else "it starts over"
+    guard = [col(Job.id) == job.id, col(Job.status) == JobStatus.running]
+    guard.append(col(Job.run_token) == old_token if old_token is not None else col(Job.run_token).is_(None))
+    if job.attempt >= settings.max_attempts:
+        error = (
+            f"{reason}. The job was started {job.attempt} time(s), the most allowed "
+            f"(PEFT_STUDIO_MAX_ATTEMPTS={settings.max_attempts}), so it is marked failed; resume it from its "
+            "last checkpoint or retry it."
+        )
+        result = session.execute(
+            update(Job)
+            .where(*guard)
+            .values(status=JobStatus.failed, error=error, finished_at=utcnow(), run_token=None)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            session.rollback()
+            return None
+        add_event(session, job.id, "error", error)
+        session.commit()
+        return "failed"
+    token = new_run_token()
+    result = session.execute(
+        update(Job)
+        .where(*guard)
+        .values(status=JobStatus.queued, run_token=token, worker=None, heartbeat_at=None)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        return None
+    add_event(
+        session,
+        job.id,
+        "recovery",
+        f"{reason}; requeued (attempt {job.attempt + 1} of {settings.max_attempts}), {resume}",
+    )
+    session.commit()
+    try:
+        task_id = enqueue_training(job.id, token)
+    except Exception as exc:
+        # Put it back as it was (running, stale): the next pass tries again.
+        session.execute(
+            update(Job)
+            .where(col(Job.id) == job.id, col(Job.run_token) == token, col(Job.status) == JobStatus.queued)
+            .values(status=JobStatus.running, run_token=old_token)
+        )
+        session.commit()
+        log.warning("could not requeue job %s (%s); will try again", job.id, exc)
+        return None
+    session.execute(update(Job).where(col(Job.id) == job.id).values(task_id=task_id))
+    session.commit()
+    return "requeued"
+
+
+def reap(now: datetime | None = None) -> dict[int, str]:
+    """Requeue or fail every running job with no heartbeat for ``heartbeat_timeout_seconds``."""
+    settings = get_settings()
+    cutoff = (now or utcnow()) - timedelta(seconds=settings.heartbeat_timeout_seconds)
+    done: dict[int, str] = {}
+    with session_scope() as session:
+        running = session.exec(select(Job).where(col(Job.status) == JobStatus.running)).all()
+        for job in running:
+            seen = _last_sign_of_life(job)
+            if seen is None or seen >= cutoff:
+                continue  # alive, or never claimed by a worker (claiming sets both times)
+            since = f" since {seen:%H:%M:%S} UTC"
+            reason = (
+                f"worker {job.worker or '?'} stopped responding at step {job.current_step} "
+                f"(no heartbeat{since}, timeout {settings.heartbeat_timeout_seconds:g} s)"
+            )
+            outcome = requeue_or_fail(session, job, reason)
+            if outcome:
+                assert job.id is not None
+                done[job.id] = outcome
+                log.warning("job %s: %s, %s", job.id, reason, outcome)
+    return done
+
+
+def recover_orphans(worker_name: str) -> dict[int, str]:
+    """Jobs "running" on a worker of this name belong to a dead earlier process: requeue them now."""
+    done: dict[int, str] = {}
+    with session_scope() as session:
+        jobs = session.exec(
+            select(Job).where(col(Job.status) == JobStatus.running, col(Job.worker) == worker_name)
+        ).all()
+        for job in jobs:
+            reason = f"worker {worker_name} restarted while running the job (at step {job.current_step})"
+            outcome = requeue_or_fail(session, job, reason)
+            if outcome:
+                assert job.id is not None
+                done[job.id] = outcome
+    return done
+
+
+async def reaper_loop() -> None:
+    """Run ``reap`` every ``reaper_interval_seconds`` until cancelled (the web app's lifespan owns it)."""
+    interval = get_settings().reaper_interval_seconds
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(reap)
+        except Exception:
+            log.exception("the job reaper failed; trying again in %s s", interval)
+
+
+def start_reaper() -> "asyncio.Task[None] | None":
+    """Start ``reaper_loop`` on the running event loop (None when the interval is 0)."""
+    if get_settings().reaper_interval_seconds <= 0:
+        return None
+    return asyncio.get_running_loop().create_task(reaper_loop(), name="job-reaper")
