@@ -1,0 +1,163 @@
+"""Compare jobs: which settings differ, and a summary row per job (size, time, memory, best and final scores)."""
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlmodel import Session, select
+
+from app.errors import InvalidSpec
+from app.models import Adapter, Job, JobStatus, utcnow
+from app.services import jobs as jobs_service
+from app.services.series import series_stats
+
+MAX_COMPARED_JOBS = 50
+# The spec's ``name`` always differs between jobs and already heads each column, so the diff leaves it out.
+IGNORED_FIELDS = frozenset({"name"})
+# Per task: the eval metric that decides which job is better, and whether higher is better.
+PRIMARY_METRIC = {"sequence-classification": ("accuracy", True), "causal-lm": ("token_accuracy", True)}
+MISSING = object()
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested spec as dotted paths to leaf values (lists are leaves): {"training.learning_rate": 0.001}."""
+    if isinstance(value, dict):  # an empty settings group has no fields to compare
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(flatten(inner, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def config_diff(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Only the fields whose values are not the same in every spec: [{field, values: [per spec]}].
+
+    A field missing from a spec (e.g. a method setting another method does not have) counts as different and
+    shows as None.
+    """
+    flat = [flatten(spec) for spec in specs]
+    fields = sorted({key for one in flat for key in one} - IGNORED_FIELDS)
+    rows = []
+    for name in fields:
+        values = [one.get(name, MISSING) for one in flat]
+        encoded = {
+            json.dumps(v, sort_keys=True, default=str) if v is not MISSING else "<missing>" for v in values
+        }
+        if len(encoded) > 1:
+            rows.append({"field": name, "values": [None if v is MISSING else v for v in values]})
+    return rows
+
+
+def parse_job_ids(raw: list[str] | str | None) -> list[int]:
+    """Job ids from ``?jobs=1&jobs=2`` or ``?jobs=1,2``, in order, without repeats; a 422 names a bad one."""
+    items = [raw] if isinstance(raw, str) else list(raw or [])
+    ids: list[int] = []
+    for item in items:
+        for part in str(item).replace(" ", ",").split(","):
+            if not part:
+                continue
+            if not part.isdigit() or int(part) < 1:
+                raise InvalidSpec(f"jobs: {part!r} is not a job id; give ids like jobs=3,5,8", field="jobs")
+            if int(part) not in ids:
+                ids.append(int(part))
+    if len(ids) > MAX_COMPARED_JOBS:
+        raise InvalidSpec(
+            f"jobs: compare at most {MAX_COMPARED_JOBS} jobs at once (got {len(ids)})", field="jobs"
+        )
+    return ids
+
+
+def _wall_seconds(job: Job) -> float | None:
+    if job.started_at is None:
+        return None
+    end = job.finished_at or (utcnow() if job.status == JobStatus.running else None)
+    if end is None:
+        return None
+    start = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=UTC)
+    end = end if end.tzinfo else end.replace(tzinfo=UTC)
+    return max(0.0, (end - start).total_seconds())
+
+
+@dataclass
+class SummaryRow:
+    """One job in the comparison table."""
+
+    job_id: int
+    name: str
+    status: str
+    method: str
+    task: str
+    trainable_params: int | None
+    total_params: int | None
+    trainable_percent: float | None
+    wall_seconds: float | None
+    peak_rss_mb: float | None
+    peak_cuda_mb: float | None
+    metric: str
+    best_metric: float | None
+    final_metric: float | None
+    best_eval_loss: float | None
+    final_eval_loss: float | None
+    sweep_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def summary_row(session: Session, job: Job) -> SummaryRow:
+    """Method, parameters, wall time, peak memory, best and final eval scores of one job."""
+    assert job.id is not None
+    adapter = session.exec(select(Adapter).where(Adapter.job_id == job.id)).first()
+    stats = series_stats(session, job.id)
+    task = str(job.spec.get("task", "sequence-classification"))
+    metric, higher_is_better = PRIMARY_METRIC.get(task, ("loss", False))
+    scores = stats.get(f"eval.{metric}")
+    losses = stats.get("eval.loss")
+    rss = stats.get("train.peak_rss_mb")
+    cuda = stats.get("train.cuda_peak_mb")
+    percent = None
+    if adapter is not None and adapter.total_params:
+        percent = 100.0 * adapter.trainable_params / adapter.total_params
+    return SummaryRow(
+        job_id=job.id,
+        name=job.name,
+        status=str(job.status),
+        method=job.method,
+        task=task,
+        trainable_params=adapter.trainable_params if adapter else None,
+        total_params=adapter.total_params if adapter else None,
+        trainable_percent=percent,
+        wall_seconds=_wall_seconds(job),
+        peak_rss_mb=rss["max"] if rss else None,
+        peak_cuda_mb=cuda["max"] if cuda else None,
+        metric=metric,
+        best_metric=(scores["max"] if higher_is_better else scores["min"]) if scores else None,
+        final_metric=scores["last"] if scores else None,
+        best_eval_loss=losses["min"] if losses else None,
+        final_eval_loss=losses["last"] if losses else None,
+        sweep_id=job.sweep_id,
+    )
+
+
+@dataclass
+class Comparison:
+    """Everything the compare view shows, except the curves (fetched per job from the series endpoint)."""
+
+    jobs: list[Job]
+    diff: list[dict[str, Any]]
+    summary: list[SummaryRow]
+    generated_at: datetime = field(default_factory=utcnow)
+
+    @property
+    def running(self) -> bool:
+        """True while some compared job may still change."""
+        return any(not job.status.is_terminal for job in self.jobs)
+
+
+def compare_jobs(session: Session, job_ids: list[int], owner_id: int | None = None) -> Comparison:
+    """Compare the given jobs (NotFound names a missing one, or one of another owner's when ``owner_id``)."""
+    jobs = [jobs_service.get_job(session, job_id, owner_id) for job_id in job_ids]
+    return Comparison(
+        jobs=jobs,
+        diff=config_diff([job.spec for job in jobs]),
+        summary=[summary_row(session, job) for job in jobs],
+    )
