@@ -1,0 +1,31 @@
+"""The workers page and ``GET /api/v1/workers``: live workers, their hardware and current job."""
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+from app.deps import SessionDep
+from app.models import WorkersPublic
+from app.services import workers as service
+from app.web.pages import render
+
+router = APIRouter()
+
+
+@router.get("/api/v1/workers", response_model=WorkersPublic, tags=["workers"])
+def list_workers(session: SessionDep, include_gone: bool = False) -> WorkersPublic:
+    """Training workers that announced themselves: hardware, queues, current job, last heartbeat.
+
+    Only live ones (heard from within three heartbeats) unless ``include_gone=true``."""
+    rows = service.list_workers(session, include_gone)
+    return WorkersPublic(data=rows, count=len(rows))
+
+
+@router.get("/workers", response_class=HTMLResponse, include_in_schema=False)
+def workers_page(request: Request, session: SessionDep) -> HTMLResponse:
+    """Live workers with their hardware and the job each one runs (refreshes itself)."""
+    workers = service.list_workers(session, include_gone=True)
+    return render(
+        request,
+        "workers.html",
+        {"nav": "workers", "workers": workers, "jobs": service.current_jobs(session, workers)},
+    )
