@@ -51,7 +51,17 @@ def _read_config(folder: Path, model_id: str) -> dict[str, Any]:
 
 
 def resolve_base_model(model_id: str) -> ResolvedModel:
-    """Find a base model locally; InvalidSpec says what to do when it is not here."""
+    """Find a base model locally; InvalidSpec says what to do when it is not here, or when it is unsafe to load
+    (pickle weights only, or its own Python code that the admin has not allowed: app/safety.py)."""
+    from app.safety import check_base_model
+
+    model = _find_base_model(model_id)
+    if model_id != BUNDLED_MODEL_ID:
+        check_base_model(model_id, model.path, model.config)
+    return model
+
+
+def _find_base_model(model_id: str) -> ResolvedModel:
     if model_id == BUNDLED_MODEL_ID:
         path = bundled_model_path()
         return ResolvedModel(model_id, path, _read_config(path, model_id))

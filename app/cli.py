@@ -9,12 +9,17 @@ from typing import Annotated
 
 import typer
 
+from app import client_cli
+
 cli = typer.Typer(help="PEFT Studio: a web-based fine-tuning studio.", no_args_is_help=True)
 
 
 def worker_command(queues: str | None = None, concurrency: int = 1, hostname: str | None = None) -> list[str]:
-    """The command line that starts one Celery training worker (solo pool: one job at a time)."""
-    from app.settings import get_settings
+    """The command line that starts one Celery training worker (solo pool: one job at a time).
+
+    Without ``queues`` the worker consumes the queues its hardware matches (worker/hardware.py).
+    """
+    from worker.hardware import detect
 
     command = [
         sys.executable,
@@ -26,7 +31,7 @@ def worker_command(queues: str | None = None, concurrency: int = 1, hostname: st
         "--pool=solo",
         f"--concurrency={concurrency}",
         "--loglevel=INFO",
-        f"--queues={queues or get_settings().queue_name}",
+        f"--queues={queues or ','.join(detect().queues())}",
         "--without-gossip",
         "--without-mingle",
     ]
@@ -65,6 +70,7 @@ def serve(
 
     signal.signal(signal.SIGTERM, stop_and_exit)
     typer.echo(f"PEFT Studio on http://{host}:{port}  (data: {settings.resolved_data_dir})")
+    _print_login_link(host, port)
     try:
         uvicorn.run("app.main:app", host=host, port=port, log_level="info")
     finally:
@@ -78,11 +84,57 @@ def serve(
 
 @cli.command()
 def worker(
-    queues: Annotated[str | None, typer.Option(help="Comma-separated queues to consume.")] = None,
+    queues: Annotated[
+        str | None, typer.Option(help="Comma-separated queues to consume; empty: those the hardware matches.")
+    ] = None,
     hostname: Annotated[str | None, typer.Option(help="Worker name, e.g. gpu1@%h.")] = None,
 ) -> None:
     """Start one extra training worker against the configured broker."""
     os.execv(sys.executable, worker_command(queues=queues, hostname=hostname))
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _print_login_link(host: str, port: int) -> None:
+    """Like Jupyter: on this machine (or before the admin has a password) print a one-time sign-in link."""
+    from app.auth import bootstrap_accounts, create_login_token, login_link
+    from app.db import session_scope
+
+    admin = bootstrap_accounts()
+    if host not in LOOPBACK_HOSTS and admin.password_hash:
+        return  # a shared server: people sign in with passwords; `peft-studio login-link` makes a link on demand
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    with session_scope() as session:
+        raw = create_login_token(session, admin)
+    typer.echo(f"Open this one-time link to sign in as {admin.username!r}:")
+    typer.echo(f"    {login_link(f'http://{shown}:{port}', raw)}")
+
+
+@cli.command("login-link")
+def login_link_command(
+    user: Annotated[str | None, typer.Option(help="User name; empty: the admin.")] = None,
+    url: Annotated[
+        str, typer.Option(help="The studio's address as a browser reaches it.")
+    ] = "http://127.0.0.1:8000",
+) -> None:
+    """Print a one-time link that signs a browser in (for the admin, or another user)."""
+    from sqlmodel import col, select
+
+    from app.auth import bootstrap_accounts, create_login_token, login_link
+    from app.db import run_migrations, session_scope
+    from app.models import User
+
+    run_migrations()
+    bootstrap_accounts()
+    with session_scope() as session:
+        query = select(User).where(User.username == user) if user else select(User).where(col(User.is_admin))
+        account = session.exec(query.order_by(col(User.id))).first()
+        if account is None:
+            typer.echo(f"no user named {user!r}", err=True)
+            raise typer.Exit(1)
+        raw = create_login_token(session, account)
+        typer.echo(login_link(url, raw))
 
 
 @cli.command()
@@ -111,6 +163,10 @@ def make_tiny_lm(
     texts = corpus_from_file(corpus) if corpus else None
     folder = write_tiny_lm(path, texts, vocab_size=vocab_size, seed=seed)
     typer.echo(f"tiny Llama written to {folder.resolve()}; use it as the base_model of a causal-lm job")
+
+
+# The REST client's command groups (datasets, jobs, adapters, tokens): app/client_cli.py.
+client_cli.mount(cli)
 
 
 def main() -> None:

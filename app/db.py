@@ -20,7 +20,11 @@ def _make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # A file database gets a pool larger than the web's thread pool (40): with SQLAlchemy's default (5 + 10
+        # overflow), 100 concurrent API clients left threads waiting for a connection while the requests holding
+        # one waited for a thread to close their session, until the 30 s pool timeout (bench/perf_live.py).
+        pool = {"pool_size": 64, "max_overflow": 64} if path and path != ":memory:" else {}
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -33,7 +37,16 @@ def _make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # Postgres: a bounded pool per process (web, each worker, each DDP rank 0), checked before use so a
+    # restarted database or a dropped idle connection costs a reconnect, not a failed request.
+    settings = get_settings()
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
+        pool_recycle=settings.database_pool_recycle_seconds,
+    )
 
 
 @lru_cache

@@ -48,3 +48,19 @@ class JobStateError(StudioError):
 
 class ServiceUnavailable(StudioError):
     status_code = 503
+
+
+class Unauthorized(StudioError):
+    """No valid credentials: JSON callers get 401, browsers are sent to the login page."""
+
+    status_code = 401
+
+
+class Forbidden(StudioError):
+    """Signed in, but not allowed (admin-only actions, a missing CSRF token)."""
+
+    status_code = 403
+
+
+class TooManyJobs(StudioError):
+    status_code = 429

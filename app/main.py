@@ -10,10 +10,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from app.api import adapters, datasets, generate, jobs, meta
+from app import auth as accounts
+from app.api import adapter_import, adapters, datasets, generate, jobs, meta, openai_compat, webhooks
+from app.api import auth as auth_api
+from app.api import metrics as metrics_api
+from app.api import sweeps as sweeps_api
+from app.api import tokens as tokens_api
+from app.api import users as users_api
 from app.db import PROJECT_ROOT, run_migrations
 from app.errors import StudioError
-from app.web import causal_pages, pages
+from app.services.recovery import start_reaper
+from app.web import auth_pages, causal_pages, dashboard_pages, pages, workers_pages
 
 STATIC_DIR: Path = PROJECT_ROOT / "static"
 
@@ -52,9 +59,17 @@ def create_app(migrate: bool = True) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if migrate:
             run_migrations()
+            accounts.bootstrap_accounts()  # the admin exists; PEFT_STUDIO_ADMIN_TOKEN is registered
+        reaper = start_reaper()  # requeues running jobs whose worker vanished (app/services/recovery.py)
         yield
+        if reaper is not None:
+            reaper.cancel()
 
-    app = FastAPI(title="PEFT Studio", version="0.1.0", lifespan=lifespan)
+    # Every route, including routers added later, requires a signed-in user (app/auth.py; public: /healthz, /login*).
+    app = FastAPI(
+        title="PEFT Studio", version="0.1.0", lifespan=lifespan, dependencies=accounts.AUTH_DEPENDENCIES
+    )
+    accounts.install(app)
 
     @app.exception_handler(StudioError)
     async def studio_error(request: Request, exc: StudioError) -> Response:
@@ -75,7 +90,18 @@ def create_app(migrate: bool = True) -> FastAPI:
     app.include_router(adapters.router)
     app.include_router(generate.router)
     app.include_router(meta.router)
+    app.include_router(adapter_import.router)
+    app.include_router(auth_api.router)
+    app.include_router(tokens_api.router)
+    app.include_router(users_api.router)
+    app.include_router(auth_pages.router)
     app.include_router(causal_pages.router)
+    app.include_router(metrics_api.router)
+    app.include_router(sweeps_api.router)
+    app.include_router(openai_compat.router)
+    app.include_router(webhooks.router)
+    app.include_router(dashboard_pages.router)
+    app.include_router(workers_pages.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index
+from sqlalchemy import JSON, BigInteger, Column, Index
 from sqlmodel import Field, SQLModel
 
 
@@ -37,6 +37,7 @@ class DatasetBase(SQLModel):
 
 class Dataset(DatasetBase, table=True):
     id: int | None = Field(default=None, primary_key=True)
+    owner_id: int | None = Field(default=None, index=True, description="The user who uploaded it.")
     filename: str = Field(max_length=255, description="The file name as uploaded.")
     format: str = Field(max_length=10, description="csv, tsv, json or jsonl.")
     storage_key: str = Field(max_length=255, description="Generated name of the file in the artifact store.")
@@ -70,6 +71,7 @@ class DatasetsPublic(SQLModel):
 
 class Job(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
+    owner_id: int | None = Field(default=None, index=True, description="The user who launched it.")
     name: str = Field(max_length=200)
     status: JobStatus = Field(default=JobStatus.queued, index=True)
     spec: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
@@ -88,6 +90,16 @@ class Job(SQLModel, table=True):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     heartbeat_at: datetime | None = None
+    sweep_id: int | None = Field(default=None, index=True, description="The sweep that queued this job.")
+    evaluation: dict[str, Any] | None = Field(
+        default=None,
+        sa_column=Column(JSON, nullable=True),
+        description="The latest structured evaluation result, e.g. the classification confusion matrix.",
+    )
+    attempt: int = Field(default=0, description="How many times a worker has started the job.")
+    run_token: str | None = Field(
+        default=None, max_length=64, description="Token of the one queue delivery allowed to run the job."
+    )
 
 
 class JobPublic(SQLModel):
@@ -108,6 +120,8 @@ class JobPublic(SQLModel):
     started_at: datetime | None
     finished_at: datetime | None
     adapter_id: int | None = None
+    sweep_id: int | None = None
+    attempt: int = 0
 
 
 class JobsPublic(SQLModel):
@@ -159,6 +173,7 @@ class MetricPointPublic(SQLModel):
 
 class Adapter(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
+    owner_id: int | None = Field(default=None, index=True, description="The owner of the job that made it.")
     job_id: int = Field(foreign_key="job.id", index=True, unique=True)
     name: str = Field(max_length=200)
     method: str = Field(max_length=40)
@@ -193,4 +208,259 @@ class AdapterPublic(SQLModel):
 
 class AdaptersPublic(SQLModel):
     data: list[AdapterPublic]
+    count: int
+
+
+# ---- resilience -------------------------------------------------------------------------------
+
+
+class Checkpoint(SQLModel, table=True):
+    """A saved training state of a job (kept in the artifact store), with the metrics at its step."""
+
+    __table_args__ = (Index("ix_checkpoint_job_id_step", "job_id", "step", unique=True),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="job.id")
+    step: int
+    epoch: float | None = None
+    storage_key: str = Field(max_length=255, description="Folder of the checkpoint in the artifact store.")
+    metrics: dict[str, float] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class CheckpointPublic(SQLModel):
+    id: int
+    job_id: int
+    step: int
+    epoch: float | None
+    metrics: dict[str, float]
+    created_at: datetime
+
+
+# ---- accounts ---------------------------------------------------------------------------------
+
+
+class User(SQLModel, table=True):
+    """A person (or service) who signs in; the admin sees everything, others only what they own."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    username: str = Field(max_length=100, unique=True, index=True)
+    password_hash: str | None = Field(default=None, max_length=255, description="argon2id; none until set.")
+    is_admin: bool = False
+    is_active: bool = True
+    max_concurrent_jobs: int | None = Field(
+        default=None, description="Queued + running jobs allowed at once."
+    )
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class UserPublic(SQLModel):
+    id: int
+    username: str
+    is_admin: bool
+    is_active: bool
+    max_concurrent_jobs: int | None
+    has_password: bool = False
+    created_at: datetime
+
+
+class UsersPublic(SQLModel):
+    data: list[UserPublic]
+    count: int
+
+
+class ApiToken(SQLModel, table=True):
+    """An API token: only its sha256 is stored; the prefix lets a person recognise it in the list."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(index=True)
+    name: str = Field(max_length=100)
+    prefix: str = Field(max_length=16)
+    token_hash: str = Field(max_length=64, unique=True, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    last_used_at: datetime | None = None
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class ApiTokenPublic(SQLModel):
+    id: int
+    name: str
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiTokensPublic(SQLModel):
+    data: list[ApiTokenPublic]
+    count: int
+
+
+class LoginToken(SQLModel, table=True):
+    """A one-time sign-in link (first start, invitations); only its sha256 is stored."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(index=True)
+    token_hash: str = Field(max_length=64, unique=True, index=True)
+    purpose: str = Field(default="login", max_length=20, description="login or invite.")
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+    used_at: datetime | None = None
+
+
+class BrowserSession(SQLModel, table=True):
+    """A signed-in browser: the cookie holds a random token, the table its sha256 (logout deletes the row)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int = Field(index=True)
+    token_hash: str = Field(max_length=64, unique=True, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+
+
+class AuditEvent(SQLModel, table=True):
+    """Who did what to which object: created, cancelled, downloaded, deleted, signed in, revoked."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    user_id: int | None = Field(default=None, index=True)
+    username: str = Field(default="", max_length=100)
+    action: str = Field(max_length=40, index=True)
+    object_type: str = Field(max_length=40)
+    object_id: int | None = None
+    detail: str = ""
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class AuditEventPublic(SQLModel):
+    id: int
+    user_id: int | None
+    username: str
+    action: str
+    object_type: str
+    object_id: int | None
+    detail: str
+    created_at: datetime
+
+
+class AuditEventsPublic(SQLModel):
+    data: list[AuditEventPublic]
+    count: int
+
+
+# ---- sweeps -----------------------------------------------------------------------------------
+
+
+class Sweep(SQLModel, table=True):
+    """A grid of jobs queued together: a base spec and lists of values for some of its fields."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    owner_id: int | None = Field(default=None, index=True, description="The user who started it.")
+    name: str = Field(max_length=200)
+    base_spec: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    grid: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+# ---- automation: webhooks and the OpenAI-compatible API ----------------------------------------
+
+
+class Webhook(SQLModel, table=True):
+    """A URL that receives a signed JSON event when one of its owner's jobs succeeds, fails or is cancelled."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    owner_id: int | None = Field(default=None, index=True, description="The user whose jobs it reports.")
+    url: str = Field(max_length=2000)
+    secret: str = Field(max_length=200, description="Key of the HMAC-SHA256 signature of every delivery.")
+    description: str = Field(default="", max_length=200)
+    events: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    active: bool = True
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event for one webhook, and every attempt to deliver it (the outbox the dispatcher sends from)."""
+
+    __table_args__ = (
+        Index("ix_webhookdelivery_event", "webhook_id", "job_id", "event_type", unique=True),
+        Index("ix_webhookdelivery_due", "status", "next_attempt_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    webhook_id: int = Field(index=True)
+    owner_id: int | None = Field(default=None, index=True)
+    job_id: int | None = Field(default=None, description="The job the event is about (none for a ping).")
+    event_id: str = Field(max_length=64, description="Stable across retries, so a receiver can deduplicate.")
+    event_type: str = Field(max_length=40)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(
+        default="pending", max_length=20, description="pending, sending, delivered or failed."
+    )
+    attempts: int = 0
+    next_attempt_at: datetime | None = Field(default_factory=utcnow)
+    locked_until: datetime | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
+    attempt_log: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    delivered_at: datetime | None = None
+
+
+class FineTuningJobLink(SQLModel, table=True):
+    """What a job created through the OpenAI-compatible API was asked with, beyond its spec."""
+
+    job_id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    owner_id: int | None = Field(default=None, index=True)
+    model: str = Field(max_length=500, description="The model as the client named it.")
+    suffix: str | None = Field(default=None, max_length=64)
+    user_metadata: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+# ---- workers (scale out) ----------------------------------------------------------------------
+
+
+class Worker(SQLModel, table=True):
+    """A training worker as it announced itself: its hardware, its queues, what it runs, when it was last seen."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=255, unique=True, description="The Celery worker name, e.g. gpu1@host.")
+    hostname: str = Field(max_length=255)
+    pid: int | None = None
+    queues: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    cpu_count: int = 0
+    memory_bytes: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    gpu_count: int = 0
+    gpus: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False), description="[{name, memory_bytes}]"
+    )
+    status: str = Field(default="online", max_length=20, description="online or offline.")
+    current_job_id: int | None = Field(default=None, index=True)
+    jobs_run: int = 0
+    started_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: datetime = Field(default_factory=utcnow)
+
+
+class WorkerPublic(SQLModel):
+    id: int
+    name: str
+    hostname: str
+    pid: int | None
+    queues: list[str]
+    cpu_count: int
+    memory_bytes: int | None
+    gpu_count: int
+    gpus: list[dict[str, Any]]
+    status: str
+    alive: bool = Field(description="Heard from within three heartbeats and not shut down.")
+    current_job_id: int | None
+    jobs_run: int
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+class WorkersPublic(SQLModel):
+    data: list[WorkerPublic]
     count: int

@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     )
     max_rows: int = Field(default=2_000_000, description="Most rows a dataset may have.")
     stream_poll_seconds: float = Field(
-        default=0.25, description="How often the live stream looks for new metric points in the database."
+        default=0.1,
+        description="How often the live stream looks for new metric points in the database (with a Redis "
+        "broker the stream is woken at once by pub/sub, and this is only the fallback).",
     )
     cancel_poll_seconds: float = Field(
         default=0.5, description="How often a running job checks whether it has been cancelled."
@@ -54,11 +56,107 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         default=None, description="Threads torch may use in a worker; empty lets torch decide."
     )
+    heartbeat_seconds: float = Field(
+        default=5.0, gt=0, description="How often a worker running a job reports that it is alive."
+    )
+    heartbeat_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A running job whose worker has not reported for this long is requeued (or failed).",
+    )
+    reaper_interval_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="How often the web app looks for running jobs whose worker vanished (0: never).",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Times a job is started in all before a vanished worker makes it fail instead of requeue.",
+    )
+    admin_token: str | None = Field(
+        default=None,
+        description="An API token for the admin, registered (hashed) at start; also signs a browser in through "
+        "/login/token. For scripts and tests; at least 20 characters.",
+    )
+    admin_username: str = Field(
+        default="admin", description="Name of the admin account created on first start."
+    )
+    allow_signup: bool = Field(
+        default=False, description="Let anyone create an account on /register (off: the admin creates users)."
+    )
+    session_days: float = Field(default=14.0, gt=0, description="How long a browser stays signed in.")
+    login_link_minutes: float = Field(
+        default=60.0 * 24, gt=0, description="How long a one-time login link (first start, invitation) works."
+    )
+    trust_remote_code_models: list[str] = Field(
+        default_factory=list,
+        description="Base models (ids or folders) allowed to run their own Python code (trust_remote_code), "
+        'as a JSON list, e.g. ["org/model"]; every other model with custom code is refused.',
+    )
+    webhook_poll_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="How often the web app's webhook dispatcher looks for finished jobs and due deliveries "
+        "(0 switches the dispatcher off in this process).",
+    )
+    webhook_max_attempts: int = Field(
+        default=8,
+        ge=1,
+        le=50,
+        description="Attempts to deliver one webhook event before it is marked failed.",
+    )
+    webhook_retry_base_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Wait before the first retry of a failed delivery; each further retry waits twice as long.",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="How long one webhook delivery waits for the receiver to answer."
+    )
+    # ---- scale out ----
+    artifact_url: str | None = Field(
+        default=None,
+        description="An fsspec URL of a bucket for datasets, checkpoints and adapters, e.g. "
+        "s3://studio-artifacts/prefix (S3, MinIO); empty keeps them in artifact_root on local disk.",
+    )
+    artifact_cache_dir: Path | None = Field(
+        default=None,
+        description="Local folder for copies of bucket files (datasets, adapters) and training scratch space; "
+        "empty means data_dir/cache.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="Endpoint of an S3-compatible store, e.g. http://minio:9000; empty: AWS."
+    )
+    s3_access_key_id: str | None = Field(
+        default=None, description="Access key of the bucket; empty uses the usual AWS credential chain."
+    )
+    s3_secret_access_key: str | None = Field(default=None, description="Secret key of the bucket.")
+    s3_region: str | None = Field(default=None, description="Region of the bucket (e.g. us-east-1).")
+    worker_heartbeat_seconds: float = Field(
+        default=10.0, gt=0, description="How often a worker writes its row on the workers page (alive, job)."
+    )
+    worker_gpu_count: int | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs a worker announces and routes by; empty detects them with nvidia-smi.",
+    )
+    database_pool_size: int = Field(
+        default=5, ge=1, description="Postgres: connections kept open per process."
+    )
+    database_max_overflow: int = Field(
+        default=10, ge=0, description="Postgres: extra connections a process may open at peak."
+    )
+    database_pool_recycle_seconds: int = Field(
+        default=1800, ge=-1, description="Postgres: reopen connections older than this (-1: never)."
+    )
 
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> "Settings":
         if self.environment != "development" and self.secret_key == "change-me":
             raise ValueError("PEFT_STUDIO_SECRET_KEY must be set outside development")
+        if self.admin_token is not None and len(self.admin_token) < 20:
+            raise ValueError("PEFT_STUDIO_ADMIN_TOKEN must be at least 20 characters")
         return self
 
     @property
@@ -81,6 +179,11 @@ class Settings(BaseSettings):
         """The artifact folder as an absolute path."""
         root = self.artifact_root or (self.resolved_data_dir / "artifacts")
         return root.expanduser().resolve()
+
+    @property
+    def resolved_artifact_cache_dir(self) -> Path:
+        """The local cache of bucket files (and training scratch space) as an absolute path."""
+        return (self.artifact_cache_dir or (self.resolved_data_dir / "cache")).expanduser().resolve()
 
 
 @lru_cache

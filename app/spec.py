@@ -1,6 +1,6 @@
 """The job spec: the one contract between the API, the job form and the worker."""
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -56,6 +56,21 @@ class TrainingSettings(BaseModel):
     )
     group_by_length: bool = Field(
         default=True, description="Batch texts of similar length together so less compute goes to padding."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="Training arithmetic: auto uses bf16 mixed precision on a GPU that supports it and fp32 on "
+        "CPUs (bf16 matmuls are several times slower than fp32 on CPUs without AMX).",
+    )
+    save_steps: int | None = Field(
+        default=None,
+        ge=0,
+        le=10_000_000,
+        description="Save a checkpoint every N steps (a failed or cancelled job resumes from the last one); "
+        "empty saves about every 10% of the run but no more often than every 25 steps, 0 saves none.",
+    )
+    save_total_limit: int = Field(
+        default=2, ge=1, le=100, description="How many of the newest checkpoints are kept."
     )
 
     @model_validator(mode="after")
@@ -117,6 +132,73 @@ class CausalLMSettings(BaseModel):
     )
 
 
+GpuClass = Literal["16gb", "24gb", "40gb", "48gb", "80gb", "141gb"]
+GPU_CLASS_BYTES: dict[str, int] = {name: int(name.removesuffix("gb")) * 10**9 for name in get_args(GpuClass)}
+
+
+class ResourceSettings(BaseModel):
+    """Where the job runs: CPU or GPU, the GPU memory it needs, and how many training processes (DDP)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accelerator: Literal["any", "cpu", "gpu"] = Field(
+        default="any",
+        description="any: the first free worker; cpu: only CPU workers; gpu: only workers with a GPU.",
+    )
+    gpu_class: GpuClass | None = Field(
+        default=None,
+        description="Run only on a worker whose GPUs have at least this much memory (implies gpu); "
+        "POST /api/v1/jobs/estimate suggests one.",
+    )
+    num_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Training processes of one job (PyTorch DDP through torchrun): one per GPU on a GPU "
+        "worker, which must have that many; on a CPU they share the cores (gloo backend).",
+    )
+
+    @model_validator(mode="after")
+    def _gpu_class_needs_gpu(self) -> "ResourceSettings":
+        if self.gpu_class and self.accelerator == "cpu":
+            raise ValueError("gpu_class asks for a GPU but accelerator is cpu; choose gpu or any")
+        return self
+
+    @property
+    def wants_gpu(self) -> bool:
+        """True when the job must run on a GPU worker."""
+        return self.accelerator == "gpu" or self.gpu_class is not None
+
+
+class TrackingSettings(BaseModel):
+    """Experiment trackers this job also reports to; all off by default (worker/tracking.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensorboard: bool = Field(
+        default=False, description="Write TensorBoard event files, downloadable from the job page."
+    )
+    mlflow: bool = Field(
+        default=False, description="Log parameters and metrics to MLflow (the worker needs mlflow-skinny)."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="MLflow tracking server or store URI; empty writes a local store on the worker, "
+        "sqlite:///<data_dir>/mlflow.db.",
+    )
+    mlflow_experiment: str = Field(
+        default="peft-studio", min_length=1, max_length=200, description="MLflow experiment name."
+    )
+    wandb: bool = Field(
+        default=False,
+        description="Log to Weights & Biases (the worker needs the wandb package and a login or WANDB_API_KEY).",
+    )
+    wandb_project: str = Field(
+        default="peft-studio", min_length=1, max_length=200, description="Weights & Biases project."
+    )
+
+
 class JobSpec(BaseModel):
     """Everything a worker needs to run one fine-tuning job."""
 
@@ -151,6 +233,8 @@ class JobSpec(BaseModel):
     )
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     causal_lm: CausalLMSettings = Field(default_factory=CausalLMSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    resources: ResourceSettings = Field(default_factory=ResourceSettings)
 
     # Field validators (not one model validator) so that errors name ``method`` and ``method_config.<field>``.
     @field_validator("method")

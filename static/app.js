@@ -5,7 +5,6 @@
   "use strict";
 
   var TERMINAL = ["succeeded", "failed", "cancelled"];
-  var COLORS = { train: "#2563eb", eval: "#dc2626", accuracy: "#059669", f1: "#d97706" };
 
   function formatDuration(seconds) {
     if (seconds === null || seconds === undefined || !isFinite(seconds)) return "—";
@@ -22,10 +21,13 @@
     return Math.abs(value) < 1e-3 ? value.toExponential(2) : value.toPrecision(4);
   }
 
-  function makeChart(element, yLabel, series, range) {
+  var PALETTE = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#65a30d",
+                 "#9333ea", "#ea580c", "#0f766e", "#4b5563"];
+
+  function makeChart(element, yLabel, series, range, height) {
     var opts = {
       width: Math.max(280, element.clientWidth),
-      height: 260,
+      height: height || 260,
       legend: { live: true },
       cursor: { drag: { x: true, y: false } },
       scales: { x: { time: false }, y: range ? { range: range } : { auto: true } },
@@ -38,34 +40,80 @@
     return new uPlot(opts, data, element);
   }
 
+  // Aligns several (x, y) series on the union of their x values, as uPlot wants: [xs, ys1, ys2, ...] with nulls.
+  function align(tables) {
+    var xs = new Set();
+    tables.forEach(function (t) { t.x.forEach(function (x) { xs.add(x); }); });
+    var sorted = Array.from(xs).sort(function (a, b) { return a - b; });
+    var index = new Map(sorted.map(function (x, i) { return [x, i]; }));
+    var out = [sorted];
+    tables.forEach(function (t) {
+      var ys = new Array(sorted.length).fill(null);
+      for (var i = 0; i < t.x.length; i++) ys[index.get(t.x[i])] = t.y[i];
+      out.push(ys);
+    });
+    return out;
+  }
+
+  function getJSON(url) {
+    return fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" }).then(function (r) {
+      if (!r.ok) throw new Error(url + " answered " + r.status);
+      return r.json();
+    });
+  }
+
+  // The live job page. History comes downsampled from /series (a run of a million points loads as ~2000 per
+  // curve); new points then arrive over SSE, starting after the history's cursor, so nothing is counted twice.
   function JobPage(root) {
     this.root = root;
     this.jobId = root.dataset.jobId;
     this.status = root.dataset.status;
     this.seen = new Set();
-    this.byStep = new Map(); // step -> {trainLoss, evalLoss, accuracy, f1}
+    this.points = 0;
+    this.data = {}; // series key ("train.loss") -> {x: [steps], y: [values]}
     this.redrawPending = false;
-    this.lossChart = makeChart(document.getElementById("chart-loss"), "loss", [
-      { label: "train loss", color: COLORS.train, points: false },
-      { label: "eval loss", color: COLORS.eval, points: true },
-    ]);
-    this.evalChart = makeChart(document.getElementById("chart-eval"), "score", [
-      { label: "accuracy", color: COLORS.accuracy, points: true },
-      { label: "F1 (macro)", color: COLORS.f1, points: true },
-    ], [0, 1]);
+    this.charts = [];
+    var self = this;
+    document.querySelectorAll("[data-chart]").forEach(function (card) {
+      var element = card.querySelector(".chart");
+      var keys = element.dataset.series.split(",");
+      var labels = element.dataset.labels.split(",");
+      var range = element.dataset.range ? element.dataset.range.split(",").map(Number) : null;
+      var series = keys.map(function (key, i) {
+        return { label: labels[i] || key, color: PALETTE[i % PALETTE.length], points: key.indexOf("eval.") === 0 };
+      });
+      self.charts.push({ card: card, element: element, keys: keys,
+                         plot: makeChart(element, labels.length === 1 ? labels[0] : card.dataset.chart, series, range) });
+    });
     window.addEventListener("resize", this.resize.bind(this));
-    this.connect();
+    getJSON("/api/v1/jobs/" + this.jobId + "/series?max_points=2000")
+      .then(function (body) { self.loadHistory(body); return body.cursor; })
+      .catch(function () { return 0; })
+      .then(function (cursor) { self.connect(cursor); });
   }
 
   JobPage.prototype.resize = function () {
-    [["chart-loss", this.lossChart], ["chart-eval", this.evalChart]].forEach(function (pair) {
-      pair[1].setSize({ width: Math.max(280, document.getElementById(pair[0]).clientWidth), height: 260 });
+    this.charts.forEach(function (chart) {
+      if (chart.card.hidden) return;
+      chart.plot.setSize({ width: Math.max(280, chart.element.clientWidth), height: 260 });
     });
   };
 
-  JobPage.prototype.connect = function () {
+  JobPage.prototype.loadHistory = function (body) {
     var self = this;
-    var source = new EventSource("/api/v1/jobs/" + this.jobId + "/stream");
+    Object.keys(body.series).forEach(function (key) {
+      self.data[key] = { x: body.series[key].x.slice(), y: body.series[key].y.slice() };
+      var ys = body.series[key].y;
+      if (ys.length) self.setLatest(key, ys[ys.length - 1]);
+    });
+    this.points = body.points || 0;
+    this.showCount();
+    this.scheduleRedraw();
+  };
+
+  JobPage.prototype.connect = function (cursor) {
+    var self = this;
+    var source = new EventSource("/api/v1/jobs/" + this.jobId + "/stream?after=" + (cursor || 0));
     source.addEventListener("metric", function (event) { self.onMetric(JSON.parse(event.data)); });
     source.addEventListener("status", function (event) { self.onStatus(JSON.parse(event.data)); });
     source.addEventListener("end", function (event) {
@@ -76,35 +124,40 @@
     this.source = source;
   };
 
+  JobPage.prototype.showCount = function () {
+    this.root.dataset.points = String(this.points);
+    document.getElementById("job-points").textContent = String(this.points);
+  };
+
   JobPage.prototype.onMetric = function (point) {
     if (this.seen.has(point.id)) return;
     this.seen.add(point.id);
-    var row = this.byStep.get(point.step) || {};
     var values = point.values || {};
-    if (point.split === "eval") {
-      if ("loss" in values) row.evalLoss = values.loss;
-      if ("accuracy" in values) row.accuracy = values.accuracy;
-      if ("f1_macro" in values) row.f1 = values.f1_macro;
-    } else if ("loss" in values) {
-      row.trainLoss = values.loss;
+    var self = this;
+    Object.keys(values).forEach(function (name) {
+      var value = values[name];
+      if (typeof value !== "number" || !isFinite(value)) return;
+      var key = point.split + "." + name;
+      var series = self.data[key] || (self.data[key] = { x: [], y: [] });
+      series.x.push(point.step);
+      series.y.push(value);
+      self.setLatest(key, value);
+    });
+    if (point.epoch !== null && point.epoch !== undefined) {
+      var epoch = document.querySelector('[data-metric="epoch"]');
+      epoch.textContent = point.epoch.toFixed(2);
+      epoch.dataset.value = String(point.epoch);
     }
-    this.byStep.set(point.step, row);
-    var count = this.seen.size;
-    this.root.dataset.points = String(count);
-    document.getElementById("job-points").textContent = String(count);
-    this.showLatest(point);
+    this.points += 1;
+    this.showCount();
     this.scheduleRedraw();
   };
 
-  JobPage.prototype.showLatest = function (point) {
-    var values = point.values || {};
-    Object.keys(values).forEach(function (key) {
-      var cell = document.querySelector('[data-metric="' + point.split + "." + key + '"]');
-      if (cell) cell.textContent = formatNumber(values[key]);
-    });
-    if (point.epoch !== null && point.epoch !== undefined) {
-      document.querySelector('[data-metric="epoch"]').textContent = point.epoch.toFixed(2);
-    }
+  JobPage.prototype.setLatest = function (key, value) {
+    var cell = document.querySelector('[data-metric="' + key + '"]');
+    if (!cell) return;
+    cell.textContent = formatNumber(value);
+    cell.dataset.value = String(value); // the exact logged value, for scripts and tests
   };
 
   JobPage.prototype.scheduleRedraw = function () {
@@ -116,17 +169,18 @@
   };
 
   JobPage.prototype.redraw = function () {
-    var steps = Array.from(this.byStep.keys()).sort(function (a, b) { return a - b; });
-    var rows = steps.map(function (step) { return this.byStep.get(step); }, this);
-    function column(key) { return rows.map(function (r) { return r[key] === undefined ? null : r[key]; }); }
-    this.lossChart.setData([steps, column("trainLoss"), column("evalLoss")]);
-    var evalSteps = steps.filter(function (_, i) { return rows[i].accuracy !== undefined || rows[i].f1 !== undefined; });
-    var evalRows = evalSteps.map(function (step) { return this.byStep.get(step); }, this);
-    this.evalChart.setData([
-      evalSteps,
-      evalRows.map(function (r) { return r.accuracy === undefined ? null : r.accuracy; }),
-      evalRows.map(function (r) { return r.f1 === undefined ? null : r.f1; }),
-    ]);
+    var self = this;
+    this.charts.forEach(function (chart) {
+      var tables = chart.keys.map(function (key) { return self.data[key] || { x: [], y: [] }; });
+      var count = tables.reduce(function (n, t) { return n + t.y.length; }, 0);
+      chart.element.dataset.pointCount = String(count);
+      if (!count) return;
+      if (chart.card.hidden) {
+        chart.card.hidden = false;
+        chart.plot.setSize({ width: Math.max(280, chart.element.clientWidth), height: 260 });
+      }
+      chart.plot.setData(align(tables));
+    });
   };
 
   JobPage.prototype.onStatus = function (snapshot) {
@@ -164,6 +218,97 @@
     if (changed || terminal) document.body.dispatchEvent(new CustomEvent("job-status", { detail: snapshot }));
   };
 
+  // The compare view (and a sweep's page): one chart per metric, one line per job, refreshed every 3 s while a
+  // compared job is still queued or running.
+  var COMPARE_ORDER = ["train.loss", "eval.loss", "eval.accuracy", "eval.f1_macro", "eval.token_accuracy",
+                       "eval.perplexity", "train.learning_rate", "train.grad_norm", "train.samples_per_second",
+                       "train.tokens_per_second", "train.peak_rss_mb", "train.cuda_peak_mb"];
+  var COMPARE_SKIP = ["eval.runtime", "eval.samples_per_second", "eval.steps_per_second",
+                      "train.num_input_tokens_seen", "eval.num_input_tokens_seen", "train.total_flos"];
+
+  function ComparePage(root) {
+    this.root = root;
+    this.ids = root.dataset.jobIds.split(",").filter(Boolean);
+    this.charts = {}; // series key -> {element, plot}
+    this.series = {}; // job id -> {key: {x, y}}
+    this.names = {};
+    this.live = root.dataset.live === "true";
+    var self = this;
+    window.addEventListener("resize", function () {
+      Object.keys(self.charts).forEach(function (key) {
+        var chart = self.charts[key];
+        chart.plot.setSize({ width: Math.max(280, chart.element.clientWidth), height: 240 });
+      });
+    });
+    this.load();
+  }
+
+  ComparePage.prototype.load = function () {
+    var self = this;
+    var summary = getJSON("/api/v1/compare?jobs=" + this.ids.join(","));
+    var series = this.ids.map(function (id) { return getJSON("/api/v1/jobs/" + id + "/series?max_points=1000"); });
+    Promise.all([summary].concat(series)).then(function (bodies) {
+      var running = false;
+      bodies[0].summary.forEach(function (row) {
+        self.names[row.job_id] = "#" + row.job_id + " " + row.name;
+        if (TERMINAL.indexOf(row.status) < 0) running = true;
+      });
+      bodies.slice(1).forEach(function (body) { self.series[body.job_id] = body.series; });
+      self.draw();
+      self.root.dataset.loaded = "true";
+      self.live = running;
+      self.root.dataset.live = running ? "true" : "false";
+      if (running) setTimeout(function () { self.load(); }, 3000);
+    }).catch(function (error) {
+      self.root.dataset.error = String(error);
+      setTimeout(function () { self.load(); }, 5000);
+    });
+  };
+
+  ComparePage.prototype.keys = function () {
+    var all = new Set();
+    var self = this;
+    this.ids.forEach(function (id) { Object.keys(self.series[id] || {}).forEach(function (k) { all.add(k); }); });
+    var keys = Array.from(all).filter(function (k) { return COMPARE_SKIP.indexOf(k) < 0; });
+    return keys.sort(function (a, b) {
+      var ia = COMPARE_ORDER.indexOf(a), ib = COMPARE_ORDER.indexOf(b);
+      if (ia < 0) ia = 1000;
+      if (ib < 0) ib = 1000;
+      return ia - ib || (a < b ? -1 : a > b ? 1 : 0);
+    });
+  };
+
+  ComparePage.prototype.draw = function () {
+    var self = this;
+    var container = document.getElementById("compare-charts");
+    this.keys().forEach(function (key) {
+      var chart = self.charts[key];
+      if (!chart) {
+        var box = document.createElement("div");
+        box.className = "compare-chart";
+        box.dataset.series = key;
+        var title = document.createElement("h3");
+        title.textContent = key.replace(".", " ").replace(/_/g, " ");
+        var element = document.createElement("div");
+        element.className = "chart";
+        element.dataset.testid = "compare-chart";
+        element.setAttribute("data-testid", "compare-chart");
+        element.dataset.key = key;
+        box.appendChild(title);
+        box.appendChild(element);
+        container.appendChild(box);
+        var lines = self.ids.map(function (id, i) {
+          return { label: self.names[id] || "#" + id, color: PALETTE[i % PALETTE.length], points: key.indexOf("eval.") === 0 };
+        });
+        chart = self.charts[key] = { element: element, plot: makeChart(element, key.split(".")[1], lines, null, 240) };
+      }
+      var tables = self.ids.map(function (id) { return (self.series[id] || {})[key] || { x: [], y: [] }; });
+      chart.element.dataset.seriesCount = String(tables.filter(function (t) { return t.y.length > 0; }).length);
+      chart.element.dataset.pointCount = String(tables.reduce(function (n, t) { return n + t.y.length; }, 0));
+      chart.plot.setData(align(tables));
+    });
+  };
+
   // The job form: settings of a task-specific section (e.g. causal_lm) show only while that task is chosen.
   function syncTaskSections() {
     var task = document.getElementById("f-task");
@@ -176,6 +321,8 @@
   document.addEventListener("DOMContentLoaded", function () {
     var root = document.getElementById("job-live");
     if (root && window.uPlot) window.jobPage = new JobPage(root);
+    var compare = document.getElementById("compare");
+    if (compare && window.uPlot) window.comparePage = new ComparePage(compare);
     var task = document.getElementById("f-task");
     if (task) {
       task.addEventListener("change", syncTaskSections);

@@ -4,7 +4,8 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# The in-process studio's admin API token (PEFT_STUDIO_ADMIN_TOKEN): the `client` fixture sends it.
+ADMIN_TOKEN = "pst_test-admin-token-not-secret-0000"
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -99,6 +102,7 @@ def studio_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
 
     data_dir = tmp_path / "data"
     monkeypatch.setenv("PEFT_STUDIO_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("PEFT_STUDIO_ADMIN_TOKEN", ADMIN_TOKEN)
     for name in ("PEFT_STUDIO_DATABASE_URL", "PEFT_STUDIO_BROKER_URL", "PEFT_STUDIO_ARTIFACT_ROOT"):
         monkeypatch.delenv(name, raising=False)
     get_settings.cache_clear()
@@ -114,10 +118,49 @@ def studio_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
 
 @pytest.fixture
 def client(studio_settings: Path) -> Iterator["object"]:
-    """A FastAPI TestClient on a fresh SQLite database (no worker: for validation and read paths)."""
+    """A FastAPI TestClient on a fresh SQLite database (no worker: for validation and read paths), signed in
+    as the admin with an API token (``Authorization: Bearer``; pass ``headers=`` to act as someone else)."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
-    with TestClient(create_app()) as test_client:
+    with TestClient(create_app(), headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as test_client:
         yield test_client
+
+
+@dataclass
+class Account:
+    """A user made by a test: id, name, password and an API token."""
+
+    id: int
+    username: str
+    password: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The Authorization header of this user."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@pytest.fixture
+def make_user(client: object) -> Callable[..., Account]:
+    """Make a non-admin user with a password and an API token: ``make_user("bob", max_concurrent_jobs=1)``."""
+    from app.auth import create_api_token, create_user
+    from app.db import session_scope
+
+    def make(username: str = "bob", **options: object) -> Account:
+        password = f"{username}-password-123"
+        with session_scope() as session:
+            user = create_user(session, username, password, **options)  # type: ignore[arg-type]
+            _, token = create_api_token(session, user, "tests")
+            assert user.id is not None
+            return Account(user.id, username, password, token)
+
+    return make
+
+
+@pytest.fixture
+def other_user(make_user: Callable[..., Account]) -> Account:
+    """A second, ordinary user ("bob") on the `client` studio."""
+    return make_user("bob")

@@ -52,11 +52,11 @@ def test_upload_train_watch_download_and_try_out(tmp_path: Path, chromium_path: 
             page = context.new_page()
 
             # given: the dashboard of an empty studio offers the demo dataset
-            page.goto(studio.url + "/")
+            studio.open_page(page, "/")
             expect(page.get_by_test_id("load-demo")).to_be_visible()
 
             # when: a file of the wrong type is uploaded, the service's 4xx shows in the form
-            page.goto(studio.url + "/datasets")
+            studio.open_page(page, "/datasets")
             page.set_input_files("#upload-file", str(bad_path))
             page.get_by_test_id("upload-submit").click()
             expect(page.get_by_test_id("upload-result")).to_contain_text("Unsupported file type")

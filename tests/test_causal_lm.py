@@ -20,6 +20,7 @@ from app.models import Adapter, Job, JobStatus, MetricPoint
 from app.spec import JobSpec
 from app.storage import get_store
 from tests import lm
+from tests.conftest import ADMIN_TOKEN
 from tests.factories import create_dataset, create_job
 from tests.lm import MEMORISE, alpaca_rows, json_bytes, prompt_of
 from worker.recipes.causal_lm_data import IGNORE, Encoder, load_tokenizer
@@ -46,6 +47,7 @@ def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         data_dir = tmp_path_factory.mktemp("causal-lm") / "data"
         patch.setenv("PEFT_STUDIO_DATA_DIR", str(data_dir))
+        patch.setenv("PEFT_STUDIO_ADMIN_TOKEN", ADMIN_TOKEN)
         for name in ("PEFT_STUDIO_DATABASE_URL", "PEFT_STUDIO_BROKER_URL", "PEFT_STUDIO_ARTIFACT_ROOT"):
             patch.delenv(name, raising=False)
         for cache in (get_settings, get_engine, get_celery):
@@ -71,7 +73,7 @@ def api(studio: Path) -> Iterator[Any]:
 
     from app.main import create_app
 
-    with TestClient(create_app()) as test_client:
+    with TestClient(create_app(), headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as test_client:
         yield test_client
 
 

@@ -39,7 +39,8 @@ COUNT_UPDATES = """
 
 
 def _metric_events(studio: RunningStudio, job_id: int) -> list[dict[str, Any]]:
-    with httpx.stream("GET", f"{studio.url}/api/v1/jobs/{job_id}/stream", timeout=600) as response:
+    url = f"{studio.url}/api/v1/jobs/{job_id}/stream"
+    with httpx.stream("GET", url, headers=studio.headers, timeout=600) as response:
         assert response.status_code == 200
         points = []
         for event in read_events(response):
@@ -134,7 +135,7 @@ def test_alpaca_job_trains_on_the_worker_then_tokens_stream_into_the_try_out_pag
                 page.set_default_timeout(120_000)
 
                 # when a prompt is sent from the try-out page
-                page.goto(f"{studio.url}/adapters/{adapter_id}/generate")
+                studio.open_page(page, f"/adapters/{adapter_id}/generate")
                 page.get_by_test_id("generate-prompt").fill("Give three tips for staying healthy.")
                 page.fill("#generate-max-new-tokens", "48")
                 page.evaluate(COUNT_UPDATES)

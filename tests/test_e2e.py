@@ -32,7 +32,7 @@ def _collect_stream(
     studio: RunningStudio, job_id: int, last_event_id: str | None = None, stop_after: int | None = None
 ):
     """Metric events (as dicts) from the job's SSE stream, and whether it ended with `end`."""
-    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    headers = {**studio.headers, **({"Last-Event-ID": last_event_id} if last_event_id else {})}
     metrics, ended = [], False
     with httpx.stream(
         "GET", f"{studio.url}/api/v1/jobs/{job_id}/stream", headers=headers, timeout=300

@@ -127,7 +127,7 @@ def test_refused_spec_never_reaches_the_queue(session: Session, monkeypatch: pyt
     dataset = _dataset(session)
     sent: list[int] = []
 
-    def record(job_id: int) -> str:
+    def record(job_id: int, *args: object, **kwargs: object) -> str:
         sent.append(job_id)
         return f"task-{job_id}"
 
@@ -147,7 +147,7 @@ def test_unreachable_queue_leaves_no_job_and_no_event(
 
     dataset = _dataset(session)
 
-    def broker_down(job_id: int) -> str:
+    def broker_down(job_id: int, *args: object, **kwargs: object) -> str:
         raise ConnectionError("broker is down")
 
     monkeypatch.setattr(app.queue, "enqueue_training", broker_down)
@@ -164,7 +164,7 @@ def test_valid_spec_is_queued_once(session: Session, monkeypatch: pytest.MonkeyP
     dataset = _dataset(session)
     sent: list[int] = []
 
-    def record(job_id: int) -> str:
+    def record(job_id: int, *args: object, **kwargs: object) -> str:
         sent.append(job_id)
         return f"task-{job_id}"
 

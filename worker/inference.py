@@ -26,16 +26,33 @@ class WarmModels:
         self.models: OrderedDict[tuple[str, str, int, str], Any] = OrderedDict()
         self.loaded: dict[tuple[str, str, int, str], set[str]] = {}
         self.tokenizers: dict[str, Any] = {}
+        self.described: dict[str, tuple[int, tuple[dict[str, Any], Any, Any, dict[str, Any]]]] = {}
         self.base_loads = 0
 
-    def model_for(self, adapter_id: int, folder: Path) -> tuple[Any, Any, dict[str, Any]]:
-        """The warm model with this adapter active, its tokenizer and the adapter's studio.json."""
+    def _describe(self, folder: Path) -> tuple[dict[str, Any], Any, Any, dict[str, Any]]:
+        """studio.json, base model, method and load kwargs of an adapter folder, read once per folder version."""
+        stamp = (folder / STUDIO_FILE).stat().st_mtime_ns
+        cached = self.described.get(str(folder))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
         studio = json.loads((folder / STUDIO_FILE).read_text(encoding="utf-8"))
         base = resolve_base_model(studio["base_model"])
-        labels = studio["labels"]
         method = get_method(studio["method"])
         settings = method.config.model_validate(studio["spec"]["method_config"])
         load_kwargs = method.load_kwargs(settings, BuildContext(task=studio["task"]))
+        described = (studio, base, method, load_kwargs)
+        self.described[str(folder)] = (stamp, described)
+        return described
+
+    @torch.inference_mode()
+    def model_for(self, adapter_id: int, folder: Path) -> tuple[Any, Any, dict[str, Any]]:
+        """The warm model with this adapter active, its tokenizer and the adapter's studio.json.
+
+        Always in inference mode: weights loaded there are inference tensors, and peft's ``set_adapter``
+        (which sets ``requires_grad``) would refuse them if a later call came from outside inference mode.
+        """
+        studio, base, method, load_kwargs = self._describe(folder)
+        labels = studio["labels"]
         # Adapters of one peft method share one warm base (peft cannot mix adapter types in one model); others
         # (full fine-tuning, our own adapters, a quantized base) get a model of their own, keyed by folder.
         shared = method.load is load_peft_adapter and not load_kwargs
@@ -61,8 +78,8 @@ class WarmModels:
         if name not in self.loaded[key]:
             model.load_adapter(str(folder), adapter_name=name)
             self.loaded[key].add(name)
-        if shared:
-            model.set_adapter(name)
+        if shared and getattr(model, "active_adapter", None) != name:
+            model.set_adapter(name)  # walks every adapted layer: only when the adapter really changes
         if str(folder) not in self.tokenizers:
             self.tokenizers[str(folder)] = AutoTokenizer.from_pretrained(str(folder))
         return model, self.tokenizers[str(folder)], studio

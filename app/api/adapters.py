@@ -6,6 +6,8 @@ from fastapi import APIRouter, BackgroundTasks, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
+from app import audit
+from app.auth import CurrentUser, OwnerScope
 from app.deps import SessionDep
 from app.models import AdapterPublic, AdaptersPublic
 from app.services import adapters as service
@@ -29,37 +31,45 @@ class PredictResponse(BaseModel):
 
 
 @router.get("", response_model=AdaptersPublic)
-def list_adapters(session: SessionDep, offset: int = 0, limit: int = 100) -> AdaptersPublic:
-    """Adapters of succeeded jobs, newest first."""
-    rows, count = service.list_adapters(session, max(offset, 0), min(max(limit, 1), 1000))
+def list_adapters(
+    session: SessionDep, owner_id: OwnerScope, offset: int = 0, limit: int = 100
+) -> AdaptersPublic:
+    """Adapters of succeeded jobs, newest first (yours; the admin sees everyone's)."""
+    rows, count = service.list_adapters(session, max(offset, 0), min(max(limit, 1), 1000), owner_id)
     return AdaptersPublic(data=[service.adapter_public(row) for row in rows], count=count)
 
 
 @router.get("/{adapter_id}", response_model=AdapterPublic)
-def get_adapter(session: SessionDep, adapter_id: int) -> AdapterPublic:
+def get_adapter(session: SessionDep, owner_id: OwnerScope, adapter_id: int) -> AdapterPublic:
     """One adapter: method, parameter counts, size, metrics, files."""
-    return service.adapter_public(service.get_adapter(session, adapter_id))
+    return service.adapter_public(service.get_adapter(session, adapter_id, owner_id))
 
 
 @router.get("/{adapter_id}/download", response_class=FileResponse)
-def download_adapter(session: SessionDep, adapter_id: int, background: BackgroundTasks) -> FileResponse:
+def download_adapter(
+    session: SessionDep, user: CurrentUser, owner_id: OwnerScope, adapter_id: int, background: BackgroundTasks
+) -> FileResponse:
     """A zip of the adapter folder, loadable with plain peft + transformers."""
-    adapter = service.get_adapter(session, adapter_id)
+    adapter = service.get_adapter(session, adapter_id, owner_id)
+    audit.record(session, user, "download", "adapter", adapter_id)
     archive: Path = service.build_archive(adapter)
     background.add_task(service.remove_file, archive)
     return FileResponse(archive, media_type="application/zip", filename=f"adapter-{adapter_id}.zip")
 
 
 @router.delete("/{adapter_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_adapter(session: SessionDep, adapter_id: int) -> None:
+def delete_adapter(session: SessionDep, user: CurrentUser, owner_id: OwnerScope, adapter_id: int) -> None:
     """Delete an adapter and its files."""
-    service.delete_adapter(session, adapter_id)
+    service.delete_adapter(session, adapter_id, owner_id)
+    audit.record(session, user, "delete", "adapter", adapter_id)
 
 
 @router.post("/{adapter_id}/predict", response_model=PredictResponse)
-async def predict(session: SessionDep, adapter_id: int, body: PredictRequest) -> PredictResponse:
+async def predict(
+    session: SessionDep, owner_id: OwnerScope, adapter_id: int, body: PredictRequest
+) -> PredictResponse:
     """Predicted label and class probabilities for one text or several."""
-    adapter = service.get_adapter(session, adapter_id)
+    adapter = service.get_adapter(session, adapter_id, owner_id)
     texts = body.texts if body.texts is not None else ([body.text] if body.text else [])
     results = await service.predict(adapter, texts)
     return PredictResponse(adapter_id=adapter_id, predictions=[Prediction(**r) for r in results])

@@ -16,6 +16,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
+from app import audit
+from app.auth import CurrentUser, OwnerScope
 from app.deps import SessionDep
 from app.formats import GenerationSettings
 from app.services import adapters as adapters_service
@@ -98,16 +100,16 @@ def _event_stream(adapter: Any, body: GenerateRequest) -> EventSourceResponse:
 
 @router.post("/api/v1/jobs/preview", response_model=PreviewResponse, tags=["jobs"])
 async def preview_job(
-    session: SessionDep, spec: JobSpec, count: Annotated[int, Query(ge=1, le=20)] = 3
+    session: SessionDep, owner_id: OwnerScope, spec: JobSpec, count: Annotated[int, Query(ge=1, le=20)] = 3
 ) -> dict[str, Any]:
     """The first `count` training examples of a causal-LM spec, rendered and tokenized as the model sees them."""
-    return await causal_service.preview(session, spec, count)
+    return await causal_service.preview(session, spec, count, owner_id)
 
 
 @router.post("/api/v1/adapters/{adapter_id}/generate", response_model=GenerateResponse, tags=["adapters"])
-async def generate(session: SessionDep, adapter_id: int, body: GenerateRequest) -> Any:
+async def generate(session: SessionDep, owner_id: OwnerScope, adapter_id: int, body: GenerateRequest) -> Any:
     """Generate a response with a causal-LM adapter (or its base); `"stream": true` answers with SSE."""
-    adapter = adapters_service.get_adapter(session, adapter_id)
+    adapter = adapters_service.get_adapter(session, adapter_id, owner_id)
     if body.stream:
         return _event_stream(adapter, body)
     result = await service.generate(adapter, _settings(body))
@@ -117,6 +119,7 @@ async def generate(session: SessionDep, adapter_id: int, body: GenerateRequest) 
 @router.get("/api/v1/adapters/{adapter_id}/generate/stream", tags=["adapters"])
 async def generate_stream(
     session: SessionDep,
+    owner_id: OwnerScope,
     adapter_id: int,
     prompt: Annotated[str, Query(min_length=1, max_length=20_000)],
     max_new_tokens: Annotated[int, Query(ge=1, le=1024)] = 64,
@@ -126,7 +129,7 @@ async def generate_stream(
     seed: Annotated[int | None, Query(ge=0)] = None,
 ) -> EventSourceResponse:
     """The streamed generation for EventSource: `token` events ({index, text}) in order, then `done`."""
-    adapter = adapters_service.get_adapter(session, adapter_id)
+    adapter = adapters_service.get_adapter(session, adapter_id, owner_id)
     body = GenerateRequest(
         prompt=prompt,
         max_new_tokens=max_new_tokens,
@@ -140,12 +143,15 @@ async def generate_stream(
 
 
 @router.get("/api/v1/adapters/{adapter_id}/merged", response_class=FileResponse, tags=["adapters"])
-async def download_merged(session: SessionDep, adapter_id: int, background: BackgroundTasks) -> FileResponse:
+async def download_merged(
+    session: SessionDep, user: CurrentUser, owner_id: OwnerScope, adapter_id: int, background: BackgroundTasks
+) -> FileResponse:
     """A zip of the base model with the adapter merged in: a plain transformers model folder.
 
     LoRA-family adapters only; a QLoRA adapter is merged into the base loaded in full precision.
     """
-    adapter = adapters_service.get_adapter(session, adapter_id)
+    adapter = adapters_service.get_adapter(session, adapter_id, owner_id)
     archive = await service.merged_archive(adapter)
+    audit.record(session, user, "download", "adapter", adapter_id, "merged")
     background.add_task(adapters_service.remove_file, archive)
     return FileResponse(archive, media_type="application/zip", filename=f"merged-{adapter_id}.zip")

@@ -5,13 +5,18 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request, status
+from fastapi import APIRouter, BackgroundTasks, Header, Request, status
+from fastapi.responses import FileResponse
 from sqlmodel import Session
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
+from app import audit
+from app.auth import CurrentUser, OwnerScope
 from app.db import get_engine
 from app.deps import SessionDep
-from app.models import JobEventPublic, JobPublic, JobsPublic, MetricPointPublic
+from app.events import Subscription
+from app.models import CheckpointPublic, JobEventPublic, JobPublic, JobsPublic, MetricPointPublic
+from app.services import checkpoints
 from app.services import jobs as service
 from app.services.datasets import get_dataset
 from app.settings import get_settings
@@ -21,52 +26,102 @@ router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
-def create_job(session: SessionDep, spec: JobSpec) -> JobPublic:
+def create_job(session: SessionDep, user: CurrentUser, spec: JobSpec) -> JobPublic:
     """Validate a job spec and queue it for a worker."""
-    return service.job_public(session, service.create_job(session, spec))
+    job = service.create_job(session, spec, user.id)
+    audit.record(session, user, "create", "job", job.id)
+    return service.job_public(session, job)
 
 
 @router.post("/estimate")
-async def estimate_job(session: SessionDep, spec: JobSpec) -> dict[str, Any]:
+async def estimate_job(session: SessionDep, owner_id: OwnerScope, spec: JobSpec) -> dict[str, Any]:
     """Before launch: the exact trainable and total parameter counts of the spec's base model with its method
     (built on the meta device; no weights are loaded) and an estimate of training memory, in bytes by kind."""
-    service.validate_spec(session, spec)
-    profile = get_dataset(session, spec.dataset_id).profile
+    service.validate_spec(session, spec, owner_id)
+    profile = get_dataset(session, spec.dataset_id, owner_id).profile
     from worker.estimate import estimate_job as estimate  # torch loads on first use, never at web start-up
 
     result = await asyncio.to_thread(estimate, spec, profile)
-    return result.model_dump()
+    # Scale out: the smallest GPU class that fits the estimate (a hint for spec.resources.gpu_class).
+    from app.queue import suggest_gpu_class
+
+    return {**result.model_dump(), "suggested_gpu_class": suggest_gpu_class(result.memory.total_bytes)}
 
 
 @router.get("", response_model=JobsPublic)
-def list_jobs(session: SessionDep, offset: int = 0, limit: int = 100) -> JobsPublic:
-    """Jobs, newest first."""
-    rows, count = service.list_jobs(session, max(offset, 0), min(max(limit, 1), 1000))
+def list_jobs(session: SessionDep, owner_id: OwnerScope, offset: int = 0, limit: int = 100) -> JobsPublic:
+    """Jobs, newest first (yours; the admin sees everyone's)."""
+    rows, count = service.list_jobs(session, max(offset, 0), min(max(limit, 1), 1000), owner_id)
     return JobsPublic(data=[service.job_public(session, row) for row in rows], count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(session: SessionDep, job_id: int) -> JobPublic:
+def get_job(session: SessionDep, owner_id: OwnerScope, job_id: int) -> JobPublic:
     """One job: status, progress, error."""
-    return service.job_public(session, service.get_job(session, job_id))
+    return service.job_public(session, service.get_job(session, job_id, owner_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(session: SessionDep, job_id: int) -> JobPublic:
+def cancel_job(session: SessionDep, user: CurrentUser, owner_id: OwnerScope, job_id: int) -> JobPublic:
     """Cancel a queued job at once, or stop a running one within a few seconds."""
-    return service.job_public(session, service.cancel_job(session, job_id))
+    job = service.cancel_job(session, job_id, owner_id)
+    audit.record(session, user, "cancel", "job", job_id)
+    return service.job_public(session, job)
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic)
+def resume_job(session: SessionDep, user: CurrentUser, owner_id: OwnerScope, job_id: int) -> JobPublic:
+    """Queue a failed or cancelled job again; it continues from its last checkpoint."""
+    job = service.resume_job(session, job_id, owner_id)
+    audit.record(session, user, "resume", "job", job_id)
+    return service.job_public(session, job)
+
+
+@router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+def retry_job(session: SessionDep, user: CurrentUser, owner_id: OwnerScope, job_id: int) -> JobPublic:
+    """A new queued job with the same spec."""
+    job = service.retry_job(session, job_id, owner_id)
+    audit.record(session, user, "create", "job", job.id, f"retry of job {job_id}")
+    return service.job_public(session, job)
+
+
+@router.get("/{job_id}/checkpoints", response_model=list[CheckpointPublic])
+def job_checkpoints(session: SessionDep, owner_id: OwnerScope, job_id: int) -> list[CheckpointPublic]:
+    """The job's kept checkpoints, oldest first, each with the metrics at its step."""
+    service.get_job(session, job_id, owner_id)
+    return [CheckpointPublic.model_validate(c) for c in checkpoints.list_checkpoints(session, job_id)]
+
+
+@router.get("/{job_id}/checkpoints/{step}/download", response_class=FileResponse)
+def download_checkpoint(
+    session: SessionDep,
+    user: CurrentUser,
+    owner_id: OwnerScope,
+    job_id: int,
+    step: int,
+    background: BackgroundTasks,
+) -> FileResponse:
+    """A zip of the checkpoint's adapter, in the same layout as a finished job's adapter download."""
+    service.get_job(session, job_id, owner_id)
+    archive = checkpoints.build_archive(checkpoints.get_checkpoint(session, job_id, step))
+    audit.record(session, user, "download", "checkpoint", job_id, f"step {step}")
+    background.add_task(archive.unlink, missing_ok=True)
+    return FileResponse(archive, media_type="application/zip", filename=f"job-{job_id}-step-{step}.zip")
 
 
 @router.get("/{job_id}/metrics", response_model=list[MetricPointPublic])
-def job_metrics(session: SessionDep, job_id: int, after: int = 0) -> list[MetricPointPublic]:
+def job_metrics(
+    session: SessionDep, owner_id: OwnerScope, job_id: int, after: int = 0
+) -> list[MetricPointPublic]:
     """Every logged metric point of the job, in order (ids after `after`)."""
-    return [MetricPointPublic.model_validate(point) for point in service.list_metrics(session, job_id, after)]
+    points = service.list_metrics(session, job_id, after, owner_id=owner_id)
+    return [MetricPointPublic.model_validate(point) for point in points]
 
 
 @router.get("/{job_id}/events", response_model=list[JobEventPublic])
-def job_events(session: SessionDep, job_id: int) -> list[JobEventPublic]:
+def job_events(session: SessionDep, owner_id: OwnerScope, job_id: int) -> list[JobEventPublic]:
     """The job's event log: status changes, errors and tracebacks."""
-    return [JobEventPublic.model_validate(event) for event in service.list_events(session, job_id)]
+    return [JobEventPublic.model_validate(event) for event in service.list_events(session, job_id, owner_id)]
 
 
 def _poll(job_id: int, after: int) -> tuple[list[MetricPointPublic], JobPublic]:
@@ -81,6 +136,7 @@ def _poll(job_id: int, after: int) -> tuple[list[MetricPointPublic], JobPublic]:
 @router.get("/{job_id}/stream")
 async def stream_job(
     session: SessionDep,
+    owner_id: OwnerScope,
     request: Request,
     job_id: int,
     last_event_id: Annotated[str | None, Header()] = None,
@@ -91,38 +147,48 @@ async def stream_job(
     A reconnecting client sends `Last-Event-ID` and receives exactly the points it has not seen.
     The stream ends with `event: end` once the job is finished and every point is sent.
     """
-    service.get_job(session, job_id)
+    service.get_job(session, job_id, owner_id)
     start = int(last_event_id) if last_event_id and last_event_id.isdigit() else max(after, 0)
     poll_seconds = get_settings().stream_poll_seconds
 
     async def events() -> AsyncIterator[ServerSentEvent]:
-        cursor = start
-        last_status: str | None = None
-        while True:
-            points, job = await asyncio.to_thread(_poll, job_id, cursor)
-            for point in points:
-                cursor = point.id
-                yield ServerSentEvent(data=point.model_dump_json(), event="metric", id=str(point.id))
-            snapshot = json.dumps(
-                {
-                    "status": job.status,
-                    "progress": job.progress,
-                    "step": job.current_step,
-                    "total_steps": job.total_steps,
-                    "eta_seconds": job.eta_seconds,
-                    "error": job.error,
-                    "adapter_id": job.adapter_id,
-                }
-            )
-            if snapshot != last_status:
-                last_status = snapshot
-                yield ServerSentEvent(data=snapshot, event="status")
-            if job.status.is_terminal and not points:
-                yield ServerSentEvent(data=snapshot, event="end")
-                return
-            if await request.is_disconnected():
-                return
-            if not points:
-                await asyncio.sleep(poll_seconds)
+        async with Subscription(job_id) as news:
+            async for event in _stream_events(request, job_id, start, poll_seconds, news):
+                yield event
 
     return EventSourceResponse(events(), ping=15)
+
+
+async def _stream_events(
+    request: Request, job_id: int, start: int, poll_seconds: float, news: Subscription
+) -> AsyncIterator[ServerSentEvent]:
+    """The stream's events: points from the database after ``start``, woken by Redis news or by polling."""
+    cursor = start
+    last_status: str | None = None
+    while True:
+        points, job = await asyncio.to_thread(_poll, job_id, cursor)
+        for point in points:
+            cursor = point.id
+            yield ServerSentEvent(data=point.model_dump_json(), event="metric", id=str(point.id))
+        snapshot = json.dumps(
+            {
+                "status": job.status,
+                "progress": job.progress,
+                "step": job.current_step,
+                "total_steps": job.total_steps,
+                "eta_seconds": job.eta_seconds,
+                "error": job.error,
+                "adapter_id": job.adapter_id,
+            }
+        )
+        if snapshot != last_status:
+            last_status = snapshot
+            yield ServerSentEvent(data=snapshot, event="status")
+        if job.status.is_terminal and not points:
+            yield ServerSentEvent(data=snapshot, event="end")
+            return
+        if await request.is_disconnected():
+            return
+        if not points:
+            # Redis mode: woken as soon as the worker publishes; the timeout keeps polling as a fallback.
+            await news.wait(poll_seconds)

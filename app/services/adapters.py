@@ -1,6 +1,7 @@
 """Adapters: list, describe, package for download, and try out."""
 
 import asyncio
+import shutil
 import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -26,37 +27,56 @@ def adapter_public(adapter: Adapter) -> AdapterPublic:
     return AdapterPublic.model_validate(adapter, update={"trainable_percent": round(percent, 4)})
 
 
-def list_adapters(session: Session, offset: int = 0, limit: int = 100) -> tuple[list[Adapter], int]:
-    """Adapters, newest first, and how many there are."""
-    count = session.exec(select(func.count()).select_from(Adapter)).one()
-    rows = session.exec(select(Adapter).order_by(col(Adapter.id).desc()).offset(offset).limit(limit)).all()
+def list_adapters(
+    session: Session, offset: int = 0, limit: int = 100, owner_id: int | None = None
+) -> tuple[list[Adapter], int]:
+    """Adapters, newest first, and how many there are (only ``owner_id``'s when given)."""
+    where = [Adapter.owner_id == owner_id] if owner_id is not None else []
+    count = session.exec(select(func.count()).select_from(Adapter).where(*where)).one()
+    rows = session.exec(
+        select(Adapter).where(*where).order_by(col(Adapter.id).desc()).offset(offset).limit(limit)
+    ).all()
     return list(rows), count
 
 
-def get_adapter(session: Session, adapter_id: int) -> Adapter:
-    """One adapter, or NotFound."""
+def get_adapter(session: Session, adapter_id: int, owner_id: int | None = None) -> Adapter:
+    """One adapter, or NotFound (also when ``owner_id`` is given and it belongs to someone else)."""
     adapter = session.get(Adapter, adapter_id)
-    if adapter is None:
+    if adapter is None or (owner_id is not None and adapter.owner_id != owner_id):
         raise NotFound(f"Adapter {adapter_id} does not exist.")
     return adapter
 
 
 def adapter_folder(adapter: Adapter) -> Path:
-    """Where the adapter's files are."""
-    folder = get_store().path(adapter.storage_key)
-    if not folder.is_dir():
-        raise NotFound(f"The files of adapter {adapter.id} are missing from the artifact store.")
-    return folder
+    """A local folder with the adapter's files (a cached copy when the artifact store is a bucket)."""
+    try:
+        return get_store().local_dir(adapter.storage_key)
+    except FileNotFoundError:
+        raise NotFound(f"The files of adapter {adapter.id} are missing from the artifact store.") from None
 
 
 def build_archive(adapter: Adapter) -> Path:
-    """A zip of the adapter folder in a temporary file (the caller deletes it)."""
-    folder = adapter_folder(adapter)
+    """A zip of the adapter folder in a temporary file (the caller deletes it).
+
+    The files are streamed from the artifact store into the zip, so a bucket's files are served as stored.
+    """
+    store = get_store()
+    prefix = adapter.storage_key.rstrip("/")
+    keys = store.list(prefix)
+    if not keys:
+        raise NotFound(f"The files of adapter {adapter.id} are missing from the artifact store.")
     handle, name = tempfile.mkstemp(prefix=f"adapter-{adapter.id}-", suffix=".zip")
-    with open(handle, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.write(path, arcname=str(path.relative_to(folder)))
+    try:
+        with (
+            open(handle, "wb") as raw,
+            zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as archive,
+        ):
+            for key in keys:
+                with store.open(key) as source, archive.open(key[len(prefix) + 1 :], "w") as target:
+                    shutil.copyfileobj(source, target, 1024 * 1024)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
     return Path(name)
 
 
@@ -65,9 +85,9 @@ def remove_file(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def delete_adapter(session: Session, adapter_id: int) -> None:
+def delete_adapter(session: Session, adapter_id: int, owner_id: int | None = None) -> None:
     """Delete an adapter and its files."""
-    adapter = get_adapter(session, adapter_id)
+    adapter = get_adapter(session, adapter_id, owner_id)
     key = adapter.storage_key
     session.delete(adapter)
     session.commit()

@@ -26,9 +26,11 @@ MAX_PREVIEW_EXAMPLES = 20
 VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt", "ptuning"})
 
 
-def _dataset(session: Session, dataset_id: int, field: str, which: str) -> Dataset:
+def _dataset(
+    session: Session, dataset_id: int, field: str, which: str, owner_id: int | None = None
+) -> Dataset:
     try:
-        return get_dataset(session, dataset_id)
+        return get_dataset(session, dataset_id, owner_id)
     except NotFound:
         raise InvalidSpec(f"The {which}dataset {dataset_id} ({field}) does not exist.", field=field) from None
 
@@ -93,15 +95,17 @@ def _check_model(model: ResolvedModel, spec: JobSpec) -> None:
         )
 
 
-def validate_causal_lm_spec(session: Session, spec: JobSpec) -> None:
+def validate_causal_lm_spec(session: Session, spec: JobSpec, owner_id: int | None = None) -> None:
     """Everything a causal-LM spec refers to: datasets and their columns, the split, the base model.
 
     ``label_column`` is not used by causal-LM jobs and is not checked.
     """
-    dataset = _dataset(session, spec.dataset_id, "dataset_id", "")
+    dataset = _dataset(session, spec.dataset_id, "dataset_id", "", owner_id)
     _check_columns(dataset, spec, "")
     if spec.validation_dataset_id is not None:
-        validation = _dataset(session, spec.validation_dataset_id, "validation_dataset_id", "validation ")
+        validation = _dataset(
+            session, spec.validation_dataset_id, "validation_dataset_id", "validation ", owner_id
+        )
         _check_columns(validation, spec, "validation ")
     else:
         check_validation_split(dataset, spec.validation_fraction)
@@ -114,14 +118,14 @@ def validate_causal_lm_spec(session: Session, spec: JobSpec) -> None:
     _check_model(resolve_base_model(spec.base_model), spec)
 
 
-async def preview(session: Session, spec: JobSpec, count: int) -> dict[str, Any]:
+async def preview(session: Session, spec: JobSpec, count: int, owner_id: int | None = None) -> dict[str, Any]:
     """The first ``count`` training examples as the model will see them, as token spans marked masked or not."""
     from app.services.adapters import inference_thread
 
     if spec.task != CAUSAL_LM:
         raise InvalidSpec("The training-data preview is for causal-LM jobs (task causal-lm).", field="task")
-    validate_causal_lm_spec(session, spec)
-    dataset = get_dataset(session, spec.dataset_id)
+    validate_causal_lm_spec(session, spec, owner_id)
+    dataset = get_dataset(session, spec.dataset_id, owner_id)
     count = max(1, min(count, MAX_PREVIEW_EXAMPLES))
 
     def run() -> dict[str, Any]:

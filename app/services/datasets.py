@@ -1,7 +1,6 @@
 """Datasets: receive an upload, validate and profile it, store it, list and delete."""
 
 import hashlib
-import os
 import re
 from pathlib import Path
 from typing import BinaryIO
@@ -48,7 +47,11 @@ def _receive(stream: BinaryIO, target: Path, limit: int) -> int:
 
 
 def create_dataset(
-    session: Session, stream: BinaryIO, filename: str | None, name: str | None = None
+    session: Session,
+    stream: BinaryIO,
+    filename: str | None,
+    name: str | None = None,
+    owner_id: int | None = None,
 ) -> Dataset:
     """Validate, profile and store an uploaded file; on any problem nothing is kept."""
     settings = get_settings()
@@ -67,15 +70,15 @@ def create_dataset(
                 field="file",
             )
         digest = hashlib.sha256(data).hexdigest()
-        existing = session.exec(select(Dataset).where(Dataset.sha256 == digest)).first()
+        existing = session.exec(
+            select(Dataset).where(Dataset.sha256 == digest, Dataset.owner_id == owner_id)
+        ).first()
         if existing is not None:
             raise Conflict(
                 f"This file was already uploaded as dataset {existing.id} ({existing.name!r}); use that one.",
                 field="file",
             )
         key = store.new_dataset_key(fmt)
-        final = store.path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
         dataset = Dataset(
             name=((name or "").strip() or filename)[:200],
             filename=filename,
@@ -83,17 +86,18 @@ def create_dataset(
             storage_key=key,
             size_bytes=size,
             sha256=digest,
+            owner_id=owner_id,
             row_count=len(rows),
             columns=columns,
             profile=profile_rows(columns, rows),
         )
-        os.replace(temp, final)
+        store.put_file(temp, key)
         try:
             session.add(dataset)
             session.commit()
         except BaseException:
             session.rollback()
-            final.unlink(missing_ok=True)
+            store.delete(key)
             raise
         session.refresh(dataset)
         return dataset
@@ -101,24 +105,29 @@ def create_dataset(
         temp.unlink(missing_ok=True)
 
 
-def list_datasets(session: Session, offset: int = 0, limit: int = 100) -> tuple[list[Dataset], int]:
-    """Datasets, newest first, and how many there are."""
-    count = session.exec(select(func.count()).select_from(Dataset)).one()
-    rows = session.exec(select(Dataset).order_by(col(Dataset.id).desc()).offset(offset).limit(limit)).all()
+def list_datasets(
+    session: Session, offset: int = 0, limit: int = 100, owner_id: int | None = None
+) -> tuple[list[Dataset], int]:
+    """Datasets, newest first, and how many there are (only ``owner_id``'s when given)."""
+    where = [Dataset.owner_id == owner_id] if owner_id is not None else []
+    count = session.exec(select(func.count()).select_from(Dataset).where(*where)).one()
+    rows = session.exec(
+        select(Dataset).where(*where).order_by(col(Dataset.id).desc()).offset(offset).limit(limit)
+    ).all()
     return list(rows), count
 
 
-def get_dataset(session: Session, dataset_id: int) -> Dataset:
-    """One dataset, or NotFound."""
+def get_dataset(session: Session, dataset_id: int, owner_id: int | None = None) -> Dataset:
+    """One dataset, or NotFound (also when ``owner_id`` is given and it belongs to someone else)."""
     dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
+    if dataset is None or (owner_id is not None and dataset.owner_id != owner_id):
         raise NotFound(f"Dataset {dataset_id} does not exist.")
     return dataset
 
 
-def delete_dataset(session: Session, dataset_id: int) -> None:
+def delete_dataset(session: Session, dataset_id: int, owner_id: int | None = None) -> None:
     """Delete a dataset and its file; refused while a queued or running job still needs it."""
-    dataset = get_dataset(session, dataset_id)
+    dataset = get_dataset(session, dataset_id, owner_id)
     active_jobs = session.exec(
         select(Job).where(col(Job.status).in_([JobStatus.queued, JobStatus.running])).order_by(col(Job.id))
     ).all()
@@ -149,14 +158,16 @@ DEMO_DATASET_PATH = Path(__file__).resolve().parent.parent / "demo" / "sst2_demo
 DEMO_DATASET_NAME = "SST-2 demo (1,000 movie-review sentences)"
 
 
-def load_demo_dataset(session: Session) -> tuple[Dataset, bool]:
+def load_demo_dataset(session: Session, owner_id: int | None = None) -> tuple[Dataset, bool]:
     """Load the bundled SST-2 demo through the normal upload path; the dataset, and whether it is new."""
     digest = hashlib.sha256(DEMO_DATASET_PATH.read_bytes()).hexdigest()
-    existing = session.exec(select(Dataset).where(Dataset.sha256 == digest)).first()
+    existing = session.exec(
+        select(Dataset).where(Dataset.sha256 == digest, Dataset.owner_id == owner_id)
+    ).first()
     if existing is not None:
         return existing, False
     with DEMO_DATASET_PATH.open("rb") as stream:
-        return create_dataset(session, stream, DEMO_DATASET_PATH.name, DEMO_DATASET_NAME), True
+        return create_dataset(session, stream, DEMO_DATASET_PATH.name, DEMO_DATASET_NAME, owner_id), True
 
 
 def check_validation_split(dataset: Dataset, fraction: float) -> None:

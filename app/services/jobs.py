@@ -139,9 +139,11 @@ def _check_classes(dataset: Dataset, spec: JobSpec) -> set[str]:
     return _label_names(info)
 
 
-def _get_dataset(session: Session, dataset_id: int, field: str, which: str) -> Dataset:
+def _get_dataset(
+    session: Session, dataset_id: int, field: str, which: str, owner_id: int | None = None
+) -> Dataset:
     try:
-        return get_dataset(session, dataset_id)
+        return get_dataset(session, dataset_id, owner_id)
     except NotFound:
         raise InvalidSpec(
             f"The {which}dataset {dataset_id} ({field}) does not exist; upload it first or pick one from "
@@ -173,7 +175,7 @@ def _check_classification_data(dataset: Dataset, validation: Dataset | None, spe
         )
 
 
-def validate_spec(session: Session, spec: JobSpec) -> None:
+def validate_spec(session: Session, spec: JobSpec, owner_id: int | None = None) -> None:
     """Check everything a spec refers to, so a queued job does not fail on its first step.
 
     Raises InvalidSpec naming the field (and the row, where a dataset is at fault) and what is expected.
@@ -183,12 +185,14 @@ def validate_spec(session: Session, spec: JobSpec) -> None:
     if spec.task == "causal-lm":  # its own columns and model checks (app/services/causal_lm.py)
         from app.services.causal_lm import validate_causal_lm_spec
 
-        validate_causal_lm_spec(session, spec)
+        validate_causal_lm_spec(session, spec, owner_id)
         return
-    dataset = _get_dataset(session, spec.dataset_id, "dataset_id", "")
+    dataset = _get_dataset(session, spec.dataset_id, "dataset_id", "", owner_id)
     validation = None
     if spec.validation_dataset_id is not None:
-        validation = _get_dataset(session, spec.validation_dataset_id, "validation_dataset_id", "validation ")
+        validation = _get_dataset(
+            session, spec.validation_dataset_id, "validation_dataset_id", "validation ", owner_id
+        )
     if spec.task == "sequence-classification":
         _check_classification_data(dataset, validation, spec)
     if validation is None:
@@ -207,25 +211,30 @@ def add_event(session: Session, job_id: int, kind: str, message: str) -> None:
     session.add(JobEvent(job_id=job_id, kind=kind, message=message))
 
 
-def create_job(session: Session, spec: JobSpec) -> Job:
+def create_job(session: Session, spec: JobSpec, owner_id: int | None = None) -> Job:
     """Validate and queue a job; if the queue cannot take it, nothing is kept."""
+    from app.auth import check_job_cap, scope_for
     from app.queue import enqueue_training
+    from app.services.recovery import new_run_token
 
-    validate_spec(session, spec)
+    validate_spec(session, spec, scope_for(session, owner_id))  # the admin may train on anyone's dataset
+    check_job_cap(session, owner_id)
     job = Job(
+        owner_id=owner_id,
         name=spec.name or f"{spec.method} on dataset {spec.dataset_id}",
         spec=spec.model_dump(mode="json"),
         method=spec.method,
         base_model=spec.base_model,
         dataset_id=spec.dataset_id,
     )
+    job.run_token = new_run_token()
     session.add(job)
     session.flush()
     assert job.id is not None
     add_event(session, job.id, "status", "queued")
     session.commit()
     try:
-        job.task_id = enqueue_training(job.id)
+        job.task_id = enqueue_training(job.id, job.run_token)
     except Exception as exc:
         # Events first: they reference the job, and SQLite/Postgres enforce the foreign key.
         for event in session.exec(select(JobEvent).where(JobEvent.job_id == job.id)).all():
@@ -242,18 +251,23 @@ def create_job(session: Session, spec: JobSpec) -> Job:
     return job
 
 
-def get_job(session: Session, job_id: int) -> Job:
-    """One job, or NotFound."""
+def get_job(session: Session, job_id: int, owner_id: int | None = None) -> Job:
+    """One job, or NotFound (also when ``owner_id`` is given and it belongs to someone else)."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or (owner_id is not None and job.owner_id != owner_id):
         raise NotFound(f"Job {job_id} does not exist.")
     return job
 
 
-def list_jobs(session: Session, offset: int = 0, limit: int = 100) -> tuple[list[Job], int]:
-    """Jobs, newest first, and how many there are."""
-    count = session.exec(select(func.count()).select_from(Job)).one()
-    rows = session.exec(select(Job).order_by(col(Job.id).desc()).offset(offset).limit(limit)).all()
+def list_jobs(
+    session: Session, offset: int = 0, limit: int = 100, owner_id: int | None = None
+) -> tuple[list[Job], int]:
+    """Jobs, newest first, and how many there are (only ``owner_id``'s when given)."""
+    where = [Job.owner_id == owner_id] if owner_id is not None else []
+    count = session.exec(select(func.count()).select_from(Job).where(*where)).one()
+    rows = session.exec(
+        select(Job).where(*where).order_by(col(Job.id).desc()).offset(offset).limit(limit)
+    ).all()
     return list(rows), count
 
 
@@ -263,9 +277,9 @@ def job_public(session: Session, job: Job) -> JobPublic:
     return JobPublic.model_validate(job, update={"adapter_id": adapter_id})
 
 
-def cancel_job(session: Session, job_id: int) -> Job:
+def cancel_job(session: Session, job_id: int, owner_id: int | None = None) -> Job:
     """Cancel a queued job at once, or ask a running one to stop (it does within a few seconds)."""
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, owner_id)
     if job.status.is_terminal:
         raise JobStateError(
             f"Job {job_id} is already {job.status}; only queued or running jobs can be cancelled."
@@ -274,7 +288,9 @@ def cancel_job(session: Session, job_id: int) -> Job:
     if job.status == JobStatus.queued:
         job.status = JobStatus.cancelled
         job.finished_at = utcnow()
+        job.run_token = None  # a worker that still receives the message skips it
         add_event(session, job_id, "status", "cancelled before it started")
+        _revoke(job.task_id)
     else:
         add_event(session, job_id, "cancel", "cancel requested; the worker stops at the next step")
     session.add(job)
@@ -283,9 +299,11 @@ def cancel_job(session: Session, job_id: int) -> Job:
     return job
 
 
-def list_metrics(session: Session, job_id: int, after_id: int = 0, limit: int = 10_000) -> list[MetricPoint]:
+def list_metrics(
+    session: Session, job_id: int, after_id: int = 0, limit: int = 10_000, owner_id: int | None = None
+) -> list[MetricPoint]:
     """Metric points of a job in logging order, after a given point id."""
-    get_job(session, job_id)
+    get_job(session, job_id, owner_id)
     statement = (
         select(MetricPoint)
         .where(MetricPoint.job_id == job_id, col(MetricPoint.id) > after_id)
@@ -295,9 +313,93 @@ def list_metrics(session: Session, job_id: int, after_id: int = 0, limit: int = 
     return list(session.exec(statement).all())
 
 
-def list_events(session: Session, job_id: int) -> list[JobEvent]:
+def list_events(session: Session, job_id: int, owner_id: int | None = None) -> list[JobEvent]:
     """A job's event log, oldest first."""
-    get_job(session, job_id)
+    get_job(session, job_id, owner_id)
     return list(
         session.exec(select(JobEvent).where(JobEvent.job_id == job_id).order_by(col(JobEvent.id))).all()
     )
+
+
+def _revoke(task_id: str | None) -> None:
+    """Best effort: tell Redis-connected workers to drop the task (the run token already makes them skip it)."""
+    from app.settings import get_settings
+
+    if not task_id or not get_settings().resolved_broker_url.startswith("redis"):
+        return  # the embedded SQLite broker has no broadcast; the worker skips the job by its token
+
+    def send() -> None:
+        from app.queue import get_celery
+
+        try:
+            get_celery().control.revoke(task_id)
+        except Exception:  # never let a broker hiccup fail the cancel itself
+            pass
+
+    import threading
+
+    threading.Thread(target=send, name=f"revoke-{task_id}", daemon=True).start()
+
+
+def resume_job(session: Session, job_id: int, owner_id: int | None = None) -> Job:
+    """Queue a failed or cancelled job again; the worker continues from its last checkpoint."""
+    from app.queue import enqueue_training
+    from app.services.checkpoints import latest_checkpoint
+    from app.services.recovery import new_run_token
+
+    job = get_job(session, job_id, owner_id)
+    if job.status not in (JobStatus.failed, JobStatus.cancelled):
+        raise JobStateError(
+            f"Job {job_id} is {job.status}; only failed or cancelled jobs can be resumed."
+            + (" Use retry to train it again as a new job." if job.status == JobStatus.succeeded else "")
+        )
+    checkpoint = latest_checkpoint(session, job_id)
+    if checkpoint is None:
+        raise JobStateError(
+            f"Job {job_id} has no checkpoint to resume from (it stopped before its first one was saved); "
+            f"retry it instead (POST /api/v1/jobs/{job_id}/retry)."
+        )
+    previous = (job.status, job.error, job.finished_at, job.cancel_requested, job.run_token)
+    job.status = JobStatus.queued
+    job.error = None
+    job.finished_at = None
+    job.cancel_requested = False
+    job.eta_seconds = None
+    job.attempt = 0  # a person asked: the automatic-retry budget starts again
+    job.run_token = new_run_token()
+    add_event(
+        session,
+        job_id,
+        "status",
+        f"resume requested: continues from the checkpoint at step {checkpoint.step}",
+    )
+    session.add(job)
+    session.commit()
+    try:
+        job.task_id = enqueue_training(job_id, job.run_token)
+    except Exception as exc:
+        job.status, job.error, job.finished_at, job.cancel_requested, job.run_token = previous
+        add_event(session, job_id, "error", f"resume failed: the job queue is not reachable ({exc})")
+        session.add(job)
+        session.commit()
+        raise ServiceUnavailable(
+            f"The job queue is not reachable ({type(exc).__name__}: {exc}); the job was not resumed, try again."
+        ) from exc
+    session.add(job)
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def retry_job(session: Session, job_id: int, owner_id: int | None = None) -> Job:
+    """A new queued job with the same spec (validated again: its dataset or model may have gone)."""
+    job = get_job(session, job_id, owner_id)
+    spec = JobSpec.model_validate(job.spec)
+    base_name = job.name.removesuffix(" (retry)")
+    spec = spec.model_copy(update={"name": f"{base_name} (retry)"[:200]})
+    new_job = create_job(session, spec, job.owner_id)
+    add_event(session, job_id, "retry", f"retried as job {new_job.id}")
+    add_event(session, new_job.id or 0, "retry", f"retry of job {job_id}")
+    session.commit()
+    session.refresh(new_job)
+    return new_job

@@ -8,6 +8,7 @@ by ``POST /jobs/preview`` into the job form (``hx-post="/jobs/preview" hx-includ
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
+from app.auth import OwnerScope
 from app.deps import SessionDep
 from app.errors import InvalidSpec, StudioError
 from app.services import adapters as adapters_service
@@ -21,16 +22,18 @@ PREVIEW_EXAMPLES = 3
 
 
 @router.get("/adapters/{adapter_id}/generate", response_class=HTMLResponse)
-def generate_page(request: Request, session: SessionDep, adapter_id: int) -> HTMLResponse:
+def generate_page(
+    request: Request, session: SessionDep, owner_id: OwnerScope, adapter_id: int
+) -> HTMLResponse:
     """Try-out for a causal-LM adapter: one prompt, the adapter's and the base model's answers streaming."""
-    adapter = adapters_service.adapter_public(adapters_service.get_adapter(session, adapter_id))
+    adapter = adapters_service.adapter_public(adapters_service.get_adapter(session, adapter_id, owner_id))
     if adapter.task != causal_service.CAUSAL_LM:
         raise InvalidSpec(f"Adapter {adapter_id} is a {adapter.task} adapter; try it on its own page.")
     return render(request, "generate.html", {"nav": "adapters", "adapter": adapter})
 
 
 @router.post("/jobs/preview", response_class=HTMLResponse)
-async def preview_fragment(request: Request, session: SessionDep) -> HTMLResponse:
+async def preview_fragment(request: Request, session: SessionDep, owner_id: OwnerScope) -> HTMLResponse:
     """The job form posted as it stands: its first training examples, with the masked part shown apart."""
     form = await request.form()
     data = forms.form_to_input({key: [str(value) for value in form.getlist(key)] for key in form.keys()})
@@ -38,7 +41,7 @@ async def preview_fragment(request: Request, session: SessionDep) -> HTMLRespons
     try:
         if spec is None:
             raise InvalidSpec("; ".join(f"{name}: {message}" for name, message in errors.items()))
-        preview = await causal_service.preview(session, spec, PREVIEW_EXAMPLES)
+        preview = await causal_service.preview(session, spec, PREVIEW_EXAMPLES, owner_id)
     except StudioError as exc:
         return render(
             request,

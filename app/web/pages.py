@@ -12,10 +12,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from jinja2 import pass_context
+from markupsafe import Markup
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from app import audit
+from app.auth import CurrentUser, OwnerScope, csrf_token
 from app.base_models import catalog
 from app.db import PROJECT_ROOT
 from app.deps import SessionDep
@@ -24,6 +28,7 @@ from app.models import Dataset
 from app.services import adapters as adapters_service
 from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
+from app.services.checkpoints import list_checkpoints
 from app.spec import JobSpec
 from app.web import forms
 from worker.methods import registry
@@ -89,6 +94,29 @@ templates.env.filters.update(
 )
 
 
+@pass_context
+def _csrf_input(context: Mapping[str, Any]) -> Markup:
+    """``{{ csrf_input() }}`` in a form: the hidden CSRF field of the signed-in browser."""
+    request = context.get("request")
+    token = csrf_token(request) if request is not None else ""
+    return Markup('<input type="hidden" name="csrf_token" value="{}">').format(token)
+
+
+@pass_context
+def _csrf_value(context: Mapping[str, Any]) -> str:
+    request = context.get("request")
+    return csrf_token(request) if request is not None else ""
+
+
+@pass_context
+def _signed_in_user(context: Mapping[str, Any]) -> Any:
+    request = context.get("request")
+    return getattr(request.state, "user", None) if request is not None else None
+
+
+templates.env.globals.update(csrf_input=_csrf_input, csrf_token=_csrf_value, signed_in_user=_signed_in_user)
+
+
 def _is_htmx(request: Request) -> bool:
     return request.headers.get("hx-request") == "true"
 
@@ -119,11 +147,11 @@ def _redirect(request: Request, url: str) -> Response:
 
 
 @router.get("/", response_class=HTMLResponse)
-def dashboard(request: Request, session: SessionDep) -> HTMLResponse:
+def dashboard(request: Request, session: SessionDep, owner_id: OwnerScope) -> HTMLResponse:
     """Recent jobs, and a way in for a first visit (the demo dataset)."""
-    jobs, job_count = jobs_service.list_jobs(session, 0, RECENT_JOBS)
-    datasets, dataset_count = datasets_service.list_datasets(session, 0, 5)
-    _, adapter_count = adapters_service.list_adapters(session, 0, 1)
+    jobs, job_count = jobs_service.list_jobs(session, 0, RECENT_JOBS, owner_id)
+    datasets, dataset_count = datasets_service.list_datasets(session, 0, 5, owner_id)
+    _, adapter_count = adapters_service.list_adapters(session, 0, 1, owner_id)
     return render(
         request,
         "dashboard.html",
@@ -141,8 +169,10 @@ def dashboard(request: Request, session: SessionDep) -> HTMLResponse:
 # ---- datasets ---------------------------------------------------------------------------------
 
 
-def _datasets_page(request: Request, session: Session, error: StudioError | None = None) -> HTMLResponse:
-    datasets, count = datasets_service.list_datasets(session, 0, LIST_LIMIT)
+def _datasets_page(
+    request: Request, session: Session, owner_id: int | None, error: StudioError | None = None
+) -> HTMLResponse:
+    datasets, count = datasets_service.list_datasets(session, 0, LIST_LIMIT, owner_id)
     return render(
         request,
         "datasets.html",
@@ -152,13 +182,15 @@ def _datasets_page(request: Request, session: Session, error: StudioError | None
 
 
 @router.get("/datasets", response_class=HTMLResponse)
-def datasets_page(request: Request, session: SessionDep) -> HTMLResponse:
+def datasets_page(request: Request, session: SessionDep, owner_id: OwnerScope) -> HTMLResponse:
     """Datasets and the upload form."""
-    return _datasets_page(request, session)
+    return _datasets_page(request, session, owner_id)
 
 
 @router.post("/datasets")
-async def upload_dataset(request: Request, session: SessionDep) -> Response:
+async def upload_dataset(
+    request: Request, session: SessionDep, user: CurrentUser, owner_id: OwnerScope
+) -> Response:
     """The upload form: validate and store through the service, then show the new dataset's profile."""
     form = await request.form()
     upload = form.get("file")
@@ -172,20 +204,24 @@ async def upload_dataset(request: Request, session: SessionDep) -> Response:
             upload.file,
             upload.filename,
             name.strip() if isinstance(name, str) and name.strip() else None,
+            user.id,
         )
+        audit.record(session, user, "create", "dataset", dataset.id, dataset.filename)
     except StudioError as exc:
         if _is_htmx(request):
             return error_page(request, exc.status_code, exc.message)
-        return _datasets_page(request, session, exc)
+        return _datasets_page(request, session, owner_id, exc)
     finally:
         await form.close()
     return _redirect(request, f"/datasets/{dataset.id}")
 
 
 @router.post("/datasets/demo")
-def load_demo_dataset(request: Request, session: SessionDep) -> Response:
+def load_demo_dataset(request: Request, session: SessionDep, user: CurrentUser) -> Response:
     """The dashboard's "Load demo dataset" button."""
-    dataset, _ = datasets_service.load_demo_dataset(session)
+    dataset, created = datasets_service.load_demo_dataset(session, user.id)
+    if created:
+        audit.record(session, user, "create", "dataset", dataset.id, "demo")
     return _redirect(request, f"/datasets/{dataset.id}")
 
 
@@ -195,9 +231,11 @@ def _label_columns(dataset: Dataset) -> list[tuple[str, dict[str, int]]]:
 
 
 @router.get("/datasets/{dataset_id}", response_class=HTMLResponse)
-def dataset_page(request: Request, session: SessionDep, dataset_id: int) -> HTMLResponse:
+def dataset_page(
+    request: Request, session: SessionDep, owner_id: OwnerScope, dataset_id: int
+) -> HTMLResponse:
     """A dataset's profile: columns, label balance, text lengths, preview."""
-    dataset = datasets_service.get_dataset(session, dataset_id)
+    dataset = datasets_service.get_dataset(session, dataset_id, owner_id)
     return render(
         request,
         "dataset.html",
@@ -206,10 +244,13 @@ def dataset_page(request: Request, session: SessionDep, dataset_id: int) -> HTML
 
 
 @router.post("/datasets/{dataset_id}/delete")
-def delete_dataset(request: Request, session: SessionDep, dataset_id: int) -> Response:
+def delete_dataset(
+    request: Request, session: SessionDep, user: CurrentUser, owner_id: OwnerScope, dataset_id: int
+) -> Response:
     """Delete a dataset (refused while a job needs it), then back to the list."""
     try:
-        datasets_service.delete_dataset(session, dataset_id)
+        datasets_service.delete_dataset(session, dataset_id, owner_id)
+        audit.record(session, user, "delete", "dataset", dataset_id)
     except StudioError as exc:
         if _is_htmx(request):
             return error_page(request, exc.status_code, exc.message)
@@ -243,9 +284,12 @@ def _guess_columns(dataset: Dataset) -> dict[str, str]:
 
 
 def _job_form_context(
-    session: Session, values: Mapping[str, Any], errors: Mapping[str, str] | None = None
+    session: Session,
+    values: Mapping[str, Any],
+    errors: Mapping[str, str] | None = None,
+    owner_id: int | None = None,
 ) -> dict[str, Any]:
-    datasets, _ = datasets_service.list_datasets(session, 0, 1000)
+    datasets, _ = datasets_service.list_datasets(session, 0, 1000, owner_id)
     dataset_choices = [forms.Choice(str(d.id), f"#{d.id} {d.name} ({d.row_count:,} rows)") for d in datasets]
     choices = {
         "dataset_id": dataset_choices,
@@ -276,7 +320,11 @@ def _job_form_context(
 
 @router.get("/jobs/new", response_class=HTMLResponse)
 def new_job_page(
-    request: Request, session: SessionDep, dataset_id: int | None = None, method: str | None = None
+    request: Request,
+    session: SessionDep,
+    owner_id: OwnerScope,
+    dataset_id: int | None = None,
+    method: str | None = None,
 ) -> HTMLResponse:
     """The job form, generated from JobSpec, TrainingSettings and the method's config model."""
     values: dict[str, Any] = {}
@@ -285,9 +333,9 @@ def new_job_page(
     if dataset_id is not None:
         values["dataset_id"] = str(dataset_id)
         dataset = session.get(Dataset, dataset_id)
-        if dataset is not None:
+        if dataset is not None and (owner_id is None or dataset.owner_id == owner_id):
             values.update(_guess_columns(dataset))
-    return render(request, "job_new.html", _job_form_context(session, values))
+    return render(request, "job_new.html", _job_form_context(session, values, owner_id=owner_id))
 
 
 @router.get("/jobs/new/method", response_class=HTMLResponse)
@@ -305,7 +353,9 @@ def _form_lists(form: Any) -> dict[str, list[str]]:
 
 
 @router.post("/jobs/new")
-async def create_job(request: Request, session: SessionDep) -> Response:
+async def create_job(
+    request: Request, session: SessionDep, user: CurrentUser, owner_id: OwnerScope
+) -> Response:
     """Build a JobSpec from the form (the API's validation), queue it, and go to the job's page."""
     form = await request.form()
     data = forms.form_to_input(_form_lists(form))
@@ -313,18 +363,20 @@ async def create_job(request: Request, session: SessionDep) -> Response:
     status_code = 422
     if spec is not None:
         try:
-            job = await run_in_threadpool(jobs_service.create_job, session, spec)
+            job = await run_in_threadpool(jobs_service.create_job, session, spec, user.id)
         except StudioError as exc:
             errors, status_code = {exc.field or "form": exc.message}, exc.status_code
         else:
+            audit.record(session, user, "create", "job", job.id)
             return RedirectResponse(f"/jobs/{job.id}", status_code=303)
-    return render(request, "job_new.html", _job_form_context(session, data, errors), status_code=status_code)
+    context = _job_form_context(session, data, errors, owner_id)
+    return render(request, "job_new.html", context, status_code=status_code)
 
 
 @router.get("/jobs", response_class=HTMLResponse)
-def jobs_page(request: Request, session: SessionDep) -> HTMLResponse:
+def jobs_page(request: Request, session: SessionDep, owner_id: OwnerScope) -> HTMLResponse:
     """All jobs, newest first."""
-    jobs, count = jobs_service.list_jobs(session, 0, LIST_LIMIT)
+    jobs, count = jobs_service.list_jobs(session, 0, LIST_LIMIT, owner_id)
     return render(
         request,
         "jobs.html",
@@ -333,9 +385,9 @@ def jobs_page(request: Request, session: SessionDep) -> HTMLResponse:
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job_page(request: Request, session: SessionDep, job_id: int) -> HTMLResponse:
+def job_page(request: Request, session: SessionDep, owner_id: OwnerScope, job_id: int) -> HTMLResponse:
     """A job's live dashboard: status, progress, curves (fed by the SSE stream), events, config."""
-    job = jobs_service.job_public(session, jobs_service.get_job(session, job_id))
+    job = jobs_service.job_public(session, jobs_service.get_job(session, job_id, owner_id))
     dataset = session.get(Dataset, job.dataset_id) if job.dataset_id is not None else None
     return render(
         request,
@@ -344,25 +396,28 @@ def job_page(request: Request, session: SessionDep, job_id: int) -> HTMLResponse
             "nav": "jobs",
             "job": job,
             "dataset": dataset,
-            "events": jobs_service.list_events(session, job_id),
+            "events": jobs_service.list_events(session, job_id, owner_id),
             "method": registry().get(job.method),
+            "checkpoints": list_checkpoints(session, job_id),
         },
     )
 
 
 @router.get("/jobs/{job_id}/events", response_class=HTMLResponse)
-def job_events(request: Request, session: SessionDep, job_id: int) -> HTMLResponse:
+def job_events(request: Request, session: SessionDep, owner_id: OwnerScope, job_id: int) -> HTMLResponse:
     """The event log fragment (refreshed by htmx when the job's status changes)."""
-    return render(request, "_job_events.html", {"events": jobs_service.list_events(session, job_id)})
+    return render(
+        request, "_job_events.html", {"events": jobs_service.list_events(session, job_id, owner_id)}
+    )
 
 
 # ---- adapters ---------------------------------------------------------------------------------
 
 
 @router.get("/adapters", response_class=HTMLResponse)
-def adapters_page(request: Request, session: SessionDep) -> HTMLResponse:
+def adapters_page(request: Request, session: SessionDep, owner_id: OwnerScope) -> HTMLResponse:
     """Adapters of finished jobs with their size, parameters and metrics."""
-    rows, count = adapters_service.list_adapters(session, 0, LIST_LIMIT)
+    rows, count = adapters_service.list_adapters(session, 0, LIST_LIMIT, owner_id)
     return render(
         request,
         "adapters.html",
@@ -375,20 +430,24 @@ def adapters_page(request: Request, session: SessionDep) -> HTMLResponse:
 
 
 @router.get("/adapters/{adapter_id}", response_class=HTMLResponse)
-def adapter_page(request: Request, session: SessionDep, adapter_id: int) -> HTMLResponse:
+def adapter_page(
+    request: Request, session: SessionDep, owner_id: OwnerScope, adapter_id: int
+) -> HTMLResponse:
     """One adapter, with a try-out box."""
-    adapter = adapters_service.adapter_public(adapters_service.get_adapter(session, adapter_id))
+    adapter = adapters_service.adapter_public(adapters_service.get_adapter(session, adapter_id, owner_id))
     return render(request, "adapter.html", {"nav": "adapters", "adapter": adapter})
 
 
 @router.post("/adapters/{adapter_id}/predict", response_class=HTMLResponse)
-async def predict(request: Request, session: SessionDep, adapter_id: int) -> HTMLResponse:
+async def predict(
+    request: Request, session: SessionDep, owner_id: OwnerScope, adapter_id: int
+) -> HTMLResponse:
     """The try-out fragment: predicted label and a probability bar per class."""
     form = await request.form()
     text = form.get("text")
     text = text.strip() if isinstance(text, str) else ""
     try:
-        adapter = adapters_service.get_adapter(session, adapter_id)
+        adapter = adapters_service.get_adapter(session, adapter_id, owner_id)
         results: Sequence[dict[str, Any]] = await adapters_service.predict(adapter, [text] if text else [])
     except StudioError as exc:
         return error_page(request, exc.status_code, exc.message)

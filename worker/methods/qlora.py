@@ -31,10 +31,10 @@ class QLoraSettings(LoraSettings):
         default=True,
         description="4-bit: quantize the quantization constants too (saves ~0.4 bit per weight).",
     )
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32",
-        description="4-bit: dtype the weights are dequantized to for each matmul. float32 on CPUs (bf16 is "
-        "much slower there without AMX); bfloat16 on recent GPUs.",
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="4-bit: dtype the weights are dequantized to for each matmul. auto: bfloat16 on a GPU "
+        "that supports it, else float32 (bf16 is much slower on CPUs without AMX).",
     )
     gradient_checkpointing: bool = Field(
         default=False,
@@ -46,6 +46,15 @@ class QLoraSettings(LoraSettings):
     def _bits_from_text(cls, value: Any) -> Any:
         # An HTML form posts the choice as text; the API sends a number.
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
+def resolved_compute_dtype(choice: str) -> str:
+    """``auto`` becomes bfloat16 on a CUDA device with bf16 support, else float32."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
 def quantization_kwargs(config: BaseModel, context: BuildContext) -> dict[str, Any]:
@@ -61,7 +70,7 @@ def quantization_kwargs(config: BaseModel, context: BuildContext) -> dict[str, A
             load_in_4bit=True,
             bnb_4bit_quant_type=config.quant_type,
             bnb_4bit_use_double_quant=config.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, config.compute_dtype),
+            bnb_4bit_compute_dtype=getattr(torch, resolved_compute_dtype(config.compute_dtype)),
             llm_int8_skip_modules=UNQUANTIZED_MODULES,
         )
     return {"quantization_config": quantization}

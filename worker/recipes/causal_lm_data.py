@@ -25,6 +25,7 @@ from app.models import Dataset
 from app.spec import JobSpec
 from app.storage import get_store
 from app.templates_chat import resolve_template
+from worker.batching import install as install_length_grouping
 
 IGNORE = -100
 
@@ -59,7 +60,7 @@ class CausalData:
 
 def read_examples(dataset: Dataset, spec: JobSpec, limit: int | None = None) -> list[tuple[int, Example]]:
     """(row number, example) for the rows of a dataset, in file order."""
-    _, rows = load_rows(get_store().path(dataset.storage_key), dataset.format)
+    _, rows = load_rows(get_store().local_file(dataset.storage_key), dataset.format)
     chosen = rows if limit is None else rows[:limit]
     return [
         (number, example_from_row(row, spec.causal_lm, spec.text_column, number))
@@ -187,6 +188,7 @@ def encode_all(
 
 def causal_data(spec: JobSpec, train: Dataset, validation: Dataset | None, encoder: Encoder) -> CausalData:
     """Read, split (seeded) and encode the data of a causal-LM job."""
+    install_length_grouping()  # length-grouped batches for unpacked data (worker/batching.py)
     examples = read_examples(train, spec)
     if validation is not None:
         eval_examples = read_examples(validation, spec)

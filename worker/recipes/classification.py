@@ -29,14 +29,43 @@ def macro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
-def classification_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """Accuracy and macro-F1 of argmax predictions."""
+def _predicted_and_truth(prediction: EvalPrediction) -> tuple[np.ndarray, np.ndarray]:
     logits = (
         prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     )
-    predicted = np.asarray(logits).argmax(axis=-1)
-    truth = np.asarray(prediction.label_ids)
+    return np.asarray(logits).argmax(axis=-1), np.asarray(prediction.label_ids)
+
+
+def classification_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    """Accuracy and macro-F1 of argmax predictions."""
+    predicted, truth = _predicted_and_truth(prediction)
     return {"accuracy": float((predicted == truth).mean()), "f1_macro": macro_f1(truth, predicted)}
+
+
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int) -> list[list[int]]:
+    """Counts of (true class, predicted class): rows are true labels, columns predictions."""
+    matrix = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(matrix, (truth.astype(np.int64), predicted.astype(np.int64)), 1)
+    return matrix.tolist()
+
+
+class ClassificationMetrics:
+    """Accuracy and macro-F1 for the Trainer; keeps the latest confusion matrix in ``last_structured``
+    (the Trainer logs only numbers; worker/telemetry.py stores the matrix on the job)."""
+
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = list(labels)
+        self.last_structured: dict[str, object] | None = None
+
+    def __call__(self, prediction: EvalPrediction) -> dict[str, float]:
+        predicted, truth = _predicted_and_truth(prediction)
+        self.last_structured = {
+            "confusion_matrix": {
+                "labels": self.labels,
+                "matrix": confusion_matrix(truth, predicted, len(self.labels)),
+            }
+        }
+        return {"accuracy": float((predicted == truth).mean()), "f1_macro": macro_f1(truth, predicted)}
 
 
 def without_dropout(config: Any) -> Any:
@@ -77,7 +106,7 @@ def prepare(
         train_dataset=tokenize(tokenizer, data.train_texts, data.train_labels, max_length),
         eval_dataset=tokenize(tokenizer, data.eval_texts, data.eval_labels, max_length),
         collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=classification_metrics,
+        compute_metrics=ClassificationMetrics(data.labels),
         labels=data.labels,
     )
 

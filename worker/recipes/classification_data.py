@@ -9,6 +9,7 @@ from app.errors import InvalidDataset
 from app.models import Dataset
 from app.spec import JobSpec
 from app.storage import get_store
+from worker.batching import install as install_length_grouping
 
 
 @dataclass
@@ -23,7 +24,7 @@ class ClassificationData:
 
 
 def _texts_and_labels(dataset: Dataset, spec: JobSpec) -> tuple[list[str], list[str]]:
-    _, rows = load_rows(get_store().path(dataset.storage_key), dataset.format)
+    _, rows = load_rows(get_store().local_file(dataset.storage_key), dataset.format)
     texts: list[str] = []
     labels: list[str] = []
     for number, row in enumerate(rows, start=1):
@@ -50,6 +51,7 @@ def _ordered_label_names(names: set[str]) -> list[str]:
 
 def classification_data(spec: JobSpec, train: Dataset, validation: Dataset | None) -> ClassificationData:
     """Read, split (seeded) and label-encode the data for a classification job."""
+    install_length_grouping()  # length-grouped batches that group small datasets too (worker/batching.py)
     texts, labels = _texts_and_labels(train, spec)
     if validation is not None:
         eval_texts, eval_label_names = _texts_and_labels(validation, spec)
