@@ -5,6 +5,7 @@ template the adapter was trained with (saved with its tokenizer), generation sto
 side of a comparison runs the same warm model inside peft's ``disable_adapter()``: nothing is reloaded.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from threading import Event
@@ -104,15 +105,20 @@ def generate(
     settings: GenerationSettings,
     streamer: Any = None,
     stop: Event | None = None,
+    render: Callable[[Any, dict[str, Any]], tuple[str, list[int]]] | None = None,
 ) -> Generation:
     """Generate a response to a prompt with the adapter (or with the bare base model), optionally streamed.
 
     ``streamer`` is any transformers streamer (the web app passes a TokenStreamer); on an error it is ended,
-    so a reader never waits forever.
+    so a reader never waits forever. ``render(tokenizer, studio)`` replaces the rendering of
+    ``settings.prompt`` (the OpenAI-compatible chat renders a whole conversation).
     """
     try:
         model, tokenizer, studio = WARM.model_for(adapter_id, folder)
-        prompt_text, prompt_ids = render_prompt(tokenizer, studio, settings.prompt)
+        if render is None:
+            prompt_text, prompt_ids = render_prompt(tokenizer, studio, settings.prompt)
+        else:
+            prompt_text, prompt_ids = render(tokenizer, studio)
         eos = studio.get("eos_token_id", tokenizer.eos_token_id)
         kwargs: dict[str, Any] = {
             "input_ids": torch.tensor([prompt_ids], dtype=torch.long),
