@@ -1,15 +1,23 @@
-"""Base models: the bundled MiniLM, local folders and hub ids already in the local cache.
+"""Base models: the bundled MiniLM, hub ids already in the local Hub cache, and folders the admin registered.
 
-Resolution reads only files (config.json); no weights are loaded and nothing is downloaded.
+Resolution reads only files (config.json); no weights are loaded and nothing is downloaded. A base model is
+never a path under the studio's data or artifact folders (other users' adapters and checkpoints live there),
+never a folder outside ``PEFT_STUDIO_MODEL_FOLDERS`` (for admins too: a path is registered, not typed), and
+every refusal reads the same, so the answer does not tell whether a path exists.
 """
 
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app.errors import InvalidSpec
-from app.settings import BUNDLED_MODEL_ID
+from app.settings import BUNDLED_MODEL_ID, get_settings
+
+# A hub repository id ("name" or "org/name"): no path separators beyond the one, no "..".
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")
 
 
 @dataclass(frozen=True)
@@ -50,9 +58,92 @@ def _read_config(folder: Path, model_id: str) -> dict[str, Any]:
     return config
 
 
+def not_allowed(model_id: str) -> InvalidSpec:
+    """The one answer for a base model that is not allowed, whatever the reason (missing folder, a folder
+    outside the registered ones, the data folder, a hub id not in the cache): it never tells whether a path
+    exists."""
+    return InvalidSpec(
+        f"Base model {model_id!r} is not an allowed base model. Use {BUNDLED_MODEL_ID!r}, a hub id already in "
+        "this machine's Hub cache (the studio downloads nothing at run time), or a model folder inside one the "
+        "admin registered (PEFT_STUDIO_MODEL_FOLDERS).",
+        field="base_model",
+    )
+
+
+def _inside(path: Path, roots: Iterable[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def _forbidden_roots() -> list[Path]:
+    """Folders no base model may come from, even inside a registered folder: the studio's own data (database,
+    uploads, other users' adapters and checkpoints)."""
+    settings = get_settings()
+    roots = [
+        settings.resolved_data_dir,
+        settings.resolved_artifact_root,
+        settings.resolved_artifact_cache_dir,
+    ]
+    return [root.resolve() for root in roots]
+
+
+def registered_folders() -> list[Path]:
+    """The admin's model folders (PEFT_STUDIO_MODEL_FOLDERS), symlinks resolved."""
+    return [folder.expanduser().resolve() for folder in get_settings().model_folders]
+
+
+def _is_path(model_id: str) -> bool:
+    """A folder path rather than a hub id ("org/name"): absolute, relative with a dot, ``~``, or ``..``."""
+    return (
+        model_id.startswith((".", "~", "/", "\\"))
+        or Path(model_id).is_absolute()
+        or ".." in model_id
+        or "\\" in model_id
+        or model_id.count("/") > 1
+    )
+
+
+def _local_folder(model_id: str) -> Path:
+    """The resolved folder of a local base model, or ``not_allowed``: only inside a registered folder and
+    never inside the studio's data. Symlinks are resolved first, so a link cannot lead out of a registered
+    folder; the same rule holds for admins (a local path is theirs to register, not to type)."""
+    try:
+        folder = Path(model_id).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        raise not_allowed(model_id) from None
+    if not _inside(folder, registered_folders()) or _inside(folder, _forbidden_roots()):
+        raise not_allowed(model_id)
+    if not (folder / "config.json").is_file():
+        raise not_allowed(model_id)
+    return folder
+
+
+def _cached_folder(model_id: str) -> Path:
+    """The snapshot folder of a hub id in the local Hub cache, or ``not_allowed``."""
+    if not _HUB_ID.fullmatch(model_id):
+        raise not_allowed(model_id)
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(model_id, "config.json")
+    except (ValueError, OSError):  # huggingface_hub refuses an id it cannot parse
+        raise not_allowed(model_id) from None
+    if not isinstance(cached, str):
+        raise not_allowed(model_id)
+    folder = Path(cached).parent
+    cache_root = Path(constants.HF_HUB_CACHE).expanduser().resolve()
+    if not folder.resolve().is_relative_to(cache_root):
+        raise not_allowed(model_id)
+    return folder
+
+
 def resolve_base_model(model_id: str) -> ResolvedModel:
-    """Find a base model locally; InvalidSpec says what to do when it is not here, or when it is unsafe to load
-    (pickle weights only, or its own Python code that the admin has not allowed: app/safety.py)."""
+    """Find an allowed base model locally (the bundled one, a hub id in the Hub cache, or a folder inside a
+    registered one); InvalidSpec says what to do when it is not allowed, or when it is unsafe to load (pickle
+    weights, or its own Python code that the admin has not allowed: app/safety.py).
+
+    The web app (job and sweep validation, the OpenAI layer, adapter import) and the worker (before loading,
+    as a second line of defence) both call this, so a spec that slipped past one is refused by the other.
+    """
     from app.safety import check_base_model
 
     model = _find_base_model(model_id)
@@ -65,24 +156,7 @@ def _find_base_model(model_id: str) -> ResolvedModel:
     if model_id == BUNDLED_MODEL_ID:
         path = bundled_model_path()
         return ResolvedModel(model_id, path, _read_config(path, model_id))
-    candidate = Path(model_id).expanduser()
-    if candidate.is_absolute() or model_id.startswith("."):
-        if not (candidate / "config.json").is_file():
-            raise InvalidSpec(
-                f"Base model {model_id!r}: no transformers model folder there (config.json is missing).",
-                field="base_model",
-            )
-        return ResolvedModel(model_id, candidate.resolve(), _read_config(candidate, model_id))
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(model_id, "config.json") if model_id.count("/") <= 1 else None
-    if not isinstance(cached, str):
-        raise InvalidSpec(
-            f"Base model {model_id!r} is neither the bundled model, a local folder, nor a hub id in the local "
-            f"cache. The studio downloads nothing at run time: download it first, or choose {BUNDLED_MODEL_ID!r}.",
-            field="base_model",
-        )
-    folder = Path(cached).parent
+    folder = _local_folder(model_id) if _is_path(model_id) else _cached_folder(model_id)
     return ResolvedModel(model_id, folder, _read_config(folder, model_id))
 
 

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         description="Base models (ids or folders) allowed to run their own Python code (trust_remote_code), "
         'as a JSON list, e.g. ["org/model"]; every other model with custom code is refused.',
     )
+    model_folders: list[Path] = Field(
+        default_factory=list,
+        description="Folders whose model subfolders may be used as base models by path, as a JSON list, e.g. "
+        '["/models"]; a base model path outside them, or under the data or artifact folders, is refused.',
+    )
     webhook_poll_seconds: float = Field(
         default=2.0,
         ge=0,

@@ -93,6 +93,18 @@ def chromium_path() -> str:
     return CHROMIUM
 
 
+@pytest.fixture(autouse=True, scope="session")
+def registered_model_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests build tiny models in pytest's temporary folder: register it as a model folder
+    (PEFT_STUDIO_MODEL_FOLDERS) for in-process and ``serve`` studios alike (tests/studio.py passes it on).
+    Each studio's own data folder lies inside it too and stays refused (app/base_models.py)."""
+    import json
+
+    os.environ["PEFT_STUDIO_MODEL_FOLDERS"] = json.dumps([str(tmp_path_factory.getbasetemp())])
+    yield
+    os.environ.pop("PEFT_STUDIO_MODEL_FOLDERS", None)
+
+
 @pytest.fixture
 def studio_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """In-process settings pointed at a fresh data folder (SQLite, migrated); yields the folder."""

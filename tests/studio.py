@@ -63,6 +63,8 @@ class RunningStudio:
 def studio_env(data_dir: Path, **overrides: str) -> dict[str, str]:
     """The environment a test studio runs with: offline, its own data folder, small threads."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PEFT_STUDIO_")}
+    if "PEFT_STUDIO_MODEL_FOLDERS" in os.environ:  # tests' tiny models (tests/conftest.py)
+        env["PEFT_STUDIO_MODEL_FOLDERS"] = os.environ["PEFT_STUDIO_MODEL_FOLDERS"]
     env.update(
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
