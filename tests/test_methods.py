@@ -23,6 +23,7 @@ from app.db import get_engine
 from app.models import Adapter, Job, JobStatus, MetricPoint
 from app.settings import BUNDLED_MODEL_ID
 from app.spec import JobSpec
+from tests.bnb_paths import CPU_PATHS, FUSED, force_cpu_path, method_params
 from tests.factories import create_dataset, create_job, sst2_bytes
 from worker.methods import CAUSAL_LM, CLASSIFICATION, BuildContext, MethodInfo, count_parameters, registry
 
@@ -139,16 +140,23 @@ def check_method_specifics(name: str, model: Any, optimizer: Any, learning_rate:
         assert model.peft_config["default"].rank_pattern, "the budget callback must have allocated ranks"
 
 
-@pytest.mark.parametrize("name", methods_for(CLASSIFICATION))
+@pytest.mark.parametrize(("name", "cpu_path"), method_params(methods_for(CLASSIFICATION)))
 def test_method_trains_reloads_downloads_and_predicts(
-    name: str, session: Session, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, minilm_tokenizer: Any
+    name: str,
+    cpu_path: str | None,
+    session: Session,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    minilm_tokenizer: Any,
 ) -> None:
     from worker import engine
     from worker.estimate import estimate_job
     from worker.inference import classify
     from worker.recipes import get_recipe
 
-    # given 16 SST-2 rows trained as one repeated batch
+    # given 16 SST-2 rows trained as one repeated batch (QLoRA: on each bitsandbytes CPU path)
+    if cpu_path:
+        force_cpu_path(cpu_path, monkeypatch)
     method = registry()[name]
     test_case = case(name)
     dataset = create_dataset(session, sst2_bytes(ROWS + 1))
@@ -224,6 +232,9 @@ def test_method_trains_reloads_downloads_and_predicts(
     reloaded = method.load(fresh, str(folder), "reloaded").eval()
     with torch.no_grad():
         assert_same_logits(reloaded(**batch).logits, trained)
+        if cpu_path:  # a save after the eval forward (a repack on the fused path) changes nothing
+            method.save(model, str(tmp_path / "again"))
+            assert_same_logits(model(**batch).logits, trained)
 
     # and the downloaded archive loads outside the studio
     from app.services.adapters import build_archive
@@ -270,13 +281,18 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("name", methods_for(CAUSAL_LM))
-def test_method_on_a_causal_lm(name: str, tiny_llama: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "cpu_path"), method_params(methods_for(CAUSAL_LM)))
+def test_method_on_a_causal_lm(
+    name: str, cpu_path: str | None, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from worker.estimate import estimate
 
-    # given the method applied to a tiny random Llama
+    # given the method applied to a tiny random Llama (QLoRA: on each bitsandbytes CPU path; its 32-wide
+    # layers are narrower than the 64-wide quantization block, which the fused path cannot repack)
+    if cpu_path:
+        force_cpu_path(cpu_path, monkeypatch)
     method = registry()[name]
     test_case = case(name, {**CASES, **CAUSAL_CASES})
     settings = method.config.model_validate(test_case["method_config"])
@@ -331,12 +347,27 @@ def test_method_on_a_causal_lm(name: str, tiny_llama: Path, tmp_path: Path) -> N
     probe = tokens[:2]
     with torch.no_grad():
         trained = model(input_ids=probe).logits
+    if cpu_path == FUSED:
+        check_fused_repack(model)
     saved = tmp_path / "saved"
     method.save(model, str(saved))
     fresh = AutoModelForCausalLM.from_pretrained(tiny_llama, **load_kwargs)
     reloaded = method.load(fresh, str(saved), "reloaded").eval()
     with torch.no_grad():
         assert_same_logits(reloaded(input_ids=probe).logits, trained)
+        assert_same_logits(model(input_ids=probe).logits, trained)  # saving left the trained model as it was
+
+
+def check_fused_repack(model: Any) -> None:
+    """On the fused path, layers the kernel can take were repacked by the eval forward; the others were not."""
+    import bitsandbytes as bnb
+
+    from worker.methods.qlora import fused_cpu_kernel_fits
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    packed = {id(m): bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in layers}
+    fits = {id(m): fused_cpu_kernel_fits(m) for m in layers}
+    assert packed == fits and any(fits.values()) and not all(fits.values()), (packed, fits)
 
 
 def test_registry_is_complete_and_documented() -> None:
@@ -365,3 +396,75 @@ def test_registry_is_complete_and_documented() -> None:
             assert field.description, f"{name}.{field_name} needs a description: the form shows it as help"
             assert f"`{field_name}`" in docs, f"docs/methods.md must name setting {field_name!r} of {name!r}"
         assert f"`{name}`" in docs, f"docs/methods.md must describe method {name!r}"
+
+
+@pytest.mark.parametrize("cpu_path", CPU_PATHS)
+def test_4bit_layers_survive_saving_on_each_cpu_path(cpu_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A narrow 4-bit layer runs, and ``state_dict()`` of a repacked layer leaves its outputs unchanged."""
+    import bitsandbytes as bnb
+
+    from worker.methods.qlora import guard_4bit_layers
+
+    # given a model with a layer the fused kernel can take (128 -> 64) and one it cannot (32 -> 48)
+    force_cpu_path(cpu_path, monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4"),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 32),
+        bnb.nn.Linear4bit(32, 48, compute_dtype=torch.float32, quant_type="nf4"),
+    )
+    for layer in (model[0], model[3]):  # quantize now, as from_pretrained does
+        layer.weight._quantize("cpu")
+    model.eval()
+    kept = guard_4bit_layers(model)
+    x = torch.randn(4, 128)
+
+    # when it runs, is saved, and runs again
+    with torch.no_grad():
+        before = model(x)
+        state = model.state_dict()
+        after = model(x)
+
+    # then nothing crashed, the outputs are the same, and the saved weights are the unpacked 4-bit layout
+    assert kept == (1 if cpu_path == FUSED else 0)
+    assert getattr(model[0].weight.quant_state, "packing_format_for_cpu", False) == (cpu_path == FUSED)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert (
+        state["0.weight"].shape == model[0].weight.quant_state.original_qshape if cpu_path == FUSED else True
+    )
+
+
+def test_emulated_fused_kernel_matches() -> None:
+    """The fused-path emulation (used on CPUs without AVX-512 BF16) computes what the fused kernel does."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as functional
+
+    from tests.bnb_paths import emulated_fused_gemv, host_has_avx512bf16
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256)
+    quantized, state = functional.quantize_4bit(
+        weight, blocksize=64, quant_type="nf4", compress_statistics=True
+    )
+    x = torch.randn(8, 256)
+    reference = x @ functional.dequantize_4bit(quantized, state).T  # the dequantizing path, fp32
+    packed, packed_state = functional._convert_weight_packed_for_cpu(quantized.clone(), copy_state(state))
+    emulated = emulated_fused_gemv(functional.gemv_4bit)(x, packed, state=packed_state)
+    # bf16 has an 8-bit mantissa: inputs, weights and scales each carry up to 2^-9 relative rounding
+    torch.testing.assert_close(emulated, reference, rtol=0.03, atol=0.03 * reference.abs().max().item())
+    if host_has_avx512bf16():
+        real = bnb.matmul_4bit(x, torch.nn.Parameter(packed, requires_grad=False), quant_state=packed_state)
+        # both round the output to bf16 (eps 2^-7); summation order may flip a rounding: two ulps of the
+        # largest output, since values near zero come from cancelling sums of that size
+        ulp = 2**-7 * real.abs().max().item()
+        torch.testing.assert_close(emulated, real, rtol=2**-7, atol=2 * ulp)
+
+
+def copy_state(state: Any) -> Any:
+    """A copy of a QuantState whose fields the repack may reassign."""
+    import copy
+
+    duplicate = copy.copy(state)
+    duplicate.absmax = state.absmax.clone()
+    return duplicate

@@ -3,13 +3,26 @@
 The quantization happens while the base loads (``load_kwargs``), so the try-out and a fresh reload quantize
 the same weights the same way. A newly initialised head is kept out of quantization: its random weights are
 not in the checkpoint, and bitsandbytes cannot quantize what is not loaded (the first forward fails).
+
+bitsandbytes 0.50 has two CPU paths for 4-bit layers. On a CPU with AVX-512 BF16 it repacks a layer's weights
+for a fused bf16 kernel on the first forward in eval mode without gradients (try-out, evaluation); elsewhere
+(and always in training) it dequantizes to the compute dtype. ``guard_4bit_layers`` makes both paths safe:
+
+- A layer the fused kernel cannot take (input width not a multiple of the 64-wide quantization block, or an
+  output width not a multiple of its 32-row tiles) stays 4-bit but keeps the dequantizing path: the repack
+  would crash on it (``shape '[32, 0]' is invalid``). Real models have no such layers; tiny test models do.
+- ``state_dict()`` of a repacked layer unpacks it in place, and bitsandbytes' inverse re-quantizes the
+  double-quantized scales: every save (adapter, checkpoint) after an evaluation silently changed the frozen
+  base in memory, so the trained model drifted from what a reload gives. The guard makes saving read an
+  unpacked copy and leave the layer as it is.
 """
 
+import copy
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from worker.methods import BuildContext, BuiltModel, MethodInfo
+from worker.methods import BuildContext, BuiltModel, MethodInfo, load_peft_adapter
 from worker.methods.lora import LoraSettings, peft_lora_config
 
 # Heads that stay in full precision: new classification heads (BERT, DistilBERT, Llama/GPT-2 "score") and the
@@ -76,13 +89,66 @@ def quantization_kwargs(config: BaseModel, context: BuildContext) -> dict[str, A
     return {"quantization_config": quantization}
 
 
+# The fused CPU kernel's tiles: rows in blocks of 32, and the 4-bit quantization block along the input.
+FUSED_CPU_ROW_BLOCK = 32
+
+
+def fused_cpu_kernel_fits(layer: Any) -> bool:
+    """True when bitsandbytes' fused AVX-512 BF16 kernel can repack this 4-bit layer's weights."""
+    state = getattr(layer.weight, "quant_state", None)
+    blocksize = getattr(state, "blocksize", 64)
+    return layer.in_features % blocksize == 0 and layer.out_features % FUSED_CPU_ROW_BLOCK == 0
+
+
+def _save_unpacked_copy(layer: Any, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+    """``Linear4bit._save_to_state_dict`` without unpacking the layer in place (see the module docstring)."""
+    import torch
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    state = getattr(layer.weight, "quant_state", None)
+    if state is None or not getattr(state, "packing_format_for_cpu", False):
+        type(layer)._save_to_state_dict(layer, destination, prefix, keep_vars)
+        return
+    # The inverse assigns new fields to the state it is given: a shallow copy keeps the layer's own intact.
+    weight, unpacked = _convert_weight_packed_for_cpu_inverse(layer.weight.data.clone(), copy.copy(state))
+    torch.nn.Module._save_to_state_dict(layer, destination, prefix, keep_vars)
+    destination[prefix + "weight"] = weight
+    for key, value in unpacked.as_dict(packed=True).items():
+        destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
+
+def guard_4bit_layers(model: Any) -> int:
+    """Make every 4-bit layer of ``model`` safe on both bitsandbytes CPU paths; returns how many kept the
+    dequantizing path because the fused kernel cannot take them."""
+    import types
+
+    import bitsandbytes as bnb
+
+    kept = 0
+    for layer in model.modules():
+        if not isinstance(layer, bnb.nn.Linear4bit):
+            continue
+        layer._save_to_state_dict = types.MethodType(_save_unpacked_copy, layer)  # type: ignore[method-assign]
+        if getattr(layer, "support_avx512bf16_for_cpu", False) and not fused_cpu_kernel_fits(layer):
+            layer.support_avx512bf16_for_cpu = False
+            kept += 1
+    return kept
+
+
 def build(model: Any, config: BaseModel, context: BuildContext) -> BuiltModel:
     """Prepare the quantized base for training (norms in fp32, inputs requiring grad), then add LoRA."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     assert isinstance(config, QLoraSettings)
+    guard_4bit_layers(model)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     return BuiltModel(model=get_peft_model(model, peft_lora_config(config, context.task)))
+
+
+def load(base_model: Any, folder: str, adapter_name: str) -> Any:
+    """Put a saved QLoRA adapter onto a freshly quantized base (guarded like the trained one)."""
+    guard_4bit_layers(base_model)
+    return load_peft_adapter(base_model, folder, adapter_name)
 
 
 METHOD = MethodInfo(
@@ -92,6 +158,7 @@ METHOD = MethodInfo(
     config=QLoraSettings,
     build=build,
     load_kwargs=quantization_kwargs,
+    load=load,
     paper="Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs (arXiv:2305.14314); "
     "8-bit: Dettmers et al. 2022, LLM.int8() (arXiv:2208.07339)",
     learning_rate=5e-4,
