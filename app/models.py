@@ -122,6 +122,10 @@ class JobPublic(SQLModel):
     adapter_id: int | None = None
     sweep_id: int | None = None
     attempt: int = 0
+    waiting_reason: str | None = Field(
+        default=None,
+        description="Queued jobs only: why no connected worker can take it, e.g. no worker with a GPU is connected.",
+    )
 
 
 class JobsPublic(SQLModel):

@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(
         default=10.0, gt=0, description="How long one webhook delivery waits for the receiver to answer."
     )
+    outbound_allowed_hosts: str = Field(
+        default="",
+        description="Comma-separated host names, addresses or CIDR networks that webhooks and MLflow tracking "
+        "URIs may reach although they are loopback, private or link-local (app/netguard.py); empty: none.",
+    )
     # ---- scale out ----
     artifact_url: str | None = Field(
         default=None,

@@ -185,7 +185,8 @@ class TrackingSettings(BaseModel):
         default=None,
         max_length=1000,
         description="MLflow tracking server or store URI; empty writes a local store on the worker, "
-        "sqlite:///<data_dir>/mlflow.db.",
+        "sqlite:///<data_dir>/mlflow.db. An http(s) server must be public or allow-listed by the admin; "
+        "local stores (file://, sqlite://, paths) only in the admin's jobs.",
     )
     mlflow_experiment: str = Field(
         default="peft-studio", min_length=1, max_length=200, description="MLflow experiment name."

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from sqlmodel import Session, func, select
 
 from app.errors import InvalidSpec, ServiceUnavailable
-from app.models import Dataset, Job, JobEvent
+from app.models import Dataset, Job, JobEvent, Worker
 from app.spec import JobSpec
 
 CSV = b"text,label\ngood movie,pos\nbad movie,neg\nlovely film,pos\nawful film,neg\ngreat,pos\npoor,neg\n"
@@ -169,6 +169,9 @@ def test_valid_spec_is_queued_once(session: Session, monkeypatch: pytest.MonkeyP
         return f"task-{job_id}"
 
     monkeypatch.setattr(app.queue, "enqueue_training", record)
+    # a connected worker (without one the job also gets a "waiting" event: tests/test_security_network.py)
+    session.add(Worker(name="w1@host", hostname="host", queues=["training", "training.cpu"]))
+    session.commit()
 
     job = create_job(session, JobSpec(dataset_id=dataset.id or 0))
 

@@ -54,7 +54,11 @@ def receiver() -> Iterator[Receiver]:
 def studio(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iterator[RunningStudio]:
     data_dir = tmp_path_factory.mktemp("openai") / "data"
     with run_studio(
-        data_dir, workers=1, PEFT_STUDIO_WEBHOOK_POLL_SECONDS="0.3", PEFT_STUDIO_TORCH_THREADS="1"
+        data_dir,
+        workers=1,
+        PEFT_STUDIO_WEBHOOK_POLL_SECONDS="0.3",
+        PEFT_STUDIO_TORCH_THREADS="1",
+        PEFT_STUDIO_OUTBOUND_ALLOWED_HOSTS="127.0.0.1",  # the loopback receiver
     ) as running:
         with running.client() as http:
             hook = http.post("/api/v1/webhooks", json={"url": receiver.url, "secret": SECRET})

@@ -28,6 +28,8 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("PEFT_STUDIO_WEBHOOK_POLL_SECONDS", "0")
     monkeypatch.setenv("PEFT_STUDIO_WEBHOOK_RETRY_BASE_SECONDS", "0.05")
     monkeypatch.setenv("PEFT_STUDIO_WEBHOOK_MAX_ATTEMPTS", "4")
+    # the loopback receiver (tests/webhook_receiver.py) is reachable only because the admin allow-lists it
+    monkeypatch.setenv("PEFT_STUDIO_OUTBOUND_ALLOWED_HOSTS", "127.0.0.1")
     yield
 
 

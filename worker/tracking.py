@@ -5,7 +5,8 @@
   downloads them as a zip.
 - MLflow: the ``mlflow-skinny`` client logs the flattened spec as parameters and every logged value as a
   metric. Without a tracking URI it writes a local store, ``data_dir/mlflow.db`` (MLflow 3 refuses the old
-  ``./mlruns`` file store unless ``MLFLOW_ALLOW_FILE_STORE=true``).
+  ``./mlruns`` file store unless ``MLFLOW_ALLOW_FILE_STORE=true``). A server must be at an allowed address
+  and local stores (``file://``, ``sqlite://``, paths) are for the admin's jobs only (app/netguard.py).
 - Weights & Biases: ``wandb`` when it is installed and logged in (``wandb login`` or ``WANDB_API_KEY``).
 
 A tracker that cannot start (package missing, server unreachable) adds a warning to the job's event log and
@@ -45,6 +46,20 @@ def split_logs(logs: dict[str, Any]) -> tuple[str, dict[str, float]] | None:
         if isinstance(value, int | float) and not isinstance(value, bool) and key != "epoch"
     }
     return split, values
+
+
+def _mlflow_uri_problem(job_id: int, uri: str | None) -> str | None:
+    """Why this job may not use its MLflow URI (app/netguard.py), or None; local stores need an admin's job."""
+    from app.models import Job, User
+    from app.netguard import mlflow_uri_problem
+
+    if not uri:
+        return None
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        owner = session.get(User, job.owner_id) if job is not None and job.owner_id is not None else None
+        local_allowed = job is not None and (job.owner_id is None or (owner is not None and owner.is_admin))
+    return mlflow_uri_problem(uri.strip(), local_allowed)
 
 
 def _warn(job_id: int, message: str) -> None:
@@ -99,6 +114,11 @@ class TrackingCallback(TrainerCallback):
                 self.job_id,
                 "tracking.mlflow is on but MLflow is not installed on this worker (pip install mlflow-skinny)",
             )
+            return
+        problem = _mlflow_uri_problem(self.job_id, self.settings.mlflow_tracking_uri)
+        if problem:
+            # Checked at submit too; again here because DNS answers change and the spec may predate the rule.
+            _warn(self.job_id, f"MLflow tracking is off for this job: {problem}")
             return
         uri = (
             self.settings.mlflow_tracking_uri or f"sqlite:///{get_settings().resolved_data_dir / 'mlflow.db'}"

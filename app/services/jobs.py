@@ -8,7 +8,8 @@ from sqlmodel import Session, col, func, select
 from app.base_models import resolve_base_model
 from app.datasets_io import MAX_LABEL_CLASSES
 from app.errors import InvalidSpec, JobStateError, NotFound, ServiceUnavailable
-from app.models import Adapter, Dataset, Job, JobEvent, JobPublic, JobStatus, MetricPoint, utcnow
+from app.models import Adapter, Dataset, Job, JobEvent, JobPublic, JobStatus, MetricPoint, Worker, utcnow
+from app.netguard import check_mlflow_uri
 from app.services.datasets import check_validation_split, get_dataset
 from app.spec import JobSpec
 
@@ -217,7 +218,9 @@ def create_job(session: Session, spec: JobSpec, owner_id: int | None = None) -> 
     from app.queue import enqueue_training
     from app.services.recovery import new_run_token
 
-    validate_spec(session, spec, scope_for(session, owner_id))  # the admin may train on anyone's dataset
+    scope = scope_for(session, owner_id)
+    validate_spec(session, spec, scope)  # the admin may train on anyone's dataset
+    check_mlflow_uri(spec.tracking.mlflow_tracking_uri, local_allowed=scope is None)
     check_job_cap(session, owner_id)
     job = Job(
         owner_id=owner_id,
@@ -232,6 +235,9 @@ def create_job(session: Session, spec: JobSpec, owner_id: int | None = None) -> 
     session.flush()
     assert job.id is not None
     add_event(session, job.id, "status", "queued")
+    reason = waiting_reason(session, job)
+    if reason:
+        add_event(session, job.id, "waiting", f"{reason}; the job stays queued until one connects")
     session.commit()
     try:
         job.task_id = enqueue_training(job.id, job.run_token)
@@ -271,10 +277,43 @@ def list_jobs(
     return list(rows), count
 
 
+def waiting_reason(session: Session, job: Job) -> str | None:
+    """For a queued job that no live worker can take (none consumes its queue): why it waits, else None.
+
+    The job is not refused: a matching worker may connect later, and then the reason goes away.
+    """
+    if job.status != JobStatus.queued:
+        return None
+    from app.queue import queue_for
+    from app.services.workers import is_alive
+    from app.spec import ResourceSettings
+
+    try:
+        resources = ResourceSettings.model_validate(job.spec.get("resources") or {})
+    except ValueError:
+        return None
+    queue = queue_for(resources)
+    workers = session.exec(select(Worker).where(col(Worker.status) == "online")).all()
+    if any(queue in worker.queues for worker in workers if is_alive(worker)):
+        return None
+    if resources.wants_gpu:
+        needs = []
+        if resources.gpu_class:
+            needs.append(f"at least {resources.gpu_class.removesuffix('gb')} GB of GPU memory")
+        if resources.num_processes > 1:
+            needs.append(f"{resources.num_processes} GPUs")
+        return "no worker with a GPU" + (f" ({', '.join(needs)})" if needs else "") + " is connected"
+    if resources.accelerator == "cpu":
+        return "no CPU worker is connected"
+    return "no worker is connected"
+
+
 def job_public(session: Session, job: Job) -> JobPublic:
-    """The public shape of a job, with its adapter's id once it has one."""
+    """The public shape of a job, with its adapter's id once it has one (and why it waits, when queued)."""
     adapter_id = session.exec(select(Adapter.id).where(Adapter.job_id == job.id)).first()
-    return JobPublic.model_validate(job, update={"adapter_id": adapter_id})
+    return JobPublic.model_validate(
+        job, update={"adapter_id": adapter_id, "waiting_reason": waiting_reason(session, job)}
+    )
 
 
 def cancel_job(session: Session, job_id: int, owner_id: int | None = None) -> Job:

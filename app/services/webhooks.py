@@ -19,6 +19,11 @@ Signatures: ``X-PeftStudio-Signature: sha256=<hex>``, the HMAC-SHA256 with the w
 :func:`verify_signature`). Retries back off exponentially (``webhook_retry_base_seconds`` × 2^(attempt−1),
 at most an hour) up to ``webhook_max_attempts``; the schedule is stored on the row rather than kept by a retry
 library, because it must outlive the process that made the attempt.
+
+Addresses (app/netguard.py): a URL whose host is or resolves to a loopback, private, link-local or metadata
+address is refused when the webhook is created and again at every attempt (each redirect too), and the request
+goes to the address that was checked. The delivery log shows status codes and a generic error class, never
+the receiver's answer.
 """
 
 import hashlib
@@ -42,6 +47,7 @@ from sqlmodel import Session, col, select
 from app.db import session_scope
 from app.errors import InvalidSpec, NotFound
 from app.models import Adapter, Job, JobStatus, Webhook, WebhookDelivery, utcnow
+from app.netguard import BlockedAddress, Unresolvable, check_user_url, pinned_request
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -95,6 +101,7 @@ def _check_url(url: str) -> str:
             f"The webhook URL {url!r} is not an http(s) URL with a host, e.g. https://example.com/hooks/peft.",
             field="url",
         )
+    check_user_url(url, "url", "webhook URL")
     return url
 
 
@@ -314,14 +321,24 @@ def _post(
         SIGNATURE_HEADER: sign(secret, timestamp, body),
     }
     try:
-        response = httpx.post(
-            url, content=body, headers=headers, timeout=get_settings().webhook_timeout_seconds
-        )
-    except httpx.HTTPError as exc:
-        return None, f"{type(exc).__name__}: {exc}"[:500]
+        with httpx.Client(timeout=get_settings().webhook_timeout_seconds, follow_redirects=False) as client:
+            response = pinned_request(client, "POST", url, content=body, headers=headers)
+    except BlockedAddress as exc:
+        return None, f"not sent: {exc}"[:500]
+    except Unresolvable:
+        return None, "not sent: the host does not resolve"
+    except (httpx.ConnectError, httpx.ConnectTimeout):
+        # One message for refused, unreachable and filtered: the log must not map which ports are open.
+        return None, "connection failed"
+    except httpx.TimeoutException:
+        return None, "timed out waiting for the answer"
+    except httpx.HTTPError:
+        return None, "the request failed (protocol error)"
     if 200 <= response.status_code < 300:
         return response.status_code, None
-    return response.status_code, f"HTTP {response.status_code}: {response.text[:200]}"
+    # The status only: the receiver's body is never shown (it could be an internal service's data).
+    redirect = " (a redirect that was not followed)" if 300 <= response.status_code < 400 else ""
+    return response.status_code, f"HTTP {response.status_code}{redirect}"
 
 
 def deliver(delivery_id: int) -> str:
