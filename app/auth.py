@@ -402,7 +402,8 @@ def safe_next(next_path: str | None) -> str:
 def ensure_admin(session: Session, settings: Settings | None = None) -> User:
     """Make sure an admin exists (created on first start) and that PEFT_STUDIO_ADMIN_TOKEN is registered.
 
-    Objects made before accounts existed (no owner) are given to the admin.
+    Datasets and jobs made before accounts existed (no owner) are given to the admin; an adapter goes to its
+    job's owner.
     """
     settings = settings or get_settings()
     admin = session.exec(select(User).where(col(User.is_admin)).order_by(col(User.id))).first()
@@ -416,10 +417,16 @@ def ensure_admin(session: Session, settings: Settings | None = None) -> User:
             admin = existing
         else:
             admin = create_user(session, name, is_admin=True)
-    for model in (Dataset, Job, Adapter):
+    for model in (Dataset, Job):
         for row in session.exec(select(model).where(col(model.owner_id).is_(None))).all():  # type: ignore[attr-defined]
             row.owner_id = admin.id
             session.add(row)
+    session.flush()
+    # An adapter belongs to its job's owner (never silently to the admin): repair any the worker left empty.
+    for adapter in session.exec(select(Adapter).where(col(Adapter.owner_id).is_(None))).all():
+        job = session.get(Job, adapter.job_id)
+        adapter.owner_id = job.owner_id if job is not None else admin.id
+        session.add(adapter)
     session.commit()
     if settings.admin_token:
         digest = hash_secret(settings.admin_token)

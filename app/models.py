@@ -13,6 +13,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# Ids that leave the database (URLs, SSE event ids, API answers) are never reused: SQLite's default hands a
+# deleted highest id out again (a resumed job's replaced metric points did, and a stream continuing by id got
+# the old run's values); AUTOINCREMENT keeps a high-water mark. Postgres sequences never reuse. Migration
+# 0009_owners_and_ids rebuilds the existing SQLite tables with it.
+AUTOINCREMENT = {"sqlite_autoincrement": True}
+
+
 class JobStatus(StrEnum):
     """Where a job is in its life."""
 
@@ -36,6 +43,8 @@ class DatasetBase(SQLModel):
 
 
 class Dataset(DatasetBase, table=True):
+    __table_args__ = AUTOINCREMENT
+
     id: int | None = Field(default=None, primary_key=True)
     owner_id: int | None = Field(default=None, index=True, description="The user who uploaded it.")
     filename: str = Field(max_length=255, description="The file name as uploaded.")
@@ -70,6 +79,8 @@ class DatasetsPublic(SQLModel):
 
 
 class Job(SQLModel, table=True):
+    __table_args__ = AUTOINCREMENT
+
     id: int | None = Field(default=None, primary_key=True)
     owner_id: int | None = Field(default=None, index=True, description="The user who launched it.")
     name: str = Field(max_length=200)
@@ -136,6 +147,8 @@ class JobsPublic(SQLModel):
 class JobEvent(SQLModel, table=True):
     """Something that happened to a job: status changes, warnings, the traceback of a failure."""
 
+    __table_args__ = AUTOINCREMENT
+
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="job.id", index=True)
     kind: str = Field(max_length=40)
@@ -151,9 +164,9 @@ class JobEventPublic(SQLModel):
 
 
 class MetricPoint(SQLModel, table=True):
-    """One logged step of a job (train or eval); its id doubles as the SSE event id."""
+    """One logged step of a job (train or eval); its id doubles as the SSE event id (never reused)."""
 
-    __table_args__ = (Index("ix_metricpoint_job_id_id", "job_id", "id"),)
+    __table_args__ = (Index("ix_metricpoint_job_id_id", "job_id", "id"), AUTOINCREMENT)
 
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="job.id")
@@ -162,6 +175,9 @@ class MetricPoint(SQLModel, table=True):
     split: str = Field(max_length=10, description="train or eval")
     values: dict[str, float] = Field(sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
+    attempt: int = Field(
+        default=0, description="The job's attempt (start) that logged it; 0: logged before attempts were kept."
+    )
 
 
 class MetricPointPublic(SQLModel):
@@ -170,12 +186,15 @@ class MetricPointPublic(SQLModel):
     epoch: float | None
     split: str
     values: dict[str, float]
+    attempt: int = 0
 
 
 # ---- adapters ---------------------------------------------------------------------------------
 
 
 class Adapter(SQLModel, table=True):
+    __table_args__ = AUTOINCREMENT
+
     id: int | None = Field(default=None, primary_key=True)
     owner_id: int | None = Field(default=None, index=True, description="The owner of the job that made it.")
     job_id: int = Field(foreign_key="job.id", index=True, unique=True)
@@ -221,7 +240,7 @@ class AdaptersPublic(SQLModel):
 class Checkpoint(SQLModel, table=True):
     """A saved training state of a job (kept in the artifact store), with the metrics at its step."""
 
-    __table_args__ = (Index("ix_checkpoint_job_id_step", "job_id", "step", unique=True),)
+    __table_args__ = (Index("ix_checkpoint_job_id_step", "job_id", "step", unique=True), AUTOINCREMENT)
 
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="job.id")
@@ -246,6 +265,8 @@ class CheckpointPublic(SQLModel):
 
 class User(SQLModel, table=True):
     """A person (or service) who signs in; the admin sees everything, others only what they own."""
+
+    __table_args__ = AUTOINCREMENT
 
     id: int | None = Field(default=None, primary_key=True)
     username: str = Field(max_length=100, unique=True, index=True)
@@ -275,6 +296,8 @@ class UsersPublic(SQLModel):
 
 class ApiToken(SQLModel, table=True):
     """An API token: only its sha256 is stored; the prefix lets a person recognise it in the list."""
+
+    __table_args__ = AUTOINCREMENT
 
     id: int | None = Field(default=None, primary_key=True)
     user_id: int = Field(index=True)
@@ -327,6 +350,8 @@ class BrowserSession(SQLModel, table=True):
 class AuditEvent(SQLModel, table=True):
     """Who did what to which object: created, cancelled, downloaded, deleted, signed in, revoked."""
 
+    __table_args__ = AUTOINCREMENT
+
     id: int | None = Field(default=None, primary_key=True)
     user_id: int | None = Field(default=None, index=True)
     username: str = Field(default="", max_length=100)
@@ -359,6 +384,8 @@ class AuditEventsPublic(SQLModel):
 class Sweep(SQLModel, table=True):
     """A grid of jobs queued together: a base spec and lists of values for some of its fields."""
 
+    __table_args__ = AUTOINCREMENT
+
     id: int | None = Field(default=None, primary_key=True)
     owner_id: int | None = Field(default=None, index=True, description="The user who started it.")
     name: str = Field(max_length=200)
@@ -372,6 +399,8 @@ class Sweep(SQLModel, table=True):
 
 class Webhook(SQLModel, table=True):
     """A URL that receives a signed JSON event when one of its owner's jobs succeeds, fails or is cancelled."""
+
+    __table_args__ = AUTOINCREMENT
 
     id: int | None = Field(default=None, primary_key=True)
     owner_id: int | None = Field(default=None, index=True, description="The user whose jobs it reports.")
@@ -389,6 +418,7 @@ class WebhookDelivery(SQLModel, table=True):
     __table_args__ = (
         Index("ix_webhookdelivery_event", "webhook_id", "job_id", "event_type", unique=True),
         Index("ix_webhookdelivery_due", "status", "next_attempt_at"),
+        AUTOINCREMENT,
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -428,6 +458,8 @@ class FineTuningJobLink(SQLModel, table=True):
 
 class Worker(SQLModel, table=True):
     """A training worker as it announced itself: its hardware, its queues, what it runs, when it was last seen."""
+
+    __table_args__ = AUTOINCREMENT
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=255, unique=True, description="The Celery worker name, e.g. gpu1@host.")

@@ -15,6 +15,12 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         if connection.dialect.name == "postgresql":
             connection.exec_driver_sql("SELECT pg_advisory_lock(727274)")
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # A batch rebuild drops a parent table and renames its copy back (0009: AUTOINCREMENT); with foreign
+            # keys on, the drop fails. The pragma only works outside a transaction: set it first, check after.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         try:
             context.configure(
                 connection=connection,
@@ -23,7 +29,15 @@ def run_migrations_online() -> None:
             )
             with context.begin_transaction():
                 context.run_migrations()
+            if sqlite:
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"migrations left rows whose foreign keys point nowhere: {broken[:5]}")
         finally:
+            if sqlite:
+                connection.rollback()
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
             if connection.dialect.name == "postgresql":
                 connection.exec_driver_sql("SELECT pg_advisory_unlock(727274)")
                 connection.commit()

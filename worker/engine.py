@@ -595,6 +595,7 @@ def _train(job_id: int, claim: Claim, store: Any, work_dir: Path, heartbeat: Hea
         session.add(
             Adapter(
                 job_id=job_id,
+                owner_id=job.owner_id if job else None,  # the job's owner owns what it makes
                 name=job.name if job else f"job {job_id}",
                 method=spec.method,
                 task=spec.task,
