@@ -59,6 +59,13 @@ MIN_PASSWORD_LENGTH = 8
 # Paths anyone may open. /static, /docs and /openapi.json are not API routes and never reach `authenticate`.
 PUBLIC_PATHS = frozenset({"/healthz", "/login", "/login/token", "/register"})
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+INVALID_TOKEN_MESSAGE = (
+    "The API token is not valid: it is unknown, expired or revoked. Create one on /tokens."
+)
+SIGN_IN_MESSAGE = (
+    "Sign in first: send Authorization: Bearer <api token> (create one on /tokens), "
+    "or sign in on /login in a browser."
+)
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
 
 _hasher = PasswordHasher()
@@ -473,18 +480,13 @@ async def authenticate(
     if credentials is not None:
         user = await run_in_threadpool(user_for_api_token, session, credentials.credentials)
         if user is None:
-            raise Unauthorized(
-                "The API token is not valid: it is unknown, expired or revoked. Create one on /tokens."
-            )
+            raise Unauthorized(INVALID_TOKEN_MESSAGE)
         request.state.auth_method = "token"
     else:
         raw = request.cookies.get(SESSION_COOKIE)
         user = await run_in_threadpool(user_for_session, session, raw) if raw else None
         if user is None or raw is None:
-            raise Unauthorized(
-                "Sign in first: send Authorization: Bearer <api token> (create one on /tokens), "
-                "or sign in on /login in a browser."
-            )
+            raise Unauthorized(SIGN_IN_MESSAGE)
         request.state.auth_method = "session"
         request.state.csrf_token = csrf_token_for(raw)
         if request.method in UNSAFE_METHODS:
@@ -559,10 +561,17 @@ def csrf_token(request: Request) -> str:
 
 
 async def _unauthorized(request: Request, exc: Exception) -> Response:
-    message = exc.message if isinstance(exc, StudioError) else "Sign in first."
+    return unauthorized_response(request, exc.message if isinstance(exc, StudioError) else "Sign in first.")
+
+
+def unauthorized_response(request: Request, message: str) -> Response:
+    """The answer to a request without valid credentials: 401 for the APIs (OpenAI's error shape on /v1), a
+    redirect to /login for pages. Reads only the request's headers (the request gate sends it before any body)."""
+    from app.gate import error_json
+
     path = request.url.path
     if is_api_path(path):
-        return JSONResponse({"detail": message}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return error_json(path, 401, message, headers={"WWW-Authenticate": "Bearer"})
     if request.headers.get("hx-request") == "true":
         current = urlsplit(request.headers.get("hx-current-url", "/"))
         target = "/login?next=" + quote(safe_next(current.path or "/"))
@@ -573,20 +582,25 @@ async def _unauthorized(request: Request, exc: Exception) -> Response:
 
 
 def install(app: FastAPI) -> None:
-    """Accounts in the app: the login redirect for pages, start-up bootstrap, the body-size cap.
+    """Accounts in the app: the login redirect for pages, start-up bootstrap, the request gate and body cap.
 
     ``authenticate`` itself is an app-wide dependency (``FastAPI(dependencies=AUTH_DEPENDENCIES)``), so routers
-    added by anyone later are covered without doing anything.
+    added by anyone later are covered without doing anything. In front of it, ``RequestGate`` (app/gate.py)
+    refuses requests without valid credentials before their body is read, and ``BodySizeLimit``
+    (app/safety.py) stops a body at its limit while it arrives.
     """
     from sqlalchemy.exc import DataError
 
+    from app.gate import FiniteJsonNumbers, RequestGate
     from app.safety import BodySizeLimit
 
     app.add_exception_handler(Unauthorized, _unauthorized)
     # Backstop for numbers in queries that overflow the database's integers (SQLite raises OverflowError).
     app.add_exception_handler(OverflowError, _out_of_range)
     app.add_exception_handler(DataError, _out_of_range)
+    app.add_middleware(FiniteJsonNumbers)  # innermost: holds a JSON body that BodySizeLimit already capped
     app.add_middleware(BodySizeLimit)
+    app.add_middleware(RequestGate)  # added last: the outermost layer, so every answer gets its headers
 
 
 AUTH_DEPENDENCIES: list[Any] = [Depends(authenticate)]

@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import auth as accounts
 from app.api import adapter_import, adapters, datasets, generate, jobs, meta, openai_compat, webhooks
@@ -19,6 +21,7 @@ from app.api import tokens as tokens_api
 from app.api import users as users_api
 from app.db import PROJECT_ROOT, run_migrations
 from app.errors import StudioError
+from app.gate import is_openai_path
 from app.services.recovery import start_reaper
 from app.web import auth_pages, causal_pages, dashboard_pages, pages, workers_pages
 
@@ -73,17 +76,39 @@ def create_app(migrate: bool = True) -> FastAPI:
 
     @app.exception_handler(StudioError)
     async def studio_error(request: Request, exc: StudioError) -> Response:
+        if is_openai_path(request.url.path):
+            return openai_compat.error_response(exc.status_code, exc.message, exc.field)
         if _wants_html(request):
             return pages.error_page(request, exc.status_code, exc.message)
         return JSONResponse(exc.to_dict(), status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        if is_openai_path(request.url.path):
+            return openai_compat.validation_response(exc)
         errors = [_validation_item(error) for error in exc.errors()]
         message = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
         if _wants_html(request):
             return pages.error_page(request, 422, message)
         return JSONResponse({"detail": message, "errors": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Unknown /v1 paths (404) and wrong methods (405) answer in OpenAI's shape like the routes do.
+        if is_openai_path(request.url.path):
+            response = openai_compat.error_response(exc.status_code, str(exc.detail))
+            response.headers.update(exc.headers or {})
+            return response
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> Response:
+        # Starlette still logs the traceback; the client gets no detail of it.
+        if is_openai_path(request.url.path):
+            return openai_compat.error_response(
+                500, "The server failed to answer this request; it was logged."
+            )
+        return PlainTextResponse("Internal Server Error", status_code=500)
 
     app.include_router(datasets.router)
     app.include_router(jobs.router)

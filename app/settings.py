@@ -89,6 +89,21 @@ class Settings(BaseSettings):
     login_link_minutes: float = Field(
         default=60.0 * 24, gt=0, description="How long a one-time login link (first start, invitation) works."
     )
+    max_json_bytes: int = Field(
+        default=1024 * 1024,
+        gt=0,
+        description="Largest JSON or form (urlencoded) request body, in bytes; multipart uploads have "
+        "max_upload_bytes, and the sign-in forms a fixed 64 KiB.",
+    )
+    sign_in_max_failures: int = Field(
+        default=5,
+        ge=1,
+        description="Failed sign-ins per account, and per client address, within sign_in_window_seconds before "
+        "further attempts are refused with 429 until the window has passed.",
+    )
+    sign_in_window_seconds: float = Field(
+        default=900.0, gt=0, description="The window (seconds) in which failed sign-ins are counted."
+    )
     trust_remote_code_models: list[str] = Field(
         default_factory=list,
         description="Base models (ids or folders) allowed to run their own Python code (trust_remote_code), "

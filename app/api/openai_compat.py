@@ -26,6 +26,7 @@ from app.auth import CurrentUser, OwnerScope
 from app.deps import SessionDep
 from app.errors import InvalidSpec, StudioError
 from app.formats import GenerationSettings
+from app.gate import openai_error_body
 from app.models import Adapter
 from app.services import adapters as adapters_service
 from app.services import datasets as datasets_service
@@ -34,8 +35,6 @@ from app.storage import get_store
 
 # ---- errors in OpenAI's shape -----------------------------------------------------------------
 
-_CODES = {404: "not_found", 409: "conflict", 413: "file_too_large", 503: "service_unavailable"}
-
 
 def error_response(
     status_code: int, message: str, param: str | None = None, code: str | None = None
@@ -43,14 +42,13 @@ def error_response(
     """``{"error": {...}}`` as OpenAI answers; 422s become 400 (what OpenAI clients expect for bad input)."""
     if status_code == 422:
         status_code = 400
-    kind = "invalid_request_error" if status_code < 500 else "server_error"
-    body = {
-        "error": {"message": message, "type": kind, "param": param, "code": code or _CODES.get(status_code)}
-    }
-    return JSONResponse(body, status_code=status_code)
+    if status_code == 413 and code is None:
+        code = "file_too_large"
+    return JSONResponse(openai_error_body(status_code, message, param, code), status_code=status_code)
 
 
-def _validation_response(exc: RequestValidationError) -> JSONResponse:
+def validation_response(exc: RequestValidationError) -> JSONResponse:
+    """A request validation error as OpenAI answers bad input: 400, the first problem, its parameter."""
     errors = list(exc.errors())
     first = errors[0] if errors else {}
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
@@ -72,7 +70,7 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
-                return _validation_response(exc)
+                return validation_response(exc)
             except StudioError as exc:
                 return error_response(exc.status_code, exc.message, exc.field)
 

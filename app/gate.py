@@ -1,0 +1,300 @@
+"""The request gate in front of every route: security headers on every response, and sign-in checked before
+any of the request body is read.
+
+Why an ASGI middleware and not only the app-wide dependency (``app.auth.authenticate``): FastAPI reads and
+parses a request's body (a multipart upload spooled to a temporary file, a JSON body parsed into memory) before
+it runs the route's dependencies, so a dependency alone let anyone without credentials make the server write
+or hold a gigabyte before answering 401. Here the credential is checked from the headers only (a bearer token
+or the session cookie, looked up with the same functions the dependency uses, in a worker thread) and a request
+without a valid one is answered at once; the dependency still runs afterwards (CSRF, ``request.state.user``).
+The body-size cap that counts bytes as they arrive is ``app.safety.BodySizeLimit``, the next layer in.
+
+The answer to a refused request is the one the dependency gives: 401 JSON on ``/api/``, 401 in OpenAI's error
+shape on ``/v1/``, a redirect to /login for pages (``HX-Redirect`` for htmx).
+"""
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.settings import get_settings
+
+# Our pages load scripts and styles from /static only. Inline style attributes carry computed widths (progress
+# bars, histograms), so styles allow them; scripts never run inline (no eval, no inline handlers).
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "font-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+# FastAPI's /docs and /redoc pages are an inline script that loads Swagger UI / ReDoc from a CDN.
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+    "font-src 'self' https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; "
+    "worker-src 'self' blob:; connect-src 'self'; object-src 'none'; base-uri 'self'; frame-ancestors 'none'"
+)
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+HSTS = "max-age=31536000; includeSubDomains"
+
+
+def security_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The headers every response carries; HSTS only when the request came over HTTPS.
+
+    The scheme is the one uvicorn reports: behind a proxy it comes from ``X-Forwarded-Proto`` when the proxy's
+    address is trusted (uvicorn's ``--forwarded-allow-ips`` / ``FORWARDED_ALLOW_IPS``), never from any client.
+    """
+    csp = DOCS_CSP if scope.get("path") in DOCS_PATHS else PAGE_CSP
+    headers = [
+        (b"content-security-policy", csp.encode()),
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"same-origin"),
+    ]
+    if scope.get("scheme") == "https":
+        headers.append((b"strict-transport-security", HSTS.encode()))
+    return headers
+
+
+def _with_headers(message: Message, extra: Iterable[tuple[bytes, bytes]]) -> Message:
+    present = {name.lower() for name, _ in message.get("headers", ())}
+    headers = list(message.get("headers", ()))
+    headers.extend((name, value) for name, value in extra if name not in present)
+    return {**message, "headers": headers}
+
+
+def openai_error_body(
+    status_code: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code"}}`` as OpenAI answers errors."""
+    if status_code == 401:
+        kind = "authentication_error"
+    elif status_code == 429:
+        kind = "rate_limit_error"
+    else:
+        kind = "invalid_request_error" if status_code < 500 else "server_error"
+    codes = {
+        401: "invalid_api_key",
+        404: "not_found",
+        405: "method_not_allowed",
+        409: "conflict",
+        413: "request_too_large",
+        429: "rate_limit_exceeded",
+        500: "internal_error",
+        503: "service_unavailable",
+    }
+    return {
+        "error": {"message": message, "type": kind, "param": param, "code": code or codes.get(status_code)}
+    }
+
+
+def is_openai_path(path: str) -> bool:
+    """Routes of the OpenAI-compatible API, which answer errors in OpenAI's shape."""
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def error_json(
+    path: str, status_code: int, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """An error answer in the shape of the path's API: OpenAI's on /v1, ``{"detail"}`` elsewhere."""
+    body = openai_error_body(status_code, message) if is_openai_path(path) else {"detail": message}
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def needs_sign_in(path: str) -> bool:
+    """True for every path but the public ones: sign-in pages, /healthz, /static, and the API docs outside
+    production."""
+    from app.auth import is_public
+
+    if is_public(path) or path.startswith("/static/"):
+        return False
+    if path in DOCS_PATHS:
+        return get_settings().environment == "production"
+    return True
+
+
+def _credentials(scope: Scope) -> tuple[str | None, str | None]:
+    """The bearer token and the session cookie of a request, read from its headers only."""
+    from app.auth import SESSION_COOKIE
+
+    request = Request(scope)
+    bearer = None
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        bearer = value.strip()
+    return bearer, request.cookies.get(SESSION_COOKIE)
+
+
+def credential_is_valid(bearer: str | None, cookie: str | None) -> bool:
+    """True when the bearer token (or, without one, the session cookie) belongs to an active user.
+
+    Blocking database work: call it in a thread.
+    """
+    from app.auth import user_for_api_token, user_for_session
+    from app.db import session_scope
+
+    with session_scope() as session:
+        if bearer is not None:
+            return user_for_api_token(session, bearer) is not None
+        return cookie is not None and user_for_session(session, cookie) is not None
+
+
+class RequestGate:
+    """Outermost layer of the app: adds the security headers, and refuses a request to a non-public path
+    without valid credentials before its body is read."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        extra = security_headers(scope)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = _with_headers(message, extra)
+            await send(message)
+
+        if needs_sign_in(scope["path"]):
+            bearer, cookie = _credentials(scope)
+            valid = bool(bearer or cookie) and await anyio.to_thread.run_sync(
+                credential_is_valid, bearer, cookie
+            )
+            if not valid:
+                response = await refusal(scope, bearer is not None)
+                await response(scope, _no_body, send_with_headers)
+                return
+        await self.app(scope, receive, send_with_headers)
+
+
+async def _no_body() -> Message:
+    """A ``receive`` for refused requests: their body is never read."""
+    return {"type": "http.disconnect"}
+
+
+async def refusal(scope: Scope, had_token: bool) -> Response:
+    """The 401 (or sign-in redirect) for a request without valid credentials, as ``authenticate`` gives it."""
+    from app.auth import INVALID_TOKEN_MESSAGE, SIGN_IN_MESSAGE, unauthorized_response
+
+    response = unauthorized_response(Request(scope), INVALID_TOKEN_MESSAGE if had_token else SIGN_IN_MESSAGE)
+    # The body of this request is never read: tell the client not to reuse the connection.
+    response.headers["connection"] = "close"
+    return response
+
+
+# ---- JSON numbers that are not numbers -------------------------------------------------------
+
+_NOT_FINITE = re.compile(rb"NaN|Infinity|\d[eE]\+?\d{3}")
+
+
+class _NotFinite:
+    """Stands in for NaN/Infinity while a body is parsed, so the field that held it can be named."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _parse_number(text: str) -> float | _NotFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NotFinite(text)
+
+
+def _first_not_finite(value: Any, path: tuple[str, ...] = ()) -> tuple[str, str] | None:
+    """The dotted path and text of the first NaN/Infinity (or overflowing number) in a parsed body."""
+    if isinstance(value, _NotFinite):
+        return ".".join(path) or "body", value.text
+    items: Iterable[tuple[Any, Any]] = ()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    for key, item in items:
+        found = _first_not_finite(item, (*path, str(key)))
+        if found:
+            return found
+    return None
+
+
+def not_finite_field(body: bytes) -> tuple[str, str] | None:
+    """``(field, text)`` of the first number in a JSON body that is not finite, else None (also for bodies
+    that are not JSON: the route's own validation words those)."""
+    if not _NOT_FINITE.search(body):
+        return None
+    try:
+        parsed = json.loads(body, parse_constant=_NotFinite, parse_float=_parse_number)
+    except ValueError:
+        return None
+    return _first_not_finite(parsed)
+
+
+class FiniteJsonNumbers:
+    """Refuse a JSON body that holds NaN, Infinity or a number beyond a double (1e999), naming the field.
+
+    Python's JSON parser accepts these, JSON itself does not, and pydantic lets them through float fields with
+    ``gt``/``le`` bounds (every comparison with NaN is false), so they are caught here once for every route.
+    Sits inside ``BodySizeLimit``: the body it holds in memory is at most PEFT_STUDIO_MAX_JSON_BYTES.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _is_json(scope):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([message]), send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        found = not_finite_field(body)
+        if found is not None:
+            field, text = found
+            path = scope["path"]
+            message_text = f"{field}: must be a finite number (got {text}; JSON has no NaN or Infinity)"
+            if is_openai_path(path):
+                error = openai_error_body(400, message_text, field, "invalid_value")
+                response = JSONResponse(error, status_code=400)
+            else:
+                errors = [{"field": field, "message": f"must be a finite number (got {text})"}]
+                response = JSONResponse({"detail": message_text, "errors": errors}, status_code=422)
+            await response(scope, receive, send)
+            return
+        await self.app(
+            scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send
+        )
+
+
+def _is_json(scope: Scope) -> bool:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            media = value.split(b";", 1)[0].strip().lower()
+            return media == b"application/json" or media.endswith(b"+json")
+    return False
+
+
+def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
+    """A ``receive`` that hands out ``messages`` first, then defers to ``then`` (a disconnect, usually)."""
+    pending = list(messages)
+
+    async def receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        if then is not None:
+            return await then()
+        return {"type": "http.disconnect"}
+
+    return receive

@@ -1,0 +1,255 @@
+"""The request gate (issue 15): no body is read before sign-in, bodies stop at their limit while they arrive,
+sign-ins are verified off the event loop and throttled, security headers, API docs in production, NaN/Infinity,
+OpenAI's error shape on /v1, unknown fields refused.
+
+The upload probes run over real HTTP against uvicorn serving the app in a thread of this process, so the test
+can watch what the server spools: every regular file the process holds open (a spooled upload is an unnamed
+temporary file) and every file under the temporary folder and the data folder, sampled while the request runs.
+"""
+
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from sqlmodel import Session, select
+
+from app.db import get_engine
+from app.models import Dataset
+from tests.conftest import ADMIN_TOKEN
+from tests.factories import sst2_bytes
+from tests.studio import free_port
+
+MIB = 1024 * 1024
+SENT_BYTES = 48 * MIB  # what each probe pushes; far beyond every limit but the upload cap
+BOUNDARY = "gateprobe"
+
+
+@dataclass
+class LiveStudio:
+    """The app served by uvicorn in a thread: its URL, data folder and the temporary folder it spools to."""
+
+    url: str
+    data_dir: Path
+    spool_dir: Path
+
+
+@pytest.fixture
+def live(studio_settings: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveStudio]:
+    """uvicorn + the app in a thread; temporary files of this process go to a folder of the test's own."""
+    from app.main import create_app
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(), host="127.0.0.1", port=free_port(), log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    yield LiveStudio(f"http://127.0.0.1:{server.config.port}", studio_settings, spool)
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+class SpoolMeter:
+    """Samples, while a request runs, the bytes this process holds in files: open regular files (unnamed
+    spooled uploads included) and files under the watched folders; keeps the largest total seen, and the
+    largest growth of the resident memory."""
+
+    def __init__(self, *folders: Path) -> None:
+        self.folders = folders
+        self.peak_file_bytes = 0
+        self.peak_rss_growth = 0
+        self._rss_start = self._rss()
+        self._baseline = self._file_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _file_bytes(self) -> int:
+        seen: dict[tuple[int, int], int] = {}
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                info = os.stat(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if info.st_mode & 0o170000 == 0o100000:  # a regular file
+                seen[(info.st_dev, info.st_ino)] = info.st_size
+        for folder in self.folders:
+            for path in folder.rglob("*"):
+                try:
+                    info = path.stat()
+                except OSError:
+                    continue
+                if path.is_file():
+                    seen[(info.st_dev, info.st_ino)] = info.st_size
+        return sum(seen.values())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_file_bytes = max(self.peak_file_bytes, self._file_bytes() - self._baseline)
+            self.peak_rss_growth = max(self.peak_rss_growth, self._rss() - self._rss_start)
+            time.sleep(0.01)
+
+    def __enter__(self) -> "SpoolMeter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_file_bytes = max(self.peak_file_bytes, self._file_bytes() - self._baseline)
+
+
+def _multipart_chunks(total: int, fields: dict[str, str] | None = None) -> Iterator[bytes]:
+    """A multipart body with one file of ``total`` bytes, produced in 1 MiB chunks (sent chunked)."""
+    head = "".join(
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in (fields or {}).items()
+    )
+    yield (
+        head + f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.csv"\r\n'
+        "Content-Type: text/csv\r\n\r\n"
+    ).encode()
+    yield b"text,label\n"
+    line = b"a fine film,1\n" * (MIB // 14)
+    sent = 0
+    while sent < total:
+        yield line
+        sent += len(line)
+    yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def _json_chunks(total: int) -> Iterator[bytes]:
+    """A JSON object whose one string field is ``total`` bytes, in 1 MiB chunks."""
+    yield b'{"name": "'
+    sent = 0
+    while sent < total:
+        yield b"x" * MIB
+        sent += MIB
+    yield b'"}'
+
+
+MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+UPLOADS = [
+    ("/api/v1/datasets", MULTIPART, lambda: _multipart_chunks(SENT_BYTES, {"name": "big"})),
+    ("/api/v1/adapters/import", MULTIPART, lambda: _multipart_chunks(SENT_BYTES)),
+    ("/v1/files", MULTIPART, lambda: _multipart_chunks(SENT_BYTES, {"purpose": "fine-tune"})),
+    ("/login", MULTIPART, lambda: _multipart_chunks(SENT_BYTES, {"username": "admin", "password": "x" * 12})),
+    ("/api/v1/jobs", {"Content-Type": "application/json"}, lambda: _json_chunks(SENT_BYTES)),
+]
+
+
+def _post_chunked(url: str, headers: dict[str, str], body: Iterator[bytes]) -> httpx.Response:
+    # A generator body makes httpx send Transfer-Encoding: chunked (no Content-Length).
+    with httpx.Client(timeout=120) as client:
+        return client.post(url, headers=headers, content=body)
+
+
+# ---- item 1: nothing is read or spooled before sign-in; bodies stop at their limit ---------------------
+
+
+@pytest.mark.parametrize(("path", "headers", "body"), UPLOADS, ids=[p for p, _, _ in UPLOADS])
+def test_chunked_upload_without_credentials_spools_nothing(
+    live: LiveStudio, path: str, headers: dict[str, str], body: object
+) -> None:
+    # given: no credentials, a 48 MiB chunked body
+    # when
+    with SpoolMeter(live.spool_dir, live.data_dir) as meter:
+        response = _post_chunked(live.url + path, headers, body())  # type: ignore[operator]
+    # then: the server wrote (or held) nothing near the size of what was sent
+    assert meter.peak_file_bytes < 2 * MIB, f"{meter.peak_file_bytes:,} bytes spooled"
+    assert meter.peak_rss_growth < SENT_BYTES // 2, f"memory grew by {meter.peak_rss_growth:,} bytes"
+    # and: refused (401 on the APIs; /login is public and refuses the body as too large for a sign-in form)
+    assert response.status_code == (413 if path == "/login" else 401), response.text
+    assert response.headers["x-content-type-options"] == "nosniff"
+    if path.startswith("/v1/"):
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_chunked_upload_over_the_limit_is_cut_off_and_nothing_is_stored(
+    live: LiveStudio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.settings import get_settings
+
+    # given: a signed-in user and an upload cap of 4 MiB
+    monkeypatch.setenv("PEFT_STUDIO_MAX_UPLOAD_BYTES", str(4 * MIB))
+    get_settings.cache_clear()
+    headers = {**MULTIPART, "Authorization": f"Bearer {ADMIN_TOKEN}"}
+    # when: 48 MiB arrive chunked
+    with SpoolMeter(live.spool_dir, live.data_dir) as meter:
+        response = _post_chunked(live.url + "/api/v1/datasets", headers, _multipart_chunks(SENT_BYTES))
+    # then: 413 naming the limit; at most about the limit was ever spooled; no dataset exists
+    assert response.status_code == 413, response.text
+    assert "PEFT_STUDIO_MAX_UPLOAD_BYTES" in response.json()["detail"]
+    assert meter.peak_file_bytes < 4 * MIB + 2 * MIB + MIB, f"{meter.peak_file_bytes:,} bytes spooled"
+    with Session(get_engine()) as session:
+        assert session.exec(select(Dataset)).all() == []
+    # and: an upload within the limit still works
+    ok = httpx.post(
+        live.url + "/api/v1/datasets",
+        files={"file": ("train.csv", sst2_bytes(40), "text/csv")},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
+    assert ok.status_code == 201, ok.text
+
+
+def test_json_body_over_its_own_limit_is_413(live: LiveStudio) -> None:
+    # given: a signed-in client; the JSON limit (1 MiB by default) is far below the upload limit
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_TOKEN}"}
+    # when: 48 MiB of JSON arrive chunked
+    with SpoolMeter(live.spool_dir, live.data_dir) as meter:
+        response = _post_chunked(live.url + "/api/v1/jobs", headers, _json_chunks(SENT_BYTES))
+    # then
+    assert response.status_code == 413, response.text
+    assert "PEFT_STUDIO_MAX_JSON_BYTES" in response.json()["detail"]
+    assert meter.peak_rss_growth < SENT_BYTES // 2, f"memory grew by {meter.peak_rss_growth:,} bytes"
+
+
+def test_declared_length_over_the_limit_is_refused_before_reading(client: TestClient) -> None:
+    response = client.post(
+        "/api/v1/tokens",
+        content=b"{}",
+        headers={"Content-Type": "application/json", "Content-Length": "5000000"},
+    )
+    assert response.status_code == 413
+    assert "PEFT_STUDIO_MAX_JSON_BYTES" in response.json()["detail"]
+
+
+def test_gate_answers_as_the_dependency_did(client: TestClient) -> None:
+    # given: no credentials
+    client.headers.pop("Authorization")
+    # then: JSON 401 on the API, a redirect to /login on pages, htmx told where to go, OpenAI's shape on /v1
+    api = client.post("/api/v1/jobs", json={})
+    assert api.status_code == 401 and "Sign in first" in api.json()["detail"]
+    assert api.headers["www-authenticate"] == "Bearer"
+    page = client.get("/datasets?x=1", follow_redirects=False)
+    assert page.status_code == 303 and page.headers["location"] == "/login?next=/datasets%3Fx%3D1"
+    htmx = client.get("/jobs", headers={"HX-Request": "true", "HX-Current-URL": "http://t/jobs"})
+    assert htmx.status_code == 401 and htmx.headers["hx-redirect"] == "/login?next=/jobs"
+    v1 = client.get("/v1/models", headers={"Authorization": "Bearer pst_not-a-token"})
+    assert v1.status_code == 401
+    assert v1.json()["error"]["type"] == "authentication_error"
+    assert "not valid" in v1.json()["error"]["message"]
+    # and: public paths stay public
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/login").status_code == 200
+    assert client.get("/static/app.css").status_code == 200
