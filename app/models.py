@@ -378,6 +378,14 @@ class AuditEventsPublic(SQLModel):
     count: int
 
 
+class SignInFailure(SQLModel, table=True):
+    """One failed sign-in, counted per account and per client address to throttle password guessing."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(max_length=200, index=True, description="'account:<name>' or 'address:<ip>'.")
+    failed_at: datetime = Field(default_factory=utcnow, index=True)
+
+
 # ---- sweeps -----------------------------------------------------------------------------------
 
 

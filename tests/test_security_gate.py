@@ -8,6 +8,8 @@ temporary file) and every file under the temporary folder and the data folder, s
 """
 
 import os
+import select as io_select
+import socket
 import tempfile
 import threading
 import time
@@ -22,7 +24,7 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
 from app.db import get_engine
-from app.models import Dataset
+from app.models import AuditEvent, Dataset
 from tests.conftest import ADMIN_TOKEN
 from tests.factories import sst2_bytes
 from tests.studio import free_port
@@ -253,3 +255,109 @@ def test_gate_answers_as_the_dependency_did(client: TestClient) -> None:
     assert client.get("/healthz").status_code == 200
     assert client.get("/login").status_code == 200
     assert client.get("/static/app.css").status_code == 200
+
+
+# ---- item 2: sign-ins are verified off the event loop, and throttled ------------------------------------
+
+
+def _account(username: str) -> str:
+    """A non-admin account with a password; returns the password."""
+    from app.auth import create_user
+    from app.db import session_scope
+
+    password = f"{username}-password-123"
+    with session_scope() as session:
+        create_user(session, username, password)
+    return password
+
+
+def _login_request(username: str, password: str) -> bytes:
+    body = f"username={username}&password={password}&next=/".encode()
+    return (
+        b"POST /login HTTP/1.1\r\nHost: studio\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+
+
+def test_healthz_answers_while_sign_ins_are_being_verified(
+    live: LiveStudio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.settings import get_settings
+
+    # given: six wrong-password sign-ins for real accounts (each an argon2 verification), throttling out of the way
+    monkeypatch.setenv("PEFT_STUDIO_SIGN_IN_MAX_FAILURES", "100")
+    get_settings.cache_clear()
+    names = [f"user{i}" for i in range(6)]
+    for name in names:
+        _account(name)
+    host, port = live.url.removeprefix("http://").split(":")
+    sockets = [socket.create_connection((host, int(port))) for _ in names]
+    # when: all six are sent at once, then /healthz
+    for sock, name in zip(sockets, names, strict=True):
+        sock.sendall(_login_request(name, "wrong-password-1"))
+    health = httpx.get(live.url + "/healthz", timeout=60)
+    # then: /healthz answered while every sign-in was still being verified (none had an answer yet)
+    answered, _, _ = io_select.select(sockets, [], [], 0)
+    assert health.status_code == 200
+    assert answered == [], (
+        f"{len(answered)} sign-in(s) answered before /healthz: the hash ran on the event loop"
+    )
+    # and: every sign-in was answered, refused
+    for sock in sockets:
+        sock.settimeout(60)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
+
+
+def _sign_in(app: object, address: str, username: str, password: str) -> httpx.Response:
+    browser = TestClient(app, client=(address, 40000), follow_redirects=False)  # type: ignore[arg-type]
+    return browser.post("/login", data={"username": username, "password": password, "next": "/"})
+
+
+def test_sixth_wrong_password_is_refused_with_retry_after_and_audited(client: TestClient) -> None:
+    # given: alice, and a guesser at 10.0.0.1
+    password = _account("alice")
+    _account("bob")
+    # when: five wrong passwords
+    for _ in range(5):
+        assert _sign_in(client.app, "10.0.0.1", "alice", "not-her-password").status_code == 401
+    # then: the sixth attempt is refused before it is checked, even with the right password
+    refused = _sign_in(client.app, "10.0.0.1", "alice", password)
+    assert refused.status_code == 429
+    assert 0 < int(refused.headers["retry-after"]) <= 900
+    assert "Too many failed sign-ins" in refused.text
+    # and: alice is locked out from another address too (per account); bob, elsewhere, signs in as usual
+    assert _sign_in(client.app, "10.0.0.2", "alice", password).status_code == 429
+    bob = _sign_in(client.app, "10.0.0.3", "bob", "bob-password-123")
+    assert bob.status_code == 303 and "peft_studio_session" in bob.headers["set-cookie"]
+    # and: the failures and the lock-out are in the audit trail
+    with Session(get_engine()) as session:
+        actions = [row.action for row in session.exec(select(AuditEvent)).all()]
+        failed = session.exec(select(AuditEvent).where(AuditEvent.action == "login-failed")).first()
+    assert actions.count("login-failed") == 5
+    assert actions.count("login-locked") == 1
+    assert failed is not None and "alice" in failed.detail and "10.0.0.1" in failed.detail
+
+
+def test_one_address_guessing_many_accounts_is_throttled(client: TestClient) -> None:
+    # given: five failed sign-ins for five different (unknown) names from one address
+    _account("carol")
+    for i in range(5):
+        assert _sign_in(client.app, "10.9.9.9", f"nobody{i}", "guess-guess").status_code == 401
+    # then: that address is refused even for a real account; carol elsewhere is not affected
+    assert _sign_in(client.app, "10.9.9.9", "carol", "carol-password-123").status_code == 429
+    assert _sign_in(client.app, "10.9.9.8", "carol", "carol-password-123").status_code == 303
+
+
+def test_successful_sign_in_clears_the_account_count(client: TestClient) -> None:
+    password = _account("dave")
+    for _ in range(4):
+        assert _sign_in(client.app, f"10.1.0.{_}", "dave", "wrong-wrong").status_code == 401
+    assert _sign_in(client.app, "10.1.1.1", "dave", password).status_code == 303
+    for _ in range(4):  # four more failures: below the limit again, since the success cleared the count
+        assert _sign_in(client.app, f"10.1.2.{_}", "dave", "wrong-wrong").status_code == 401
+    assert _sign_in(client.app, "10.1.3.1", "dave", password).status_code == 303

@@ -10,8 +10,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
-from app import audit
+from app import audit, ratelimit
 from app.auth import (
     SESSION_COOKIE,
     AdminUser,
@@ -82,14 +83,32 @@ def login_page(request: Request, session: SessionDep, next: str = "/") -> Respon
 
 @router.post("/login")
 async def login(request: Request, session: SessionDep) -> Response:
-    """Check the user name and password; on success a session cookie, then the page asked for."""
+    """Check the user name and password; on success a session cookie, then the page asked for.
+
+    argon2 takes a third of a second of CPU: it runs in a thread, so the event loop (every other request)
+    goes on meanwhile. Failed sign-ins are throttled per account and per address (app/ratelimit.py).
+    """
     form = await request.form()
     username, password = _form_text(form, "username"), form.get("password")
     next_path = _form_text(form, "next") or "/"
-    user = authenticate_password(session, username, password if isinstance(password, str) else "")
+    address = request.client.host if request.client else "unknown"
+    wait = await run_in_threadpool(ratelimit.retry_after, session, username, address)
+    if wait is not None:
+        minutes = max(1, round(wait / 60))
+        message = (
+            f"Too many failed sign-ins for this account or from this address; try again in about {minutes} "
+            f"minute{'s' if minutes != 1 else ''}."
+        )
+        page = _login_page(request, next_path, message, 429)
+        page.headers["Retry-After"] = str(wait)
+        return page
+    user = await run_in_threadpool(
+        authenticate_password, session, username, password if isinstance(password, str) else ""
+    )
     if user is None:
-        audit.record(session, None, "login-failed", "user", None, username[:100])
+        await run_in_threadpool(ratelimit.record_failure, session, username, address)
         return _login_page(request, next_path, "Wrong user name or password.", 401)
+    await run_in_threadpool(ratelimit.clear_account, session, username)
     audit.record(session, user, "login", "user", user.id, "password")
     return _signed_in(request, session, user, next_path)
 
@@ -142,7 +161,7 @@ async def register(request: Request, session: SessionDep) -> Response:
     try:
         if not isinstance(password, str) or not password:
             raise InvalidAccount("Choose a password.", field="password")
-        user = create_user(session, _form_text(form, "username"), password)
+        user = await run_in_threadpool(create_user, session, _form_text(form, "username"), password)
     except StudioError as exc:
         context = {"nav": "login", "register": True, "next": "/", "error": exc.message}
         return render(request, "login.html", context, exc.status_code)
@@ -172,13 +191,13 @@ async def change_password(request: Request, session: SessionDep, user: CurrentUs
     form = await request.form()
     current, new, again = (form.get(k) for k in ("current_password", "new_password", "new_password_again"))
     try:
-        if user.password_hash and not verify_password(
-            session, user, current if isinstance(current, str) else ""
+        if user.password_hash and not await run_in_threadpool(
+            verify_password, session, user, current if isinstance(current, str) else ""
         ):
             raise InvalidAccount("The current password is wrong.", field="current_password")
         if not isinstance(new, str) or new != again:
             raise InvalidAccount("The two new passwords differ.", field="new_password")
-        set_password(session, user, new)
+        await run_in_threadpool(set_password, session, user, new)
     except StudioError as exc:
         return _account_page(request, user, error=exc.message, status_code=exc.status_code)
     audit.record(session, user, "update", "user", user.id, "password")
@@ -268,12 +287,14 @@ async def create_account(request: Request, session: SessionDep, admin: AdminUser
     form = await request.form()
     password = form.get("password")
     try:
-        user = create_user(
-            session,
-            _form_text(form, "username"),
-            password if isinstance(password, str) and password else None,
-            is_admin=form.get("is_admin") == "on",
-            max_concurrent_jobs=_cap(_form_text(form, "max_concurrent_jobs")),
+        user = await run_in_threadpool(
+            lambda: create_user(
+                session,
+                _form_text(form, "username"),
+                password if isinstance(password, str) and password else None,
+                is_admin=form.get("is_admin") == "on",
+                max_concurrent_jobs=_cap(_form_text(form, "max_concurrent_jobs")),
+            )
         )
     except StudioError as exc:
         return _users_page(request, session, error=exc.message, code=exc.status_code)
