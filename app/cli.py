@@ -1,8 +1,8 @@
 """The ``peft-studio`` command: serve the studio, run a worker, migrate the database, make a tiny LM."""
 
 import os
+import secrets
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from app import client_cli
+from app.supervisor import WorkerSupervisor
 
 cli = typer.Typer(help="PEFT Studio: a web-based fine-tuning studio.", no_args_is_help=True)
 
@@ -46,7 +47,10 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(help="Training workers to start beside the web app (0: none).")] = 1,
 ) -> None:
-    """Start the web app and one training worker on the configured (by default embedded) database and broker."""
+    """Start the web app and one training worker on the configured (by default embedded) database and broker.
+
+    The worker is restarted when it dies (with back-off) and ends when serve does, even after kill -9.
+    """
     import uvicorn
 
     from app.db import run_migrations
@@ -55,17 +59,11 @@ def serve(
     settings = get_settings()
     settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
     run_migrations()
-    children = [
-        subprocess.Popen(worker_command(hostname=f"worker{i + 1}@%h")) for i in range(max(workers, 0))
-    ]
-
-    def stop_children(*_: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+    # Workers are restarted when they die and die with serve; each start gets a unique name (app/supervisor.py).
+    supervisor = WorkerSupervisor(workers, command=lambda name: worker_command(hostname=name)).start()
 
     def stop_and_exit(*_: object) -> None:
-        stop_children()
+        supervisor.stop()
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop_and_exit)
@@ -74,12 +72,7 @@ def serve(
     try:
         uvicorn.run("app.main:app", host=host, port=port, log_level="info")
     finally:
-        stop_children()
-        for child in children:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        supervisor.stop()
 
 
 @cli.command()
@@ -87,10 +80,14 @@ def worker(
     queues: Annotated[
         str | None, typer.Option(help="Comma-separated queues to consume; empty: those the hardware matches.")
     ] = None,
-    hostname: Annotated[str | None, typer.Option(help="Worker name, e.g. gpu1@%h.")] = None,
+    hostname: Annotated[
+        str | None, typer.Option(help="Worker name, e.g. gpu1@%h; empty: a unique worker-<random>@<host>.")
+    ] = None,
 ) -> None:
     """Start one extra training worker against the configured broker."""
-    os.execv(sys.executable, worker_command(queues=queues, hostname=hostname))
+    # Celery's default name (celery@host) is the same for every worker on a host; names must be unique.
+    name = hostname or f"worker-{secrets.token_hex(3)}@%h"
+    os.execv(sys.executable, worker_command(queues=queues, hostname=name))
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})

@@ -158,6 +158,11 @@ class Settings(BaseSettings):
     )
     s3_secret_access_key: str | None = Field(default=None, description="Secret key of the bucket.")
     s3_region: str | None = Field(default=None, description="Region of the bucket (e.g. us-east-1).")
+    supervised_by_pid: int | None = Field(
+        default=None,
+        description="Set by `serve` for the workers it starts: the worker exits when its parent is no longer "
+        "this process (a fallback to the kernel's parent-death signal); leave it empty.",
+    )
     worker_heartbeat_seconds: float = Field(
         default=10.0, gt=0, description="How often a worker writes its row on the workers page (alive, job)."
     )

@@ -5,11 +5,17 @@ A running job's worker writes ``heartbeat_at`` every few seconds from a thread o
 how long a training step takes). Each queue delivery carries the job's ``run_token``; requeueing issues a new
 token, so a worker still holding the old one (a stalled process, a redelivered message) cannot run or finish
 the job any more: every transition is a conditional update on the token.
+
+Nothing is requeued while its holder still heartbeats: the reaper waits for ``heartbeat_timeout_seconds`` of
+silence, and a starting worker that finds jobs under its own name first watches their heartbeat
+(:func:`recover_orphans`), because an orphaned worker of the same name may still be training them.
 """
 
 import asyncio
 import logging
 import secrets
+import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import update
@@ -129,19 +135,51 @@ def reap(now: datetime | None = None) -> dict[int, str]:
     return done
 
 
-def recover_orphans(worker_name: str) -> dict[int, str]:
-    """Jobs "running" on a worker of this name belong to a dead earlier process: requeue them now."""
+MISSED_BEATS = 3  # a holder that has not beaten for this many heartbeat intervals is taken for dead
+
+
+def _beats(session: Session, worker_name: str) -> dict[int, tuple[str | None, datetime | None]]:
+    jobs = session.exec(
+        select(Job).where(col(Job.status) == JobStatus.running, col(Job.worker) == worker_name)
+    ).all()
+    return {job.id: (job.run_token, _aware(job.heartbeat_at)) for job in jobs if job.id is not None}
+
+
+def recover_orphans(worker_name: str, sleep: Callable[[float], None] = time.sleep) -> dict[int, str]:
+    """Requeue jobs "running" under this worker's name whose holder no longer heartbeats.
+
+    A job carrying the name is not proof that its holder is dead: an orphaned worker of an earlier ``serve``
+    (or a second worker started under the same name) may still be training it. So a job is requeued only
+    when its heartbeat stays still for ``MISSED_BEATS`` heartbeat intervals: at once when it is already that
+    old, otherwise after watching it that long (a live holder writes it every ``heartbeat_seconds``).
+    """
+    settings = get_settings()
+    quiet = timedelta(seconds=MISSED_BEATS * settings.heartbeat_seconds)
+    with session_scope() as session:
+        seen = _beats(session, worker_name)
+    if not seen:
+        return {}
+    newest = max((beat for _, beat in seen.values() if beat is not None), default=None)
+    if newest is not None and utcnow() - newest < quiet:
+        sleep((quiet - (utcnow() - newest)).total_seconds() + 0.5)
     done: dict[int, str] = {}
     with session_scope() as session:
-        jobs = session.exec(
-            select(Job).where(col(Job.status) == JobStatus.running, col(Job.worker) == worker_name)
-        ).all()
-        for job in jobs:
+        now_seen = _beats(session, worker_name)
+        for job_id, (token, beat) in seen.items():
+            if job_id not in now_seen:
+                continue  # finished or requeued meanwhile
+            if now_seen[job_id] != (token, beat):
+                log.warning("job %s: its holder %s still heartbeats; it is left alone", job_id, worker_name)
+                continue
+            if beat is not None and utcnow() - beat < quiet:
+                continue  # cannot happen after the wait above; kept so a short sleep never requeues a live job
+            job = session.get(Job, job_id)
+            if job is None:
+                continue
             reason = f"worker {worker_name} restarted while running the job (at step {job.current_step})"
             outcome = requeue_or_fail(session, job, reason)
             if outcome:
-                assert job.id is not None
-                done[job.id] = outcome
+                done[job_id] = outcome
     return done
 
 
