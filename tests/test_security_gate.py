@@ -8,6 +8,7 @@ temporary file) and every file under the temporary folder and the data folder, s
 """
 
 import os
+import re
 import select as io_select
 import socket
 import tempfile
@@ -24,6 +25,7 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
 from app.db import get_engine
+from app.errors import TooManyJobs
 from app.models import AuditEvent, Dataset
 from tests.conftest import ADMIN_TOKEN
 from tests.factories import sst2_bytes
@@ -361,3 +363,138 @@ def test_successful_sign_in_clears_the_account_count(client: TestClient) -> None
     for _ in range(4):  # four more failures: below the limit again, since the success cleared the count
         assert _sign_in(client.app, f"10.1.2.{_}", "dave", "wrong-wrong").status_code == 401
     assert _sign_in(client.app, "10.1.3.1", "dave", password).status_code == 303
+
+
+# ---- item 3: headers, docs in production, NaN/Infinity, OpenAI's error shape, unknown fields --------------
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+def test_every_response_carries_the_security_headers(client: TestClient) -> None:
+    for path in ("/datasets", "/api/v1/jobs", "/login", "/healthz", "/static/app.css", "/api/v1/nope"):
+        headers = client.get(path).headers
+        csp = headers["content-security-policy"]
+        assert "script-src 'self';" in csp and "unsafe-eval" not in csp, (path, csp)
+        assert "frame-ancestors 'none'" in csp
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["referrer-policy"] == "same-origin"
+        assert "strict-transport-security" not in headers, path  # plain HTTP: no HSTS
+    client.headers.pop("Authorization")
+    refused = client.get("/api/v1/jobs")
+    assert refused.status_code == 401 and refused.headers["x-content-type-options"] == "nosniff"
+
+
+def test_hsts_only_over_https(client: TestClient) -> None:
+    secure = TestClient(client.app, base_url="https://studio.example", headers=dict(client.headers))
+    assert secure.get("/healthz").headers["strict-transport-security"].startswith("max-age=")
+
+
+def test_templates_run_no_inline_script() -> None:
+    # The CSP allows scripts from /static only: an inline <script>, an on*= handler, hx-on (eval) or a
+    # javascript: URL in a template would silently stop working in the browser.
+    problems = []
+    for template in sorted(TEMPLATES.glob("*.html")):
+        text = template.read_text()
+        for pattern in (r"<script(?![^>]*\bsrc=)[^>]*>", r"\son[a-z]+\s*=", r"hx-on", r"javascript:"):
+            problems += [f"{template.name}: {m.group(0)}" for m in re.finditer(pattern, text)]
+    assert problems == []
+
+
+def test_api_docs_need_sign_in_in_production(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.settings import get_settings
+
+    # given: development: the docs are public
+    anonymous = TestClient(client.app, follow_redirects=False)
+    assert anonymous.get("/docs").status_code == 200
+    assert anonymous.get("/openapi.json").status_code == 200
+    # when: production
+    monkeypatch.setenv("PEFT_STUDIO_ENVIRONMENT", "production")
+    monkeypatch.setenv("PEFT_STUDIO_SECRET_KEY", "a-real-secret-for-the-test-0123456789")
+    get_settings.cache_clear()
+    # then: signed out, they send you to sign in; signed in, they are there
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        response = anonymous.get(path)
+        assert response.status_code == 303 and response.headers["location"].startswith("/login"), path
+    assert client.get("/docs").status_code == 200
+    assert client.get("/openapi.json").json()["info"]["title"] == "PEFT Studio"
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_numbers_are_named(client: TestClient, number: str) -> None:
+    body = f'{{"name": "nan", "training": {{"learning_rate": {number}, "epochs": 1}}}}'
+    response = client.post("/api/v1/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["field"] == "training.learning_rate"
+    assert "must be a finite number" in response.json()["detail"]
+    # the OpenAI layer: a 400 in its shape, naming the parameter
+    openai = client.post(
+        "/v1/fine_tuning/jobs",
+        content=f'{{"model": "x", "training_file": "file-1", "hyperparameters": {{"n_epochs": {number}}}}}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert openai.status_code == 400
+    assert openai.json()["error"]["param"] == "hyperparameters.n_epochs"
+    assert "must be a finite number" in openai.json()["error"]["message"]
+
+
+def _assert_openai_error(response: httpx.Response, status: int) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    return dict(error)
+
+
+def test_v1_answers_every_error_in_openai_shape(client: TestClient) -> None:
+    from fastapi import FastAPI
+
+    # 401: bad key; 404: unknown route and unknown object; 405: wrong method
+    assert _assert_openai_error(client.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)[
+        "type"
+    ] == ("authentication_error")
+    _assert_openai_error(client.get("/v1/no-such-route"), 404)
+    _assert_openai_error(client.get("/v1/models/no-such-model"), 404)
+    _assert_openai_error(client.delete("/v1/files"), 405)
+    # 413: a body over its limit; 422 (as OpenAI: 400): a bad body
+    big = client.post(
+        "/v1/chat/completions",
+        content=b"{}",
+        headers={"Content-Type": "application/json", "Content-Length": "9999999"},
+    )
+    _assert_openai_error(big, 413)
+    _assert_openai_error(client.post("/v1/chat/completions", json={"model": 1}), 400)
+    # 500: a route that fails unexpectedly
+    app: FastAPI = client.app  # type: ignore[assignment]
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    def over_cap() -> None:
+        raise TooManyJobs("You have 1 queued or running job(s); your limit is 1.")
+
+    # and: 429 and 500 from routes outside the OpenAI router class (the app's handlers answer for /v1 too)
+    app.add_api_route("/v1/broken-for-test", broken)
+    app.add_api_route("/v1/capped-for-test", over_cap)
+    failing = TestClient(app, raise_server_exceptions=False, headers=dict(client.headers))
+    error = _assert_openai_error(failing.get("/v1/broken-for-test"), 500)
+    assert "boom" not in str(error["message"])
+    assert _assert_openai_error(failing.get("/v1/capped-for-test"), 429)["type"] == "rate_limit_error"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v1/tokens", {"name": "laptop", "expires_in_days": 3}),
+        ("/api/v1/login-links", {"next": "/", "user": 1}),
+        ("/api/v1/users", {"username": "erin", "admin": True}),
+        ("/api/v1/sweeps", {"base_spec": {}, "grid": {}, "nmae": "x"}),
+        ("/api/v1/webhooks", {"url": "https://example.com/hook", "event": ["job.succeeded"]}),
+    ],
+)
+def test_unknown_fields_are_refused_by_name(client: TestClient, path: str, body: dict[str, object]) -> None:
+    unknown = next(key for key in body if key in {"expires_in_days", "user", "admin", "nmae", "event"})
+    response = client.post(path, json=body)
+    assert response.status_code == 422, response.text
+    fields = [error["field"] for error in response.json()["errors"]]
+    assert unknown in fields, response.json()
+    assert "is not a field of this request" in response.json()["detail"]

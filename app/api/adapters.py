@@ -4,7 +4,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, BackgroundTasks, status
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app import audit
 from app.auth import CurrentUser, OwnerScope
@@ -16,6 +16,7 @@ router = APIRouter(prefix="/api/v1/adapters", tags=["adapters"])
 
 
 class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
     text: str | None = Field(default=None, min_length=1, description="One text to classify.")
     texts: list[str] | None = Field(default=None, description="Several texts to classify.")
 

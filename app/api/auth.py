@@ -1,7 +1,7 @@
 """/api/v1/me, /api/v1/login-links and /api/v1/audit: who am I, a browser sign-in link, the audit trail."""
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app import audit
 from app.auth import AdminUser, CurrentUser, create_login_token, get_user, login_link, safe_next, user_public
@@ -13,6 +13,7 @@ router = APIRouter(prefix="/api/v1", tags=["auth"])
 
 
 class LoginLinkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
     user_id: int | None = Field(
         default=None, description="Whom the link signs in; empty: you (others: admin)."
     )

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Query
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from app import audit
@@ -56,6 +56,7 @@ class PreviewResponse(BaseModel):
 
 
 class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
     prompt: str = Field(min_length=1, max_length=20_000, description="What to ask the model.")
     max_new_tokens: int = Field(default=64, ge=1, le=1024, description="Stop after this many new tokens.")
     temperature: float = Field(default=0.0, ge=0, le=2, description="0 picks the likeliest token (greedy).")

@@ -1,7 +1,7 @@
 """/api/v1/tokens: the signed-in user's API tokens (create: shown once; list; revoke)."""
 
 from fastapi import APIRouter, status
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app import audit
 from app.auth import CurrentUser, api_token_public, create_api_token, list_api_tokens, revoke_api_token
@@ -12,6 +12,7 @@ router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
 
 
 class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
     name: str = Field(min_length=1, max_length=100, description="What the token is for, e.g. 'laptop CLI'.")
     expires_days: float | None = Field(
         default=None, gt=0, le=3650, description="Days until it stops working; empty: until revoked."

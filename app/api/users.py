@@ -3,7 +3,7 @@
 from datetime import datetime, timedelta
 
 from fastapi import APIRouter, Request, status
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import select
 
 from app import audit
@@ -26,6 +26,7 @@ router = APIRouter(prefix="/api/v1/users", tags=["users"])
 
 
 class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
     username: str = Field(min_length=1, max_length=100, description="Letters, digits, '_', '.', '@', '-'.")
     password: str | None = Field(
         default=None,
@@ -37,6 +38,7 @@ class UserCreate(BaseModel):
 
 
 class UserUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
     password: str | None = Field(default=None, max_length=1024, description="A new password (8+ characters).")
     is_active: bool | None = Field(
         default=None, description="False signs the user out and refuses their tokens."

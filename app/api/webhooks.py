@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Form, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from app import audit
@@ -35,6 +35,7 @@ router = APIRouter(lifespan=_dispatcher_lifespan)
 
 
 class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
     url: str = Field(min_length=1, max_length=2000, description="Where events are POSTed (http or https).")
     secret: str | None = Field(
         default=None,

@@ -12,7 +12,7 @@ import itertools
 import json
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlmodel import Session, col, func, select
 
 from app.errors import InvalidSpec, NotFound, StudioError
@@ -36,6 +36,8 @@ def _nested_sections() -> dict[str, type[BaseModel]]:
 
 class SweepCreate(BaseModel):
     """A sweep request: a base spec and, per dotted field, the values to try."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not ignored
 
     name: str | None = Field(default=None, max_length=200, description="A name; empty picks one.")
     base: dict[str, Any] = Field(
