@@ -116,6 +116,8 @@
     var source = new EventSource("/api/v1/jobs/" + this.jobId + "/stream?after=" + (cursor || 0));
     source.addEventListener("metric", function (event) { self.onMetric(JSON.parse(event.data)); });
     source.addEventListener("status", function (event) { self.onStatus(JSON.parse(event.data)); });
+    // A resumed run replaced the points logged after its checkpoint: drop them, the new run's points follow.
+    source.addEventListener("reset", function (event) { self.onReset(JSON.parse(event.data)); });
     source.addEventListener("end", function (event) {
       source.close(); // the job is over and every point was sent; do not let EventSource reconnect
       self.onStatus(JSON.parse(event.data));
@@ -129,9 +131,33 @@
     document.getElementById("job-points").textContent = String(this.points);
   };
 
+  // ``reset`` {step, attempt}: every point after ``step`` was deleted by a resume (point ids are never reused,
+  // so ``seen`` stays valid); drop them from every series and keep streaming.
+  JobPage.prototype.onReset = function (reset) {
+    var self = this;
+    var dropped = 0;
+    Object.keys(this.data).forEach(function (key) {
+      var series = self.data[key];
+      var keep = series.x.map(function (x) { return x <= reset.step; });
+      series.x = series.x.filter(function (_, i) { return keep[i]; });
+      series.y = series.y.filter(function (_, i) { return keep[i]; });
+      if (series.y.length) self.setLatest(key, series.y[series.y.length - 1]);
+    });
+    this.pointSteps = (this.pointSteps || []).filter(function (step) {
+      if (step > reset.step) { dropped += 1; return false; }
+      return true;
+    });
+    this.points = Math.max(0, this.points - dropped);
+    this.root.dataset.resets = String(Number(this.root.dataset.resets || 0) + 1);
+    this.root.dataset.resetStep = String(reset.step);
+    this.showCount();
+    this.scheduleRedraw();
+  };
+
   JobPage.prototype.onMetric = function (point) {
     if (this.seen.has(point.id)) return;
     this.seen.add(point.id);
+    (this.pointSteps || (this.pointSteps = [])).push(point.step);
     var values = point.values || {};
     var self = this;
     Object.keys(values).forEach(function (name) {

@@ -375,3 +375,266 @@ def test_migration_gives_ownerless_adapters_their_jobs_owner(
         monkeypatch.delenv("PEFT_STUDIO_DATABASE_URL")
         get_settings.cache_clear()
         get_engine.cache_clear()
+
+
+# ---- 3. ids after a resume, the stream's reset, a superseded writer ----------------------------------
+
+
+def _running_job(session: Any, attempt: int = 1, token: str = "token-1") -> Any:
+    from app.models import JobStatus
+    from tests.factories import create_dataset, create_job
+
+    dataset = create_dataset(session, CSV)
+    job = create_job(session, dataset_id=dataset.id, training={"max_steps": 10})
+    job.status, job.attempt, job.run_token, job.total_steps = JobStatus.running, attempt, token, 10
+    session.add(job)
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def _write_points(job_id: int, steps: list[int], attempt: int, token: str) -> list[int]:
+    """Points through the worker's own writer, fenced by the run token; their ids."""
+    from sqlmodel import Session, col, select
+
+    from app.db import get_engine
+    from app.models import MetricPoint, utcnow
+    from worker.engine import MetricWriter
+
+    writer = MetricWriter(job_id, cancel_poll=0.05, run_token=token, attempt=attempt)
+    for step in steps:
+        writer.put(
+            {
+                "point": {
+                    "step": step,
+                    "split": "train",
+                    "values": {"loss": float(step)},
+                    "created_at": utcnow(),
+                }
+            }
+        )
+    writer.close()
+    with Session(get_engine()) as session:
+        rows = session.exec(
+            select(MetricPoint.id)
+            .where(MetricPoint.job_id == job_id, MetricPoint.attempt == attempt)
+            .order_by(col(MetricPoint.id))
+        ).all()
+    return [int(i) for i in rows]
+
+
+def _stream(client: TestClient, job_id: int, last_event_id: int) -> list[Any]:
+    from tests.sse import read_events
+
+    with client.stream(
+        "GET", f"/api/v1/jobs/{job_id}/stream", headers={"Last-Event-ID": str(last_event_id)}
+    ) as response:
+        assert response.status_code == 200
+        return [event for event in read_events(response) if event.event in ("metric", "reset", "end")]
+
+
+def test_resumed_points_get_new_ids_and_the_stream_resets(client: TestClient, tmp_path: Path) -> None:
+    from sqlmodel import Session, func, select
+
+    from app.db import get_engine
+    from app.models import Checkpoint, Job, JobStatus, MetricPoint
+    from app.services import checkpoints
+    from app.storage import get_store
+    from worker.resilience import prepare_resume
+
+    with Session(get_engine()) as session:
+        # given: attempt 1 logged steps 1..10 and saved a checkpoint at step 5, then its worker died
+        job = _running_job(session)
+        first = _write_points(job.id, list(range(1, 11)), attempt=1, token="token-1")
+        highest_ever = max(first)
+        (tmp_path / "ckpt").mkdir()
+        (tmp_path / "ckpt" / "trainer_state.json").write_text("{}")
+        key = checkpoints.checkpoint_key(job.id, 5)
+        get_store().put_dir(tmp_path / "ckpt", key)
+        session.add(Checkpoint(job_id=job.id, step=5, storage_key=key))
+        job.attempt, job.run_token = 2, "token-2"
+        session.add(job)
+        session.commit()
+        # when: attempt 2 resumes (deleting the points after step 5) and logs steps 6..8
+        prepare_resume(job.id, get_store(), tmp_path / "work")
+        kept = session.exec(
+            select(func.count()).select_from(MetricPoint).where(MetricPoint.job_id == job.id)
+        ).one()
+        assert kept == 5
+        second = _write_points(job.id, [6, 7, 8], attempt=2, token="token-2")
+        # then: every new id is above every id ever issued (SQLite would have reused 6..10)
+        assert min(second) > highest_ever, (first, second)
+        finished = session.get(Job, job.id)
+        assert finished is not None
+        finished.status = JobStatus.succeeded
+        session.add(finished)
+        session.commit()
+        job_id = job.id
+
+    # a stream continuing after a point the resume deleted: reset to step 5, then exactly the new points
+    events = _stream(client, job_id, first[-1])
+    assert [e.event for e in events] == ["reset", "metric", "metric", "metric", "end"]
+    assert json.loads(events[0].data) == {"step": 5, "attempt": None}
+    assert [int(e.id) for e in events[1:4]] == second
+    assert [json.loads(e.data)["attempt"] for e in events[1:4]] == [2, 2, 2]
+    # a stream continuing after a kept point (step 3) held nothing that was replaced: no reset, steps 4..8
+    events = _stream(client, job_id, first[2])
+    assert [e.event for e in events] == ["metric"] * 5 + ["end"]
+    assert [json.loads(e.data)["step"] for e in events[:5]] == [4, 5, 6, 7, 8]
+    assert [int(e.id) for e in events[2:5]] == second
+    # a fresh viewer gets every point in order, with no reset
+    events = _stream(client, job_id, 0)
+    assert [e.event for e in events].count("reset") == 0
+    assert [json.loads(e.data)["step"] for e in events if e.event == "metric"] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_a_superseded_writer_writes_nothing(client: TestClient) -> None:
+    """The run token changes under a live writer (the job was requeued to another worker): from then on no
+    point and no heartbeat of the old run lands, and the writer tells the training loop to stop."""
+    import time
+
+    from sqlmodel import Session, func, select
+
+    from app.db import get_engine
+    from app.models import Job, MetricPoint, utcnow
+    from worker.engine import MetricWriter
+    from worker.resilience import Heartbeat
+
+    with Session(get_engine()) as session:
+        job = _running_job(session, token="old-token")
+        heartbeat = Heartbeat(job.id, "old-token", interval=0.05)
+        writer = MetricWriter(job.id, cancel_poll=0.05, run_token="old-token", attempt=1, lost=heartbeat.lost)
+        heartbeat.start()
+        writer.put({"point": {"step": 1, "split": "train", "values": {"loss": 1.0}, "created_at": utcnow()}})
+        deadline = time.monotonic() + 30
+        while (
+            session.exec(
+                select(func.count()).select_from(MetricPoint).where(MetricPoint.job_id == job.id)
+            ).one()
+            < 1
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # when: another worker takes the job over (new token), and the old run keeps logging
+        job.run_token, job.attempt = "new-token", 2
+        job.heartbeat_at = stamp = utcnow()
+        session.add(job)
+        session.commit()
+        for step in range(2, 40):
+            writer.put(
+                {"point": {"step": step, "split": "train", "values": {"loss": 1.0}, "created_at": utcnow()}}
+            )
+            writer.put({"progress": {"current_step": step, "progress": step / 40}})
+        writer.close()
+        while not heartbeat.lost.is_set():  # the heartbeat notices too, within its interval
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        heartbeat.stop()
+        # then: only the point written before the takeover is there, and the job row is untouched
+        session.expire_all()
+        points = session.exec(select(MetricPoint.step).where(MetricPoint.job_id == job.id)).all()
+        assert list(points) == [1]
+        after = session.get(Job, job.id)
+        assert after is not None and after.current_step != 39 and after.run_token == "new-token"
+        assert after.heartbeat_at is not None and after.heartbeat_at.replace(tzinfo=None) == stamp.replace(
+            tzinfo=None
+        )
+        assert writer.lost.is_set()
+
+
+# ---- 4. minor: workers page, storage quota, pickle weights beside a dummy safetensors file -----------
+
+
+def test_workers_show_a_job_only_to_its_owner_and_admins(
+    client: TestClient, make_user: Any, other_user: Account
+) -> None:
+    from sqlmodel import Session
+
+    from app.db import get_engine
+    from app.models import Job, JobStatus, Worker
+
+    alice = make_user("alice")
+    with Session(get_engine()) as session:
+        job = Job(name="alice-secret-run", spec={}, method="lora", base_model="m", owner_id=alice.id,
+                  status=JobStatus.running)  # fmt: skip
+        session.add(job)
+        session.commit()
+        session.refresh(job)
+        session.add(Worker(name="w1@host", hostname="host", queues=["training"], current_job_id=job.id))
+        session.commit()
+        job_id = job.id
+    for headers, sees in ((other_user.headers, False), (alice.headers, True), ({}, True)):
+        listed = client.get("/api/v1/workers", headers=headers).json()["data"]
+        assert len(listed) == 1 and listed[0]["busy"] is True
+        assert listed[0]["current_job_id"] == (job_id if sees else None)
+        page = client.get("/workers", headers=headers).text
+        assert ("alice-secret-run" in page) is sees
+        assert (f"/jobs/{job_id}" in page) is sees
+
+
+def test_storage_quota_counts_unpacked_sizes(
+    client: TestClient, other_user: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.settings import get_settings
+
+    monkeypatch.setenv("PEFT_STUDIO_STORAGE_QUOTA_BYTES", str(200_000))
+    get_settings.cache_clear()
+    # given: bob's first dataset fits
+    first = client.post(
+        "/api/v1/datasets", files={"file": ("r.csv", CSV, "text/csv")}, headers=other_user.headers
+    )
+    assert first.status_code == 201, first.text
+    # when: an adapter zip of a few kB that unpacks to 1 MB (zeros compress well)
+    bomb = _adapter_zip(BUNDLED_MODEL_ID, **{"padding.safetensors": _safetensors((256, 1024))})
+    assert len(bomb) < 20_000
+    refused = client.post(
+        "/api/v1/adapters/import",
+        files={"file": ("a.zip", bomb, "application/zip")},
+        headers=other_user.headers,
+    )
+    # then: refused by its unpacked size, the message naming usage and quota
+    assert refused.status_code == 413, refused.text
+    detail = refused.json()["detail"]
+    assert "quota" in detail and f"{len(CSV):,} of 200,000 bytes" in detail, detail
+    assert client.get("/api/v1/adapters", headers=other_user.headers).json()["count"] == 0
+    # a small one still fits, and then a dataset that would pass the quota is refused too
+    assert (
+        client.post(
+            "/api/v1/adapters/import",
+            files={"file": ("a.zip", _adapter_zip(BUNDLED_MODEL_ID), "application/zip")},
+            headers=other_user.headers,
+        ).status_code
+        == 201
+    )
+    big = b"text,label\n" + b"".join(f"row {i} {'x' * 180},pos\n".encode() for i in range(1100))
+    too_much = client.post(
+        "/api/v1/datasets", files={"file": ("big.csv", big, "text/csv")}, headers=other_user.headers
+    )
+    assert too_much.status_code == 413 and "quota" in too_much.text, too_much.text
+    # the admin is not limited
+    assert client.post("/api/v1/datasets", files={"file": ("big.csv", big, "text/csv")}).status_code == 201
+    # 0: unlimited
+    monkeypatch.setenv("PEFT_STUDIO_STORAGE_QUOTA_BYTES", "0")
+    get_settings.cache_clear()
+    again = client.post(
+        "/api/v1/datasets", files={"file": ("big.csv", big, "text/csv")}, headers=other_user.headers
+    )
+    assert again.status_code == 201, again.text
+
+
+def test_pickle_weights_beside_a_dummy_safetensors_file_are_refused(
+    client: TestClient, other_user: Account, places: dict[str, Path]
+) -> None:
+    # given: a registered model folder whose real weights are a pickle, with a zero-tensor safetensors beside
+    folder = places["registered"] / "pickled"
+    _model_folder(folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").write_bytes(_safetensors((0,)))
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04.")
+    upload = client.post(
+        "/api/v1/datasets", files={"file": ("r.csv", CSV, "text/csv")}, headers=other_user.headers
+    )
+    spec = {"dataset_id": upload.json()["id"], "base_model": str(folder), "training": {"max_steps": 1}}
+    # when / then
+    response = client.post("/api/v1/jobs", json=spec, headers=other_user.headers)
+    assert response.status_code == 422 and "pickle" in response.text, response.text

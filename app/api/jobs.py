@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Header, Request, status
 from fastapi.responses import FileResponse
-from sqlmodel import Session
+from sqlmodel import Session, col, func, select
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from app import audit
@@ -15,7 +15,7 @@ from app.auth import CurrentUser, OwnerScope
 from app.db import get_engine
 from app.deps import SessionDep
 from app.events import Subscription
-from app.models import CheckpointPublic, JobEventPublic, JobPublic, JobsPublic, MetricPointPublic
+from app.models import CheckpointPublic, JobEventPublic, JobPublic, JobsPublic, MetricPoint, MetricPointPublic
 from app.services import checkpoints
 from app.services import jobs as service
 from app.services.datasets import get_dataset
@@ -133,6 +133,35 @@ def _poll(job_id: int, after: int) -> tuple[list[MetricPointPublic], JobPublic]:
     return points, job
 
 
+def _attempt_at(job_id: int, point_id: int) -> tuple[int, int] | None:
+    """(attempt, step) of a point of the job; None when the point is gone (deleted by a resume)."""
+    with Session(get_engine()) as session:
+        row = session.exec(
+            select(MetricPoint.attempt, MetricPoint.step).where(
+                MetricPoint.id == point_id, MetricPoint.job_id == job_id
+            )
+        ).first()
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
+def _kept_step(job_id: int, cursor: int) -> int:
+    """The last step the client may keep: the highest step among the job's points it was sent (id <= cursor)
+    that still exist. A resume deletes every point after its checkpoint's step and its new points get higher
+    ids, so everything the client holds beyond this step was replaced; -1 when none is left."""
+    with Session(get_engine()) as session:
+        step = session.exec(
+            select(func.max(MetricPoint.step)).where(
+                MetricPoint.job_id == job_id, col(MetricPoint.id) <= cursor
+            )
+        ).first()
+    return -1 if step is None else int(step)
+
+
+def _reset_event(step: int, attempt: int | None) -> ServerSentEvent:
+    """``event: reset``: drop the points after ``step``, the new run's points follow (``attempt``)."""
+    return ServerSentEvent(data=json.dumps({"step": step, "attempt": attempt}), event="reset")
+
+
 @router.get("/{job_id}/stream")
 async def stream_job(
     session: SessionDep,
@@ -145,6 +174,9 @@ async def stream_job(
     """Live metric points (`event: metric`, id = point id) and job status (`event: status`) as SSE.
 
     A reconnecting client sends `Last-Event-ID` and receives exactly the points it has not seen.
+    When a resumed run replaced points the client was sent (they were logged after the checkpoint it resumed
+    from), an `event: reset` with `{"step": s, "attempt": a}` comes first: drop the points after step `s`;
+    the new run's points follow. Point ids are never reused, so the id order stays the logging order.
     The stream ends with `event: end` once the job is finished and every point is sent.
     """
     service.get_job(session, job_id, owner_id)
@@ -162,12 +194,33 @@ async def stream_job(
 async def _stream_events(
     request: Request, job_id: int, start: int, poll_seconds: float, news: Subscription
 ) -> AsyncIterator[ServerSentEvent]:
-    """The stream's events: points from the database after ``start``, woken by Redis news or by polling."""
+    """The stream's events: points from the database after ``start``, woken by Redis news or by polling.
+
+    The attempt of the last point sent and the highest step the client holds are remembered: a point of another
+    attempt means a resume happened in between, and if it deleted steps the client holds, a ``reset`` goes first.
+    A client continuing after a point that no longer exists was sent deleted points: it gets the ``reset`` at once.
+    """
     cursor = start
     last_status: str | None = None
+    last_attempt: int | None = None
+    held_step = -1  # the highest step the client has been sent
+    if cursor > 0:
+        last_point = await asyncio.to_thread(_attempt_at, job_id, cursor)
+        if last_point is None:
+            held_step = await asyncio.to_thread(_kept_step, job_id, cursor)
+            yield _reset_event(held_step, None)
+        else:
+            last_attempt, held_step = last_point
     while True:
         points, job = await asyncio.to_thread(_poll, job_id, cursor)
         for point in points:
+            if last_attempt is not None and point.attempt != last_attempt:
+                kept = await asyncio.to_thread(_kept_step, job_id, cursor)
+                if held_step > kept:
+                    yield _reset_event(kept, point.attempt)
+                    held_step = kept
+            last_attempt = point.attempt
+            held_step = max(held_step, point.step)
             cursor = point.id
             yield ServerSentEvent(data=point.model_dump_json(), event="metric", id=str(point.id))
         snapshot = json.dumps(
