@@ -499,7 +499,8 @@ class WorkerPublic(SQLModel):
     gpus: list[dict[str, Any]]
     status: str
     alive: bool = Field(description="Heard from within three heartbeats and not shut down.")
-    current_job_id: int | None
+    busy: bool = Field(default=False, description="Running a job (whose id only its owner and admins see).")
+    current_job_id: int | None = Field(description="The job it runs; empty for another user's job.")
     jobs_run: int
     started_at: datetime
     heartbeat_at: datetime

@@ -6,9 +6,9 @@
   paths, no ``..``, no symlinks, no device files, a cap on members and on uncompressed bytes (zip bombs).
   Python's ``tarfile`` has extraction filters for this (``filter="data"``); ``zipfile`` has none, and no
   maintained library adds one, so the checks are written here, before anything is written to disk.
-- ``check_base_model``: a base model must have safetensors weights (pickle checkpoints — ``.bin``, ``.pt``,
-  ``.ckpt`` — run code when loaded) and may not need its own Python code (``auto_map`` in config.json) unless
-  the admin lists it in ``PEFT_STUDIO_TRUST_REMOTE_CODE_MODELS``.
+- ``check_base_model``: a base model loads from safetensors and may hold no pickle file at all (pickle
+  checkpoints — ``.bin``, ``.pt``, ``.ckpt`` — run code when loaded), and may not need its own Python code
+  (``auto_map`` in config.json) unless the admin lists it in ``PEFT_STUDIO_TRUST_REMOTE_CODE_MODELS``.
 """
 
 import stat
@@ -193,17 +193,26 @@ def remote_code_allowed(model_id: str) -> bool:
 
 
 def check_base_model(model_id: str, folder: Path, config: dict[str, Any]) -> None:
-    """Refuse a base model without safetensors weights, or one that needs its own code and is not allowed."""
+    """Refuse a base model folder that holds pickle files, or one that needs its own code and is not allowed.
+
+    Any pickle file refuses the folder, even beside safetensors weights: a tiny or zero-tensor
+    ``model.safetensors`` next to the real ``pytorch_model.bin`` passed a "has safetensors" check, and whether a
+    loader then reads the pickle depends on every library in the chain. There is no exception (for admins
+    neither): converting is one ``save_pretrained(..., safe_serialization=True)``, and downloading only
+    ``*.safetensors``/``*.json``/tokenizer files from the Hub gives a folder without pickles.
+    """
     if config.get("auto_map") and not remote_code_allowed(model_id):
         raise InvalidSpec(
             f"Base model {model_id!r} needs its own Python code (auto_map in config.json), which the studio does "
             "not run unless the admin allows it for this model (PEFT_STUDIO_TRUST_REMOTE_CODE_MODELS).",
             field="base_model",
         )
-    if folder.is_dir() and not any(folder.glob("*.safetensors")) and pickle_files(folder):
+    unsafe = pickle_files(folder) if folder.is_dir() else []
+    if unsafe:
         raise InvalidSpec(
-            f"Base model {model_id!r} has only pickle weights ({', '.join(pickle_files(folder)[:3])}); the studio "
-            "loads safetensors only. Convert it (save_pretrained(..., safe_serialization=True)) and try again.",
+            f"Base model {model_id!r} holds pickle files ({', '.join(unsafe[:3])}), which run code when loaded; "
+            "the studio loads safetensors only and refuses a folder with any pickle in it. Convert the model "
+            "(save_pretrained(..., safe_serialization=True)) or remove the pickle files, and try again.",
             field="base_model",
         )
 

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
         description="Folders whose model subfolders may be used as base models by path, as a JSON list, e.g. "
         '["/models"]; a base model path outside them, or under the data or artifact folders, is refused.',
     )
+    storage_quota_bytes: int = Field(
+        default=20 * 1024**3,
+        ge=0,
+        description="Most bytes one user's datasets and adapters may take, counted unpacked (0: unlimited; "
+        "admins are not limited).",
+    )
     webhook_poll_seconds: float = Field(
         default=2.0,
         ge=0,

@@ -420,6 +420,9 @@ def test_base_models_load_from_safetensors_without_remote_code(
     with pytest.raises(InvalidSpec, match="safetensors"):
         check_base_model(str(pickled), pickled, {})
     (pickled / "model.safetensors").write_bytes(_safetensors())
+    with pytest.raises(InvalidSpec, match="pickle"):  # a dummy safetensors file beside the pickle (issue 15)
+        check_base_model(str(pickled), pickled, {})
+    (pickled / "pytorch_model.bin").unlink()
     check_base_model(str(pickled), pickled, {})
 
     custom = {"auto_map": {"AutoModel": "modeling_x.XModel"}}

@@ -11,6 +11,7 @@ import json
 import shutil
 import struct
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -19,6 +20,7 @@ from sqlmodel import Session, select
 from app.base_models import resolve_base_model
 from app.errors import InvalidSpec, PayloadTooLarge
 from app.models import Adapter, Job, JobEvent, JobStatus, utcnow
+from app.quota import check_quota
 from app.safety import UnsafeArchive, pickle_files, safe_extract_zip
 from app.settings import get_settings
 from app.storage import get_store
@@ -38,6 +40,15 @@ def _receive(stream: BinaryIO, target: Path, limit: int) -> None:
                     field="file",
                 )
             out.write(chunk)
+
+
+def _declared_size(archive: Path) -> int:
+    """The unpacked size the archive's members declare (0 for a file that is not a zip: extraction says why)."""
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            return sum(info.file_size for info in bundle.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return 0
 
 
 def _adapter_root(folder: Path) -> Path:
@@ -105,6 +116,9 @@ def import_adapter(
     try:
         archive = work / "upload.zip"
         _receive(stream, archive, limit)
+        # The quota counts the adapter as extracted: check the sizes the members declare before extracting
+        # (safe_extract_zip stops a member that writes more than it declared).
+        check_quota(session, owner_id, _declared_size(archive), "The adapter")
         safe_extract_zip(archive, work / "files", max_bytes=limit * 4)
         root = _adapter_root(work / "files")
         unsafe = pickle_files(root)

@@ -10,6 +10,7 @@ from sqlmodel import Session, col, func, select
 from app.datasets_io import detect_format, parse_rows, profile_rows
 from app.errors import Conflict, InvalidDataset, InvalidSpec, NotFound, PayloadTooLarge
 from app.models import Dataset, Job, JobStatus
+from app.quota import check_quota
 from app.settings import get_settings
 from app.storage import get_store
 
@@ -61,6 +62,7 @@ def create_dataset(
     temp = store.temp_path()
     try:
         size = _receive(stream, temp, settings.max_upload_bytes)
+        check_quota(session, owner_id, size, "The dataset")
         data = temp.read_bytes()
         columns, rows = parse_rows(data, fmt)
         if len(rows) > settings.max_rows:

@@ -22,16 +22,34 @@ def is_alive(worker: Worker, now: datetime | None = None) -> bool:
 
 
 def worker_public(worker: Worker, now: datetime | None = None) -> WorkerPublic:
-    """The public shape of a worker, with whether it is alive."""
-    return WorkerPublic.model_validate(worker, update={"alive": is_alive(worker, now)})
+    """The public shape of a worker, with whether it is alive and busy."""
+    return WorkerPublic.model_validate(
+        worker, update={"alive": is_alive(worker, now), "busy": worker.current_job_id is not None}
+    )
 
 
-def list_workers(session: Session, include_gone: bool = False) -> list[WorkerPublic]:
-    """Workers, live ones first, by name; gone ones (offline or silent) only when asked for."""
+def list_workers(
+    session: Session, include_gone: bool = False, owner_id: int | None = None
+) -> list[WorkerPublic]:
+    """Workers, live ones first, by name; gone ones (offline or silent) only when asked for.
+
+    With ``owner_id`` (anyone but the admin), a worker's current job is shown only when it is that user's:
+    another user's job id (and so its name) is hidden, and the worker only reads as busy.
+    """
     now = datetime.now(UTC)
     rows = [worker_public(row, now) for row in session.exec(select(Worker).order_by(col(Worker.name))).all()]
     if not include_gone:
         rows = [row for row in rows if row.alive]
+    if owner_id is not None:
+        ids = [row.current_job_id for row in rows if row.current_job_id is not None]
+        owned = (
+            set(session.exec(select(Job.id).where(col(Job.id).in_(ids), Job.owner_id == owner_id)).all())
+            if ids
+            else set()
+        )
+        for row in rows:
+            if row.current_job_id is not None and row.current_job_id not in owned:
+                row.current_job_id = None
     return sorted(rows, key=lambda row: (not row.alive, row.name))
 
 
