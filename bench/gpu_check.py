@@ -664,6 +664,8 @@ def main() -> None:
         TOKENIZERS_PARALLELISM="false",
         HF_HUB_DISABLE_PROGRESS_BARS="1",
         PEFT_STUDIO_DATA_DIR=str(data_dir),
+        # the random model is written to a temporary folder: register it (app/base_models.py)
+        PEFT_STUDIO_MODEL_FOLDERS=json.dumps([tempfile.gettempdir()]),
     )
     os.environ.pop("PEFT_STUDIO_DATABASE_URL", None)
     os.environ.pop("PEFT_STUDIO_BROKER_URL", None)

@@ -111,6 +111,8 @@ def main() -> None:
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         PEFT_STUDIO_DATA_DIR=tempfile.mkdtemp(prefix="gpu-faults-studio-"),
+        # the random model is written to a temporary folder: register it (app/base_models.py)
+        PEFT_STUDIO_MODEL_FOLDERS=json.dumps([tempfile.gettempdir()]),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     data_file = next(
