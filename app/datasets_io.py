@@ -1,9 +1,31 @@
-"""Reading dataset files (CSV, TSV, JSON array, JSONL) into rows, with errors that name the row.
+"""Reading dataset files into rows, with errors that name the row.
 
 Shared by the web app (validation and profiling on upload) and the worker (loading for training), so both
-read a file the same way. Plain ``csv``/``json`` from the standard library: no parser library gives
-row-numbered error messages for all four formats, and these are a few dozen lines. Kept free of
-third-party imports so the worker and the web app can both use it cheaply.
+read a file the same way: the options resolved at upload (encoding, delimiter, quoting, header, index column,
+nested fields) are stored in the dataset's profile (``profile["import"]``) and handed back to ``load_rows``.
+
+Text formats (CSV, TSV, delimited ``.txt``, JSON array, JSONL) use plain ``csv``/``json`` from the standard
+library: no parser library gives row-numbered error messages for all of them. Parquet, Arrow files and a
+zipped Hugging Face ``datasets`` folder (``save_to_disk``) are read with pyarrow, imported only when such a
+file arrives (the web process stays light).
+
+Detection, each overridable by an explicit option (``ImportOptions``):
+
+- encoding: a UTF-16 or UTF-8 byte-order mark decides; otherwise UTF-8, and Latin-1 when the bytes are not
+  valid UTF-8 (with a note in the profile saying which line first failed);
+- delimiter: the extension's own (``,`` for .csv, tab for .tsv and .txt) when it splits the first rows into
+  the same number (at least 2) of fields, else the first of tab, comma, semicolon and ``|`` that does;
+- quoting: ``"`` quotes values; for tab-separated text whose quotes do not pair up (a stray ``"`` in a
+  sentence), quotes are read as ordinary characters;
+- header (``_detect_header``): each column of the first row votes. For a header: a word above a column of
+  numbers; a name that is not one of the repeated values below it (a label column); an empty first cell above
+  numbers (pandas' index). Against: a number; a value that recurs below it; a value too long for a name (over
+  40 characters or 5 words). More votes for than against, or a tie, keeps the first row as the header (the
+  old behaviour); more against makes the file headerless, with columns ``column_1..n`` or the given names;
+- index column: pandas' unnamed first column (an empty header cell or ``Unnamed: 0``) is dropped when it
+  holds exactly 0..n-1, else kept as ``index``;
+- nested JSON: kept as is unless ``nested`` asks to flatten objects (``a.b`` columns) or to explode a column
+  that holds lists of objects into one row per object; the profile names such columns.
 
 Every problem is an ``InvalidDataset`` whose message says where (row and/or line, column) and what was
 expected. "Row N" counts data rows from 1 (the CSV header and blank lines are not rows); "line N" is the
@@ -11,27 +33,49 @@ line of the file, for editors.
 """
 
 import csv
+import datetime
+import decimal
 import io
 import json
 import math
 import re
 import statistics
+import zipfile
 from collections import Counter
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from app.errors import InvalidDataset
 
-FORMATS = ("csv", "tsv", "json", "jsonl")
-_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-_SUPPORTED = ".csv, .tsv, .json or .jsonl"
+FORMATS = ("csv", "tsv", "txt", "json", "jsonl", "parquet", "arrow", "hf-dataset")
+DELIMITED = ("csv", "tsv", "txt")
+BINARY = ("parquet", "arrow", "hf-dataset")
+_EXTENSIONS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".txt": "txt",
+    ".json": "json",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".feather": "arrow",
+    ".zip": "hf-dataset",
+}
+_SUPPORTED = ".csv, .tsv, .txt, .json, .jsonl, .parquet, .arrow or a .zip of a saved Hugging Face dataset"
 _CONVERT_HINTS = {
     ".xlsx": "export the sheet as CSV (File > Save As > CSV UTF-8)",
     ".xls": "export the sheet as CSV (File > Save As > CSV UTF-8)",
     ".ods": "export the sheet as CSV",
-    ".txt": "rename it .csv or .tsv if it is delimited text, or .jsonl if it holds one JSON object per line",
-    ".parquet": "Parquet is not read yet; export it as JSONL or CSV",
 }
+ENCODINGS = ("utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "latin-1", "cp1252")
+DELIMITERS = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+INDEX_CHOICES = ("auto", "drop", "keep")
+NESTED_CHOICES = ("keep", "flatten", "explode")
+# Rows looked at to detect the delimiter and the header.
+_SAMPLE_ROWS = 200
 PREVIEW_ROWS = 5
 MAX_LABEL_CLASSES = 100
 MAX_LABEL_CHARS = 200
@@ -51,6 +95,8 @@ _MAGIC = (
     (b"SQLite format 3\x00", "an SQLite database"),
 )
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_UTF8_BOM = b"\xef\xbb\xbf"
+_PANDAS_INDEX_NAMES = ("", "Unnamed: 0")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 Row = dict[str, Any]
@@ -78,18 +124,126 @@ def _line_of(data: bytes, offset: int) -> int:
     return data.count(b"\n", 0, offset) + 1
 
 
-def _decode(data: bytes) -> str:
-    if not data:
-        raise InvalidDataset("The file is empty (0 bytes): it has no header and no rows.", field="file")
-    if data.startswith(_UTF16_BOMS):
-        raise InvalidDataset(
-            "The file is UTF-16 encoded; save it as UTF-8 and upload it again.", field="file"
+@dataclass
+class ImportOptions:
+    """How to read a file; ``None`` (or ``auto``) means detect. Stored, resolved, in ``profile["import"]``."""
+
+    encoding: str | None = None
+    delimiter: str | None = None
+    quotechar: str | None = None  # "" reads quotes as ordinary characters
+    header: bool | None = None
+    column_names: list[str] | None = None
+    index_column: str = "auto"
+    nested: str = "keep"
+    explode_column: str | None = None
+    split: str | None = None
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "ImportOptions":
+        """Options from form fields or a stored profile; InvalidDataset names the field at fault."""
+        values = dict(values or {})
+
+        def text(name: str) -> str | None:
+            value = values.get(name)
+            if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+                return None
+            return str(value)
+
+        encoding = text("encoding")
+        if encoding is not None:
+            encoding = encoding.strip().lower().replace("_", "-")
+            encoding = {"utf8": "utf-8", "latin1": "latin-1", "iso-8859-1": "latin-1", "utf16": "utf-16"}.get(
+                encoding, encoding
+            )
+            if encoding not in ENCODINGS:
+                raise InvalidDataset(
+                    f"Unknown encoding {values['encoding']!r}; choose auto or one of {', '.join(ENCODINGS)}.",
+                    field="encoding",
+                )
+        delimiter = values.get("delimiter")
+        if isinstance(delimiter, str) and delimiter.strip().lower() in ("", "auto"):
+            delimiter = None
+        if delimiter is not None:
+            delimiter = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}.get(
+                str(delimiter).lower(), str(delimiter)
+            )
+            if len(delimiter) != 1 or delimiter in '"\r\n':
+                raise InvalidDataset(
+                    f"The delimiter must be one character (or tab, comma, semicolon, pipe); got {delimiter!r}.",
+                    field="delimiter",
+                )
+        quotechar = values.get("quotechar")
+        if quotechar is None or str(quotechar).strip().lower() in ("", "auto"):
+            quotechar = None
+        elif str(quotechar).strip().lower() == "none":
+            quotechar = ""
+        elif len(str(quotechar)) != 1:
+            raise InvalidDataset(
+                f"The quote character must be one character or none; got {quotechar!r}.", field="quotechar"
+            )
+        header = values.get("header")
+        if isinstance(header, str):
+            lowered = header.strip().lower()
+            if lowered in ("", "auto"):
+                header = None
+            elif lowered in ("true", "yes", "1", "on", "present"):
+                header = True
+            elif lowered in ("false", "no", "0", "off", "absent", "none"):
+                header = False
+            else:
+                raise InvalidDataset(
+                    f"header must be auto, yes or no; got {values['header']!r}.", field="header"
+                )
+        names = values.get("column_names")
+        if isinstance(names, str):
+            names = [name.strip() for name in names.split(",")] if names.strip() else None
+        if names is not None:
+            names = [str(name) for name in names]
+        index_column = str(values.get("index_column") or "auto").lower()
+        index_column = {"dropped": "drop", "kept": "keep", "none": "auto"}.get(index_column, index_column)
+        if index_column not in INDEX_CHOICES:
+            raise InvalidDataset(
+                f"index_column must be one of {', '.join(INDEX_CHOICES)}; got {values['index_column']!r}.",
+                field="index_column",
+            )
+        nested = str(values.get("nested") or "keep").lower()
+        if nested not in NESTED_CHOICES:
+            raise InvalidDataset(
+                f"nested must be one of {', '.join(NESTED_CHOICES)}; got {values['nested']!r}.",
+                field="nested",
+            )
+        return cls(
+            encoding=encoding,
+            delimiter=delimiter,
+            quotechar=quotechar,
+            header=header if isinstance(header, bool) or header is None else bool(header),
+            column_names=names or None,
+            index_column=index_column,
+            nested=nested,
+            explode_column=text("explode_column"),
+            split=text("split"),
         )
+
+
+@dataclass
+class ImportResult:
+    """Columns and rows of a file, the options it was read with (detected or given) and notes for the page."""
+
+    columns: list[str]
+    rows: list["Row"]
+    options: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_binary(data: bytes) -> None:
     for magic, what in (*_MAGIC, (b"PAR1", "a Parquet file")):
         if data.startswith(magic) and (magic != b"PAR1" or data.endswith(b"PAR1")):
             raise InvalidDataset(
                 f"The file is {what}, not a text file; upload {_SUPPORTED} text saved as UTF-8.", field="file"
             )
+
+
+def _check_nul(data: bytes) -> None:
     nul = data.find(b"\x00")
     if nul >= 0:
         line = _line_of(data, nul)
@@ -99,19 +253,73 @@ def _decode(data: bytes) -> str:
             field="file",
             row=line,
         )
+
+
+def _strict_utf8(data: bytes) -> str:
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = _line_of(data, exc.start)
         raise InvalidDataset(
             f"Line {line} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-            "save the file as UTF-8 and upload it again.",
+            "save the file as UTF-8 and upload it again, or choose its encoding (e.g. latin-1).",
             field="file",
             row=line,
         ) from None
+
+
+def _decode(data: bytes, encoding: str | None = None, notes: list[str] | None = None) -> tuple[str, str]:
+    """The file's text and the encoding it was read with (detected when ``encoding`` is None)."""
+    if not data:
+        raise InvalidDataset("The file is empty (0 bytes): it has no header and no rows.", field="file")
+    _check_binary(data)
+    if encoding is None and data.startswith(_UTF16_BOMS):
+        encoding = "utf-16"
+    if encoding in ("utf-8", "utf-8-sig") and data.startswith(_UTF16_BOMS):
+        raise InvalidDataset(
+            "The file is UTF-16 encoded; save it as UTF-8 and upload it again, or choose the encoding utf-16.",
+            field="file",
+        )
+    if encoding is not None and encoding.startswith("utf-16"):
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError as exc:
+            raise InvalidDataset(
+                f"The file cannot be read as {encoding.upper()} (offset {exc.start}: {exc.reason}); "
+                "save it as UTF-8 and upload it again.",
+                field="file",
+            ) from None
+        text = text.removeprefix("\ufeff")
+    else:
+        _check_nul(data)
+        if encoding in ("latin-1", "cp1252"):
+            try:
+                text = data.decode(encoding)
+            except UnicodeDecodeError as exc:
+                raise InvalidDataset(
+                    f"Line {_line_of(data, exc.start)} cannot be read as {encoding} "
+                    f"(byte 0x{data[exc.start]:02x}); choose latin-1.",
+                    field="file",
+                ) from None
+        elif encoding is not None:
+            text = _strict_utf8(data)
+            encoding = "utf-8-sig" if data.startswith(_UTF8_BOM) else "utf-8"
+        else:
+            try:
+                text = data.decode("utf-8-sig")
+                encoding = "utf-8-sig" if data.startswith(_UTF8_BOM) else "utf-8"
+            except UnicodeDecodeError as exc:
+                line = _line_of(data, exc.start)
+                text, encoding = data.decode("latin-1"), "latin-1"
+                if notes is not None:
+                    notes.append(
+                        f"The file is not valid UTF-8 (line {line}, byte 0x{data[exc.start]:02x}), so it was "
+                        "read as Latin-1 (ISO-8859-1). If accented letters look wrong in the preview, save the "
+                        "file as UTF-8, or re-import it with another encoding."
+                    )
     if not text.strip():
         raise InvalidDataset("The file holds only whitespace: it has no header and no rows.", field="file")
-    return text
+    return text, encoding
 
 
 def _check_header(header: list[str], kind: str, line: int) -> None:
@@ -175,48 +383,205 @@ def _csv_error(exc: csv.Error, kind: str, line: int, row: int) -> InvalidDataset
     return InvalidDataset(message, field="file", row=row)
 
 
-def _parse_delimited(text: str, delimiter: str) -> tuple[list[str], list[Row]]:
-    kind = "CSV" if delimiter == "," else "TSV"
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+def _kind_of(delimiter: str) -> str:
+    return "CSV" if delimiter == "," else "TSV" if delimiter == "\t" else "delimited text"
+
+
+def _reader(text: str, delimiter: str, quotechar: str) -> Any:
+    if quotechar:
+        return csv.reader(
+            io.StringIO(text, newline=""), delimiter=delimiter, quotechar=quotechar, strict=True
+        )
+    return csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_NONE)
+
+
+def _sample(text: str) -> str:
+    """The first rows of the text (whole lines only), enough to detect the delimiter and the header."""
+    lines = text.split("\n", _SAMPLE_ROWS + 1)
+    return "\n".join(lines[:_SAMPLE_ROWS]) if len(lines) > _SAMPLE_ROWS else text
+
+
+def _field_counts(sample: str, delimiter: str, quotechar: str) -> list[int] | None:
     try:
-        raw_header = next(reader)
-        while not any(value.strip() for value in raw_header):  # blank lines before the header
-            raw_header = next(reader)
-    except csv.Error as exc:
-        raise InvalidDataset(
-            f"The {kind} header (line {reader.line_num}) cannot be read: {exc}.", field="file", row=1
-        ) from None
-    except StopIteration:
-        raise InvalidDataset(
-            "The file holds only whitespace: it has no header and no rows.", field="file"
-        ) from None
-    header = [name.strip() for name in raw_header]
-    _check_header(header, kind, reader.line_num)
-    _check_delimiter(header, delimiter, kind, reader.line_num)
-    rows: list[Row] = []
-    start_line = reader.line_num + 1
+        records = [
+            record for record in _reader(sample, delimiter, quotechar) if any(v.strip() for v in record)
+        ]
+    except csv.Error:
+        return None
+    return [len(record) for record in records]
+
+
+def _consistent(counts: list[int] | None) -> bool:
+    """Every sampled row splits into the same number (2 or more) of fields."""
+    return counts is not None and bool(counts) and counts[0] >= 2 and len(set(counts)) == 1
+
+
+def _detect_delimiter(text: str, fmt: str) -> str:
+    default = "," if fmt == "csv" else "\t"
+    sample = _sample(text)
+    for candidate in dict.fromkeys((default, "\t", ",", ";", "|")):
+        quotes = ('"', "") if candidate == "\t" else ('"',)
+        if any(_consistent(_field_counts(sample, candidate, quote)) for quote in quotes):
+            return candidate
+    return default
+
+
+def _read_records(text: str, delimiter: str, quotechar: str) -> list[tuple[int, list[str]]]:
+    """Non-blank records with the line each starts on; csv.Error carries the line and the record count."""
+    reader = _reader(text, delimiter, quotechar)
+    records: list[tuple[int, list[str]]] = []
+    start_line = 1
     try:
         for record in reader:
             line, start_line = start_line, reader.line_num + 1
-            if not record or (len(record) == 1 and not record[0].strip()):
+            if not record or not any(value.strip() for value in record):
                 continue  # blank line
-            row_number = len(rows) + 1
-            if len(record) != len(header):
-                advice = (
-                    "Quote values that contain the delimiter."
-                    if len(record) > len(header)
-                    else "A value is missing, or a line break sits inside an unquoted value."
-                )
-                raise InvalidDataset(
-                    f"Row {row_number} (line {line}) has {_count(len(record), 'field')}; the header has "
-                    f"{len(header)} ({', '.join(header)}). {advice}",
-                    field="file",
-                    row=row_number,
-                )
-            rows.append(dict(zip(header, record, strict=True)))
+            records.append((line, record))
     except csv.Error as exc:
-        raise _csv_error(exc, kind, start_line, len(rows) + 1) from None
-    return header, rows
+        exc.args = (*exc.args, start_line, records)
+        raise
+    return records
+
+
+def _ragged(records: list[tuple[int, list[str]]]) -> bool:
+    return len({len(record) for _, record in records}) > 1
+
+
+def _is_name_like(value: str) -> bool:
+    return len(value) <= 40 and len(value.split()) <= 5
+
+
+def _detect_header(records: list[list[str]]) -> tuple[bool, str]:
+    """Whether the first record is a header, and why (the rule is in the module docstring)."""
+    first = records[0]
+    body = [record for record in records[1:_SAMPLE_ROWS] if len(record) == len(first)]
+    if not body:
+        return True, "the file has a single row"
+    votes_for: list[str] = []
+    votes_against: list[str] = []
+    for position, raw in enumerate(first):
+        value = raw.strip()
+        below = [record[position].strip() for record in body if record[position].strip()]
+        if not value:
+            if position == 0 and below and all(_is_number(item) for item in below):
+                votes_for.append("an empty first cell above numbers (an index column)")
+            continue
+        if _is_number(value):
+            votes_against.append(f"column {position + 1} starts with the number {value!r}")
+            continue
+        if below and sum(_is_number(item) for item in below) >= 0.9 * len(below):
+            votes_for.append(f"{value!r} stands above numbers")
+            continue
+        distinct = set(below)
+        if len(below) >= 4 and len(distinct) <= max(2, min(50, len(below) // 2)):
+            if value in distinct:
+                votes_against.append(f"{value!r} is also a value further down column {position + 1}")
+            else:
+                votes_for.append(f"{value!r} is not one of the values of column {position + 1}")
+            continue
+        if not _is_name_like(value):
+            votes_against.append(f"{value[:30]!r}… is too long for a column name")
+    if len(votes_against) > len(votes_for):
+        return False, "; ".join(votes_against)
+    return True, "; ".join(votes_for) or "nothing speaks against it"
+
+
+def _is_range_index(values: list[str]) -> bool:
+    return all(value.strip() == str(number) for number, value in enumerate(values))
+
+
+def _parse_delimited(
+    text: str, fmt: str, options: ImportOptions, resolved: dict[str, Any], notes: list[str]
+) -> tuple[list[str], list[Row]]:
+    delimiter = options.delimiter or _detect_delimiter(text, fmt)
+    kind = _kind_of(delimiter)
+    quotechar = '"' if options.quotechar is None else options.quotechar
+    try:
+        records = _read_records(text, delimiter, quotechar)
+        failure: csv.Error | None = None
+    except csv.Error as exc:
+        records, failure = [], exc
+    if options.quotechar is None and delimiter == "\t" and (failure is not None or _ragged(records)):
+        # Tab-separated sentences often hold a lone quote; read quotes as text when that pairs every row up.
+        try:
+            plain = _read_records(text, delimiter, "")
+        except csv.Error:
+            plain = []
+        if plain and not _ragged(plain):
+            records, failure, quotechar = plain, None, ""
+            notes.append('Quotes (") do not pair up in this tab-separated file, so they are read as text.')
+    if failure is not None:
+        reason, line, read = failure.args[0], failure.args[-2], failure.args[-1]
+        count = len(read)
+        if count == 0:
+            raise InvalidDataset(
+                f"The {kind} header (line {line}) cannot be read: {reason}.", field="file", row=1
+            )
+        has_header = options.header
+        if has_header is None:  # the rows before the failure decide, as they would have
+            has_header = _detect_header([record for _, record in read])[0] if count > 1 else True
+        raise _csv_error(csv.Error(reason), kind, line, count + (0 if has_header else 1))
+    if not records:
+        raise InvalidDataset("The file holds only whitespace: it has no header and no rows.", field="file")
+    if options.header is None:
+        has_header, why = _detect_header([record for _, record in records])
+        resolved["header_reason"] = why
+    else:
+        has_header = options.header
+    header_line = records[0][0]
+    if has_header:
+        header = [name.strip() for name in records[0][1]]
+        body = records[1:]
+    else:
+        header = [f"column_{position}" for position in range(1, len(records[0][1]) + 1)]
+        body = records
+        notes.append(f"The file has no header row; its columns are named {', '.join(header)}.")
+    if options.column_names:
+        if len(options.column_names) != len(header):
+            raise InvalidDataset(
+                f"{len(options.column_names)} column name(s) were given ({', '.join(options.column_names)}) but "
+                f"the file has {len(header)} column(s); give one name per column.",
+                field="column_names",
+            )
+        header = [name.strip() for name in options.column_names]
+        resolved["column_names"] = header
+    index_action = "none"
+    if header and (header[0] in _PANDAS_INDEX_NAMES or (not has_header and options.index_column == "drop")):
+        first_values = [record[0] for _, record in body if record]
+        if options.index_column == "drop" or (
+            options.index_column == "auto" and first_values and _is_range_index(first_values)
+        ):
+            index_action = "drop"
+        elif header[0] in _PANDAS_INDEX_NAMES:
+            index_action = "keep"
+            header[0] = "index" if "index" not in header else "index_"
+    resolved.update(delimiter=delimiter, quotechar=quotechar or "none", header=has_header)
+    resolved["index_column"] = index_action
+    if index_action == "drop":
+        notes.append("The first column was an unnamed index (0, 1, 2, …) and was dropped.")
+    elif index_action == "keep":
+        notes.append(f"The unnamed first column is kept as {header[0]!r}.")
+    _check_header(header[1:] if index_action == "drop" else header, kind, header_line)
+    if options.delimiter is None or len(header) == 1:
+        _check_delimiter(header, delimiter, kind, header_line)
+    rows: list[Row] = []
+    for line, record in body:
+        row_number = len(rows) + 1
+        if len(record) != len(header):
+            advice = (
+                "Quote values that contain the delimiter."
+                if len(record) > len(header)
+                else "A value is missing, or a line break sits inside an unquoted value."
+            )
+            raise InvalidDataset(
+                f"Row {row_number} (line {line}) has {_count(len(record), 'field')}; the header has "
+                f"{len(header)} ({', '.join(header)}). {advice}",
+                field="file",
+                row=row_number,
+            )
+        pairs = zip(header, record, strict=True)
+        rows.append(dict(list(pairs)[1:] if index_action == "drop" else pairs))
+    return (header[1:] if index_action == "drop" else header), rows
 
 
 def _json_kind(value: Any) -> str:
@@ -383,37 +748,289 @@ def _records_to_rows(
     return list(columns), rows
 
 
-def parse_rows(data: bytes, fmt: str) -> tuple[list[str], list[Row]]:
-    """Parse a whole file into its column names and rows; InvalidDataset names the row at fault."""
+def _jsonable(value: Any) -> Any:
+    """An Arrow value as JSON data (dates as ISO text, decimals as numbers, bytes as text when they decode)."""
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        if value and all(isinstance(item, tuple) and len(item) == 2 for item in value):
+            return {str(key): _jsonable(item) for key, item in value}  # an Arrow map
+        return [_jsonable(item) for item in value]
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.hex()
+    return str(value)
+
+
+def _table_rows(table: Any) -> tuple[list[str], list[Row]]:
+    # pandas writes a non-default index as a column of its own; it is not data.
+    columns = [name for name in table.column_names if name != "__index_level_0__"]
+    rows = [{name: _jsonable(row.get(name)) for name in columns} for row in table.select(columns).to_pylist()]
+    return columns, rows
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow
+    except ImportError:  # pragma: no cover - pyarrow is a dependency
+        raise InvalidDataset(
+            "Reading Parquet and Arrow files needs the pyarrow package on the server.", field="file"
+        ) from None
+    return pyarrow
+
+
+def _read_arrow_bytes(data: bytes, what: str) -> Any:
+    """An Arrow table from IPC stream bytes (``datasets``' own files) or an IPC/Feather file."""
+    pa = _pyarrow()
+    import pyarrow.ipc
+
+    errors = []
+    for opener in (pyarrow.ipc.open_stream, pyarrow.ipc.open_file):
+        try:
+            return opener(pa.BufferReader(data)).read_all()
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+            errors.append(str(exc))
+    raise InvalidDataset(
+        f"{what} is not an Arrow file ({errors[-1]}); upload an Arrow IPC file, Parquet, or a zipped "
+        "datasets folder written by save_to_disk.",
+        field="file",
+    )
+
+
+def _read_parquet(data: bytes) -> Any:
+    pa = _pyarrow()
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        raise InvalidDataset(
+            f"The file is not a Parquet file that can be read ({exc}); export it again with "
+            "DataFrame.to_parquet, or upload CSV or JSONL.",
+            field="file",
+        ) from None
+
+
+def _read_saved_dataset(
+    data: bytes, options: ImportOptions, resolved: dict[str, Any], notes: list[str], max_unpacked: int
+) -> Any:
+    """The Arrow table of a zipped ``Dataset.save_to_disk`` folder (or one split of a ``DatasetDict``)."""
+    pa = _pyarrow()
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise InvalidDataset(
+            "The .zip file cannot be opened; zip the folder that Dataset.save_to_disk wrote and upload that.",
+            field="file",
+        ) from None
+    with archive:
+        members = [
+            info
+            for info in archive.infolist()
+            if info.filename.endswith(".arrow") and not info.filename.startswith("__MACOSX")
+        ]
+        if not members:
+            raise InvalidDataset(
+                "The .zip holds no .arrow files; zip the folder that Dataset.save_to_disk wrote "
+                "(it holds data-00000-of-00001.arrow, dataset_info.json and state.json).",
+                field="file",
+            )
+        splits: dict[str, list[zipfile.ZipInfo]] = {}
+        for info in members:
+            splits.setdefault(str(PurePosixPath(info.filename).parent), []).append(info)
+        names = {folder: PurePosixPath(folder).name for folder in splits}
+        if len(splits) > 1:
+            wanted = options.split or ("train" if "train" in names.values() else sorted(names.values())[0])
+            chosen = [folder for folder, name in names.items() if name == wanted]
+            if not chosen:
+                raise InvalidDataset(
+                    f"The saved dataset has no split {wanted!r}; its splits are "
+                    f"{', '.join(sorted(names.values()))}.",
+                    field="split",
+                )
+            folder = chosen[0]
+            resolved["split"] = wanted
+            notes.append(
+                f"The saved dataset has the splits {', '.join(sorted(names.values()))}; split {wanted!r} was "
+                "imported (re-import to choose another)."
+            )
+        else:
+            folder = next(iter(splits))
+        chosen_members = sorted(splits[folder], key=lambda info: info.filename)
+        if sum(info.file_size for info in chosen_members) > max_unpacked:
+            raise InvalidDataset(
+                f"The saved dataset unpacks to more than {max_unpacked:,} bytes; upload a smaller dataset.",
+                field="file",
+            )
+        tables = [_read_arrow_bytes(archive.read(info), info.filename) for info in chosen_members]
+    try:
+        return pa.concat_tables(tables)
+    except pa.ArrowInvalid as exc:
+        raise InvalidDataset(
+            f"The dataset's Arrow files do not share one schema: {exc}.", field="file"
+        ) from None
+
+
+def _flatten(row: Row, prefix: str = "") -> Row:
+    flat: Row = {}
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def nested_columns(columns: list[str], rows: list[Row]) -> dict[str, str]:
+    """Columns holding objects (``object``), lists of objects (``list``) or chat messages (``messages``)."""
+    found: dict[str, str] = {}
+    for column in columns:
+        values = [row.get(column) for row in rows if row.get(column) not in (None, "", [])]
+        if values and all(isinstance(value, dict) for value in values):
+            found[column] = "object"
+        elif values and all(
+            isinstance(value, list) and all(isinstance(item, dict) for item in value) for value in values
+        ):
+            first: dict[str, Any] = next((item for value in values for item in (value or [])), {})
+            chat = ("role" in first and "content" in first) or ("from" in first and "value" in first)
+            found[column] = "messages" if chat else "list"
+    return found
+
+
+def _unnest(
+    columns: list[str], rows: list[Row], options: ImportOptions, resolved: dict[str, Any], notes: list[str]
+) -> tuple[list[str], list[Row]]:
+    nested = nested_columns(columns, rows)
+    resolved["nested"] = options.nested
+    if nested:
+        resolved["nested_columns"] = nested
+    if options.nested == "explode":
+        lists = [column for column, kind in nested.items() if kind == "list"]
+        column = options.explode_column or (lists[0] if lists else None)
+        if column is None or column not in columns:
+            raise InvalidDataset(
+                f"No column {'named ' + repr(column) + ' ' if column else ''}holds lists of objects to explode; "
+                f"columns: {', '.join(columns)}.",
+                field="explode_column",
+            )
+        resolved["explode_column"] = column
+        exploded: list[Row] = []
+        for number, row in enumerate(rows, start=1):
+            items = row.get(column)
+            if items in (None, "", []):
+                continue
+            if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+                raise InvalidDataset(
+                    f"Row {number}: column {column!r} holds {_json_kind(items)}, not a list of objects, so it "
+                    "cannot be exploded into rows.",
+                    field="explode_column",
+                    row=number,
+                )
+            parent = {key: value for key, value in row.items() if key != column}
+            for item in items:
+                child = _flatten(item)
+                exploded.append(
+                    {**parent, **{(f"{column}.{k}" if k in parent else k): v for k, v in child.items()}}
+                )
+        notes.append(
+            f"Each object in column {column!r} became a row: {len(rows):,} rows gave {len(exploded):,}."
+        )
+        rows = exploded
+    if options.nested in ("flatten", "explode"):
+        rows = [_flatten(row) for row in rows]
+        if options.nested == "flatten" and any(kind == "object" for kind in nested.values()):
+            notes.append("Nested objects were flattened into columns named parent.child.")
+    elif any(kind != "messages" for kind in nested.values()):
+        nested = {name: kind for name, kind in nested.items() if kind != "messages"}
+        shown = ", ".join(
+            f"{name!r} ({'lists of objects' if kind == 'list' else 'objects'})"
+            for name, kind in nested.items()
+        )
+        notes.append(
+            f"Column(s) {shown} hold nested data that training cannot read; re-import with nested fields "
+            "flattened (a.b columns) or exploded (one row per object in a list)."
+        )
+    if options.nested != "keep":
+        ordered: dict[str, None] = {}
+        for row in rows:
+            ordered.update(dict.fromkeys(row))
+        columns = list(ordered)
+    return columns, rows
+
+
+def read_dataset(
+    data: bytes,
+    fmt: str,
+    options: ImportOptions | Mapping[str, Any] | None = None,
+    max_unpacked_bytes: int = 2 * 1024**3,
+) -> ImportResult:
+    """Parse a whole file with the given options (``None`` fields detected); InvalidDataset names the row."""
     if fmt not in FORMATS:
         raise InvalidDataset(
             f"Unsupported format {fmt!r}; expected one of {', '.join(FORMATS)}.", field="file"
         )
-    text = _decode(data)
-    if fmt in ("csv", "tsv"):
-        columns, rows = _parse_delimited(text, "," if fmt == "csv" else "\t")
-    else:
-        check_strings = _SURROGATE_ESCAPE.search(text) is not None
-        if fmt == "json":
-            columns, rows = _records_to_rows(_parse_json_array(text), "Row", check_strings)
+    if not isinstance(options, ImportOptions):
+        options = ImportOptions.from_mapping(options)
+    resolved: dict[str, Any] = {"format": fmt}
+    notes: list[str] = []
+    if fmt in BINARY:
+        if not data:
+            raise InvalidDataset("The file is empty (0 bytes): it has no header and no rows.", field="file")
+        if fmt == "parquet":
+            table = _read_parquet(data)
+        elif fmt == "arrow":
+            table = _read_arrow_bytes(data, "The file")
         else:
-            columns, rows = _records_to_rows(_parse_jsonl(text), "Line", check_strings)
+            table = _read_saved_dataset(data, options, resolved, notes, max_unpacked_bytes)
+        columns, rows = _table_rows(table)
+        columns, rows = _unnest(columns, rows, options, resolved, notes)
+    else:
+        text, encoding = _decode(data, options.encoding, notes)
+        resolved["encoding"] = encoding
+        if fmt in DELIMITED:
+            columns, rows = _parse_delimited(text, fmt, options, resolved, notes)
+        else:
+            check_strings = _SURROGATE_ESCAPE.search(text) is not None
+            if fmt == "json":
+                columns, rows = _records_to_rows(_parse_json_array(text), "Row", check_strings)
+            else:
+                columns, rows = _records_to_rows(_parse_jsonl(text), "Line", check_strings)
+            columns, rows = _unnest(columns, rows, options, resolved, notes)
     if not rows:
         what = {
-            "csv": "a header but no data rows",
-            "tsv": "a header but no data rows",
             "json": "an empty array: no rows",
             "jsonl": "no rows",
-        }[fmt]
+        }.get(fmt, "a header but no data rows" if fmt in DELIMITED else "no rows")
         raise InvalidDataset(f"The file has {what}.", field="file")
     if not columns:
         raise InvalidDataset("Every row is an empty object: the rows have no fields.", field="file")
-    return columns, rows
+    return ImportResult(columns=columns, rows=rows, options=resolved, notes=notes)
 
 
-def load_rows(path: Path, fmt: str) -> tuple[list[str], list[Row]]:
-    """Read a stored dataset file."""
-    return parse_rows(path.read_bytes(), fmt)
+def parse_rows(
+    data: bytes, fmt: str, options: ImportOptions | Mapping[str, Any] | None = None
+) -> tuple[list[str], list[Row]]:
+    """Parse a whole file into its column names and rows; InvalidDataset names the row at fault."""
+    result = read_dataset(data, fmt, options)
+    return result.columns, result.rows
+
+
+def load_rows(
+    path: Path, fmt: str, options: ImportOptions | Mapping[str, Any] | None = None
+) -> tuple[list[str], list[Row]]:
+    """Read a stored dataset file with the options it was imported with (``profile["import"]``)."""
+    return parse_rows(path.read_bytes(), fmt, options)
 
 
 def _value_kind(value: Any) -> str:
@@ -505,3 +1122,106 @@ def profile_rows(columns: list[str], rows: list[Row]) -> dict[str, Any]:
         },
         "preview": rows[:PREVIEW_ROWS],
     }
+
+
+_LABEL_NAMES = ("label", "labels", "class", "category", "target", "sentiment", "intent", "topic", "y")
+# Text columns whose mean length is at least this share of the longest one's are joined for classification.
+_JOIN_SHARE = 0.25
+
+
+def _by_leaf(columns: list[str]) -> dict[str, str]:
+    """Columns by their lower-cased last dotted part (``instances.input`` answers to ``input``)."""
+    found: dict[str, str] = {}
+    for column in columns:
+        found.setdefault(column.rsplit(".", 1)[-1].lower(), column)
+    return found
+
+
+def propose(columns: list[str], profile: dict[str, Any]) -> dict[str, Any]:
+    """The task, format and columns a dataset most likely is, from its column names and profile.
+
+    Chat ``messages`` (or ``conversations``) -> causal-LM chat; ``instruction`` + ``output`` -> Alpaca;
+    ``prompt`` + ``completion`` -> prompt-completion; otherwise a text column (the longest text) and a
+    low-cardinality label column (a conventional name first, else the one with the fewest classes) ->
+    classification, with other long text columns (title + description) proposed for joining; text alone ->
+    causal-LM plain text. ``reason`` says which rule matched.
+    """
+    infos: dict[str, Any] = profile.get("columns", {})
+    leaf = _by_leaf(columns)
+    nested = (profile.get("import") or {}).get("nested_columns") or {}
+    chat = next((c for c in columns if nested.get(c) == "messages"), None) or next(
+        (leaf[name] for name in ("messages", "conversations") if name in leaf), None
+    )
+    if chat is not None:
+        return {
+            "task": "causal-lm",
+            "format": "chat",
+            "causal_lm": {"format": "chat", "messages_column": chat},
+            "reason": f"column {chat!r} holds chat messages",
+        }
+    if "instruction" in leaf and "output" in leaf:
+        settings = {
+            "format": "alpaca",
+            "instruction_column": leaf["instruction"],
+            "output_column": leaf["output"],
+            "input_column": leaf.get("input"),
+        }
+        return {
+            "task": "causal-lm",
+            "format": "alpaca",
+            "causal_lm": settings,
+            "reason": "instruction/output",
+        }
+    if "prompt" in leaf and "completion" in leaf:
+        settings = {
+            "format": "prompt-completion",
+            "prompt_column": leaf["prompt"],
+            "completion_column": leaf["completion"],
+        }
+        return {
+            "task": "causal-lm",
+            "format": "prompt-completion",
+            "causal_lm": settings,
+            "reason": "prompt/completion",
+        }
+    rows = max(int(profile.get("rows") or 0), 1)
+    labels = [
+        c
+        for c in columns
+        if infos.get(c, {}).get("value_counts") and infos[c].get("distinct", 0) <= max(2, rows // 2)
+    ]
+    texts = [
+        c
+        for c in columns
+        if infos.get(c, {}).get("type") == "string"
+        and c not in labels
+        and infos[c].get("numeric", 0) < 0.5 * rows
+        and infos[c].get("length")
+    ]
+    texts.sort(key=lambda c: -infos[c]["length"]["mean"])
+    named = [c for c in labels if c.rsplit(".", 1)[-1].lower() in _LABEL_NAMES]
+    label = named[0] if named else min(labels, key=lambda c: infos[c]["distinct"]) if labels else None
+    if texts and label is not None:
+        longest = infos[texts[0]]["length"]["mean"]
+        joined = [
+            c for c in columns if c in texts and infos[c]["length"]["mean"] >= max(_JOIN_SHARE * longest, 10)
+        ]
+        proposal: dict[str, Any] = {
+            "task": "sequence-classification",
+            "format": "classification",
+            "text_column": texts[0],
+            "label_column": label,
+            "reason": f"text in {texts[0]!r} (the longest), {infos[label]['distinct']} classes in {label!r}",
+        }
+        if len(joined) > 1:
+            proposal["text_columns"] = joined[:4]
+        return proposal
+    if texts:
+        return {
+            "task": "causal-lm",
+            "format": "text",
+            "text_column": texts[0],
+            "causal_lm": {"format": "text"},
+            "reason": f"text in {texts[0]!r} and no label column",
+        }
+    return {"task": None, "format": None, "reason": "no column holds text"}

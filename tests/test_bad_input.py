@@ -86,7 +86,8 @@ def _dataset_request(client: TestClient, case: dict[str, Any]) -> Any:
     else:
         content = (CORPUS / case["file"]).read_bytes()
     filename = case.get("filename", Path(case["file"] or "").name)
-    return client.post("/api/v1/datasets", files={"file": (filename, content)})
+    # "options": import options given explicitly (detection would otherwise read the file another way)
+    return client.post("/api/v1/datasets", files={"file": (filename, content)}, data=case.get("options"))
 
 
 def _job_request(client: TestClient, case: dict[str, Any], ids: dict[str, int]) -> Any:

@@ -40,7 +40,7 @@ def test_upload_train_watch_download_and_try_out(tmp_path: Path, chromium_path: 
     from playwright.sync_api import expect, sync_playwright
 
     csv_path = sst2_slice(tmp_path / "sst2_200.csv", 200)
-    bad_path = tmp_path / "notes.txt"
+    bad_path = tmp_path / "notes.docx"
     bad_path.write_text("not a dataset\n", encoding="utf-8")
 
     with run_studio(tmp_path / "data") as studio, sync_playwright() as playwright:

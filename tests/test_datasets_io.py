@@ -10,6 +10,7 @@ from app.datasets_io import (
     detect_format,
     parse_rows,
     profile_rows,
+    read_dataset,
 )
 from app.errors import InvalidDataset
 
@@ -38,7 +39,7 @@ def test_detect_format_by_extension(filename: str, fmt: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("filename", "expected"), [("x.xlsx", "'.xlsx'"), ("x", "(no extension)"), ("x.txt", "'.txt'")]
+    ("filename", "expected"), [("x.xlsx", "'.xlsx'"), ("x", "(no extension)"), ("x.docx", "'.docx'")]
 )
 def test_detect_format_refuses_other_extensions(filename: str, expected: str) -> None:
     with pytest.raises(InvalidDataset, match="Unsupported file type") as info:
@@ -123,9 +124,17 @@ def test_value_over_the_csv_field_limit() -> None:
         parse_rows(b"text,label\n" + b"x" * (MAX_CSV_FIELD_CHARS + 1) + b",pos\n", "csv")
 
 
-def test_invalid_utf8_names_the_line() -> None:
+def test_invalid_utf8_names_the_line_when_utf8_is_asked_for() -> None:
     with pytest.raises(InvalidDataset, match="Line 3 is not valid UTF-8"):
-        parse_rows(b"text,label\nok,pos\n\xff\xfe,neg\n", "csv")
+        parse_rows(b"text,label\nok,pos\n\xff\xfe,neg\n", "csv", {"encoding": "utf-8"})
+
+
+def test_invalid_utf8_falls_back_to_latin1_with_a_note() -> None:
+    result = read_dataset("text,label\ncaf\u00e9 noir,pos\nthé,neg\n".encode("latin-1"), "csv")
+
+    assert result.rows[0]["text"] == "caf\u00e9 noir"
+    assert result.options["encoding"] == "latin-1"
+    assert "line 2" in result.notes[0] and "Latin-1" in result.notes[0]
 
 
 def test_jsonl_error_names_the_file_line_not_the_record() -> None:

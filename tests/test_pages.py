@@ -301,7 +301,7 @@ def test_upload_form_through_htmx_redirects_with_a_header(client: TestClient) ->
 @pytest.mark.parametrize(
     ("filename", "content", "status", "message"),
     [
-        ("notes.txt", b"hello", 422, "Unsupported file type"),
+        ("notes.docx", b"hello", 422, "Unsupported file type"),
         ("empty.csv", b"text,label\n", 422, "no data rows"),
         ("ragged.csv", b"text,label\nfine,1,extra\n", 422, "Row 1"),
     ],

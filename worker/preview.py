@@ -55,7 +55,9 @@ def preview_examples(spec: JobSpec, dataset: Dataset, count: int) -> dict[str, A
     if settings.format == "text":
         template_name, template = None, None
     encoder = Encoder(tokenizer, template, spec.training.max_length, settings.train_on_prompt)
-    _, rows = load_rows(get_store().local_file(dataset.storage_key), dataset.format)
+    _, rows = load_rows(
+        get_store().local_file(dataset.storage_key), dataset.format, dataset.profile.get("import")
+    )
     held_out: set[int] = set()
     if spec.validation_dataset_id is None and spec.validation_fraction > 0:
         held_out = held_out_rows(len(rows), spec.validation_fraction, spec.training.seed)

@@ -1,6 +1,8 @@
 """/api/v1/datasets"""
 
-from fastapi import APIRouter, Form, Response, UploadFile, status
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Form, Response, UploadFile, status
 
 from app import audit
 from app.auth import CurrentUser, OwnerScope
@@ -11,12 +13,67 @@ from app.services import datasets as service
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 
 
+def import_options(
+    header: Annotated[
+        str | None, Form(description="auto (detect), yes or no: is the first row a header?")
+    ] = None,
+    column_names: Annotated[
+        str | None,
+        Form(description="Comma-separated names for the columns (a headerless file's, or renames)."),
+    ] = None,
+    delimiter: Annotated[str | None, Form(description="auto, or one character: , ; | or tab.")] = None,
+    quotechar: Annotated[str | None, Form(description='auto, a character (usually "), or none.')] = None,
+    index_column: Annotated[
+        str | None, Form(description="auto, drop or keep pandas' unnamed index column.")
+    ] = None,
+    encoding: Annotated[
+        str | None, Form(description="auto, utf-8, utf-8-sig, utf-16, latin-1 or cp1252.")
+    ] = None,
+    nested: Annotated[
+        str | None,
+        Form(description="keep, flatten (a.b columns) or explode (a list of objects, one row each)."),
+    ] = None,
+    explode_column: Annotated[
+        str | None, Form(description="The column to explode (default: detected).")
+    ] = None,
+    split: Annotated[
+        str | None, Form(description="The split of a saved DatasetDict (default: train).")
+    ] = None,
+) -> dict[str, Any]:
+    """The import options of an upload or a re-import, as multipart form fields; absent ones are detected."""
+    given = {
+        "header": header,
+        "column_names": column_names,
+        "delimiter": delimiter,
+        "quotechar": quotechar,
+        "index_column": index_column,
+        "encoding": encoding,
+        "nested": nested,
+        "explode_column": explode_column,
+        "split": split,
+    }
+    return {key: value for key, value in given.items() if value is not None}
+
+
+ImportOptionsDep = Annotated[dict[str, Any], Depends(import_options)]
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetPublic)
 def upload_dataset(
-    session: SessionDep, user: CurrentUser, file: UploadFile, name: str | None = Form(default=None)
+    session: SessionDep,
+    user: CurrentUser,
+    file: UploadFile,
+    options: ImportOptionsDep,
+    name: str | None = Form(default=None),
 ) -> DatasetPublic:
-    """Upload a CSV, TSV, JSON (array) or JSONL file; it is validated and profiled before it is stored."""
-    dataset = service.create_dataset(session, file.file, file.filename, name, owner_id=user.id)
+    """Upload CSV, TSV, delimited .txt, JSON (array), JSONL, Parquet, Arrow or a zipped saved HF dataset.
+
+    It is validated and profiled before it is stored; the import options (form fields) are detected when
+    absent, and what was detected is in ``profile.import``.
+    """
+    dataset = service.create_dataset(
+        session, file.file, file.filename, name, owner_id=user.id, options=options
+    )
     audit.record(session, user, "create", "dataset", dataset.id, dataset.filename)
     return DatasetPublic.model_validate(dataset)
 
@@ -45,6 +102,16 @@ def list_datasets(
 def get_dataset(session: SessionDep, owner_id: OwnerScope, dataset_id: int) -> DatasetPublic:
     """One dataset with its profile."""
     return DatasetPublic.model_validate(service.get_dataset(session, dataset_id, owner_id))
+
+
+@router.post("/{dataset_id}/reimport", response_model=DatasetPublic)
+def reimport_dataset(
+    session: SessionDep, user: CurrentUser, owner_id: OwnerScope, dataset_id: int, options: ImportOptionsDep
+) -> DatasetPublic:
+    """Read the stored original file again with other import options (form fields, as for an upload)."""
+    dataset = service.reimport_dataset(session, dataset_id, options, owner_id)
+    audit.record(session, user, "reimport", "dataset", dataset_id)
+    return DatasetPublic.model_validate(dataset)
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)

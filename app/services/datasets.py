@@ -1,13 +1,14 @@
-"""Datasets: receive an upload, validate and profile it, store it, list and delete."""
+"""Datasets: receive an upload, validate and profile it, store it, re-import it with other options, list, delete."""
 
 import hashlib
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sqlmodel import Session, col, func, select
 
-from app.datasets_io import detect_format, parse_rows, profile_rows
+from app.datasets_io import ImportResult, detect_format, profile_rows, propose, read_dataset
 from app.errors import Conflict, InvalidDataset, InvalidSpec, NotFound, PayloadTooLarge
 from app.models import Dataset, Job, JobStatus
 from app.quota import check_quota
@@ -21,7 +22,8 @@ _UNSAFE_NAME = re.compile(r"[/\\]|^\.\.?$|\x00")
 def _check_filename(filename: str | None) -> str:
     if not filename or not filename.strip():
         raise InvalidDataset(
-            "The upload has no file name; choose a .csv, .tsv, .json or .jsonl file.", field="file"
+            "The upload has no file name; choose a .csv, .tsv, .txt, .json, .jsonl, .parquet, .arrow or .zip file.",
+            field="file",
         )
     if _UNSAFE_NAME.search(filename) or ".." in Path(filename).parts:
         raise InvalidDataset(
@@ -53,8 +55,14 @@ def create_dataset(
     filename: str | None,
     name: str | None = None,
     owner_id: int | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Dataset:
-    """Validate, profile and store an uploaded file; on any problem nothing is kept."""
+    """Validate, profile and store an uploaded file; on any problem nothing is kept.
+
+    ``options`` are the import options (app.datasets_io.ImportOptions: encoding, delimiter, quotechar, header,
+    column_names, index_column, nested, explode_column, split); what is not given is detected, and what was
+    used is stored in ``profile["import"]`` so the worker reads the file the same way.
+    """
     settings = get_settings()
     store = get_store()
     filename = _check_filename(filename)
@@ -64,13 +72,7 @@ def create_dataset(
         size = _receive(stream, temp, settings.max_upload_bytes)
         check_quota(session, owner_id, size, "The dataset")
         data = temp.read_bytes()
-        columns, rows = parse_rows(data, fmt)
-        if len(rows) > settings.max_rows:
-            raise InvalidDataset(
-                f"The file has {len(rows):,} rows; the limit is {settings.max_rows:,} "
-                "(PEFT_STUDIO_MAX_ROWS).",
-                field="file",
-            )
+        result = _import(data, fmt, options)
         digest = hashlib.sha256(data).hexdigest()
         existing = session.exec(
             select(Dataset).where(Dataset.sha256 == digest, Dataset.owner_id == owner_id)
@@ -89,9 +91,9 @@ def create_dataset(
             size_bytes=size,
             sha256=digest,
             owner_id=owner_id,
-            row_count=len(rows),
-            columns=columns,
-            profile=profile_rows(columns, rows),
+            row_count=len(result.rows),
+            columns=result.columns,
+            profile=_profile(result),
         )
         store.put_file(temp, key)
         try:
@@ -105,6 +107,66 @@ def create_dataset(
         return dataset
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _import(data: bytes, fmt: str, options: Mapping[str, Any] | None) -> ImportResult:
+    """Parse a file with the import options (detecting the rest), within the row limit."""
+    settings = get_settings()
+    # A zipped datasets folder unpacks in memory; Arrow compresses text a few times at most.
+    result = read_dataset(data, fmt, options, max_unpacked_bytes=8 * settings.max_upload_bytes)
+    if len(result.rows) > settings.max_rows:
+        raise InvalidDataset(
+            f"The file has {len(result.rows):,} rows; the limit is {settings.max_rows:,} (PEFT_STUDIO_MAX_ROWS).",
+            field="file",
+        )
+    return result
+
+
+def _profile(result: ImportResult) -> dict[str, Any]:
+    """The stored profile: column statistics, how the file was read, and the proposed task and columns."""
+    profile = profile_rows(result.columns, result.rows)
+    profile["import"] = {**result.options, "notes": result.notes}
+    profile["proposal"] = propose(result.columns, profile)
+    return profile
+
+
+def _active_job_using(session: Session, dataset_id: int) -> Job | None:
+    active_jobs = session.exec(
+        select(Job).where(col(Job.status).in_([JobStatus.queued, JobStatus.running])).order_by(col(Job.id))
+    ).all()
+    return next(
+        (
+            job
+            for job in active_jobs
+            if job.dataset_id == dataset_id or job.spec.get("validation_dataset_id") == dataset_id
+        ),
+        None,
+    )
+
+
+def reimport_dataset(
+    session: Session, dataset_id: int, options: Mapping[str, Any] | None, owner_id: int | None = None
+) -> Dataset:
+    """Read the stored original file again with other import options; the file itself is kept as uploaded.
+
+    Refused while a queued or running job reads the dataset (its rows would change under it).
+    """
+    dataset = get_dataset(session, dataset_id, owner_id)
+    active = _active_job_using(session, dataset_id)
+    if active is not None:
+        raise Conflict(
+            f"Dataset {dataset_id} is used by job {active.id}, which is {active.status}; wait for it to finish "
+            "or cancel it, then re-import."
+        )
+    data = get_store().local_file(dataset.storage_key).read_bytes()
+    result = _import(data, dataset.format, options)
+    dataset.columns = result.columns
+    dataset.row_count = len(result.rows)
+    dataset.profile = _profile(result)
+    session.add(dataset)
+    session.commit()
+    session.refresh(dataset)
+    return dataset
 
 
 def list_datasets(

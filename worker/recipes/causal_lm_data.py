@@ -60,7 +60,9 @@ class CausalData:
 
 def read_examples(dataset: Dataset, spec: JobSpec, limit: int | None = None) -> list[tuple[int, Example]]:
     """(row number, example) for the rows of a dataset, in file order."""
-    _, rows = load_rows(get_store().local_file(dataset.storage_key), dataset.format)
+    _, rows = load_rows(
+        get_store().local_file(dataset.storage_key), dataset.format, dataset.profile.get("import")
+    )
     chosen = rows if limit is None else rows[:limit]
     return [
         (number, example_from_row(row, spec.causal_lm, spec.text_column, number))

@@ -24,7 +24,9 @@ class ClassificationData:
 
 
 def _texts_and_labels(dataset: Dataset, spec: JobSpec) -> tuple[list[str], list[str]]:
-    _, rows = load_rows(get_store().local_file(dataset.storage_key), dataset.format)
+    _, rows = load_rows(
+        get_store().local_file(dataset.storage_key), dataset.format, dataset.profile.get("import")
+    )
     texts: list[str] = []
     labels: list[str] = []
     for number, row in enumerate(rows, start=1):

@@ -1,0 +1,221 @@
+"""A person's real files through the real API: detection first, explicit options second, re-import.
+
+Fixtures are written at test time from ../shared/data (tests/import_fixtures.py). Each case is a file that
+failed or was misread before issue 17: pandas' to_csv, headerless CSV, tab-separated .txt with a stray quote,
+nested JSONL, chat JSONL, Alpaca JSON, Parquet, Arrow and a zipped saved datasets folder.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests import import_fixtures as fixtures
+
+
+def _upload(client: TestClient, path: Path, **options: str) -> dict[str, Any]:
+    response = client.post("/api/v1/datasets", files={"file": (path.name, path.read_bytes())}, data=options)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_pandas_export_drops_the_index_and_proposes_classification(
+    client: TestClient, tmp_path: Path
+) -> None:
+    # given: SST-2 written by DataFrame.to_csv (first header cell empty, index 0..n-1)
+    path = fixtures.pandas_export(tmp_path / "sst2_pandas.csv", 300)
+
+    # when
+    dataset = _upload(client, path)
+
+    # then: the index is gone, the header was read, and the proposal is text -> label classification
+    assert dataset["columns"] == ["text", "label"]
+    assert dataset["row_count"] == 300
+    imported = dataset["profile"]["import"]
+    assert imported["header"] is True and imported["index_column"] == "drop" and imported["delimiter"] == ","
+    assert dataset["profile"]["proposal"]["task"] == "sequence-classification"
+    assert dataset["profile"]["proposal"]["text_column"] == "text"
+    assert dataset["profile"]["proposal"]["label_column"] == "label"
+
+
+def test_pandas_index_kept_on_request(client: TestClient, tmp_path: Path) -> None:
+    dataset = _upload(client, fixtures.pandas_export(tmp_path / "sst2_pandas.csv", 50), index_column="keep")
+
+    assert dataset["columns"] == ["index", "text", "label"]
+    assert dataset["profile"]["preview"][1]["index"] == "1"
+
+
+def test_headerless_csv_gets_numbered_columns_and_a_joined_text_proposal(
+    client: TestClient, tmp_path: Path
+) -> None:
+    # given: class,title,description rows with no header (the class number first)
+    dataset = _upload(client, fixtures.headerless_news(tmp_path / "news.csv", 300))
+
+    # then: the first row is data, not a header
+    assert dataset["columns"] == ["column_1", "column_2", "column_3"]
+    assert dataset["row_count"] == 300
+    assert dataset["profile"]["import"]["header"] is False
+    proposal = dataset["profile"]["proposal"]
+    assert proposal["label_column"] == "column_1"
+    assert proposal["text_column"] == "column_3"
+    assert proposal["text_columns"] == ["column_2", "column_3"]
+
+
+def test_headerless_csv_with_names_given(client: TestClient, tmp_path: Path) -> None:
+    path = fixtures.headerless_news(tmp_path / "news.csv", 100)
+
+    dataset = _upload(client, path, header="no", column_names="class,title,description")
+
+    assert dataset["columns"] == ["class", "title", "description"]
+    assert dataset["row_count"] == 100
+    assert dataset["profile"]["proposal"]["label_column"] == "class"
+
+
+def test_wrong_number_of_column_names_is_refused_with_the_fix(client: TestClient, tmp_path: Path) -> None:
+    path = fixtures.headerless_news(tmp_path / "news.csv", 20)
+
+    response = client.post(
+        "/api/v1/datasets", files={"file": (path.name, path.read_bytes())}, data={"column_names": "a,b"}
+    )
+
+    assert response.status_code == 422
+    assert "2 column name(s) were given" in response.json()["detail"]
+    assert "the file has 3 column(s)" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".tsv"])
+def test_tab_separated_text_with_a_stray_quote(client: TestClient, tmp_path: Path, suffix: str) -> None:
+    # given: headerless sentence<TAB>label lines; row 19 opens a quote that never closes
+    path = fixtures.tab_txt(tmp_path / f"sentences{suffix}", 300, stray_quote_row=19)
+
+    dataset = _upload(client, path)
+
+    assert dataset["columns"] == ["column_1", "column_2"]
+    assert dataset["row_count"] == 300
+    imported = dataset["profile"]["import"]
+    assert imported["delimiter"] == "\t" and imported["quotechar"] == "none" and imported["header"] is False
+    assert any("Quotes" in note for note in imported["notes"])
+    assert dataset["profile"]["proposal"]["text_column"] == "column_1"
+    assert dataset["profile"]["proposal"]["label_column"] == "column_2"
+
+
+def test_tab_separated_text_with_quoting_forced_names_the_row(client: TestClient, tmp_path: Path) -> None:
+    path = fixtures.tab_txt(tmp_path / "sentences.txt", 40, stray_quote_row=19)
+
+    response = client.post(
+        "/api/v1/datasets", files={"file": (path.name, path.read_bytes())}, data={"quotechar": '"'}
+    )
+
+    assert response.status_code == 422
+    assert "Row 19" in response.json()["detail"]
+
+
+def test_nested_jsonl_is_flagged_then_exploded_by_reimport(client: TestClient, tmp_path: Path) -> None:
+    # given: 20 tasks each holding 5 {input, output} instances
+    dataset = _upload(client, fixtures.nested_jsonl(tmp_path / "tasks.jsonl", 20, 5))
+    assert dataset["row_count"] == 20
+    assert dataset["profile"]["import"]["nested_columns"] == {"meta": "object", "instances": "list"}
+    assert "exploded" in " ".join(dataset["profile"]["import"]["notes"])
+
+    # when: re-imported with explode (the stored original is read again)
+    response = client.post(f"/api/v1/datasets/{dataset['id']}/reimport", data={"nested": "explode"})
+
+    # then: one row per instance, objects flattened, and the file as uploaded is unchanged
+    assert response.status_code == 200, response.text
+    exploded = response.json()
+    assert exploded["row_count"] == 100
+    assert exploded["columns"] == ["id", "definition", "meta.source", "meta.split", "input", "output"]
+    assert exploded["sha256"] == dataset["sha256"]
+    assert client.get(f"/api/v1/datasets/{dataset['id']}").json()["row_count"] == 100
+
+
+def test_nested_jsonl_flattened(client: TestClient, tmp_path: Path) -> None:
+    dataset = _upload(client, fixtures.nested_jsonl(tmp_path / "tasks.jsonl", 4, 2), nested="flatten")
+
+    assert dataset["columns"] == ["id", "definition", "meta.source", "meta.split", "instances"]
+
+
+def test_chat_jsonl_proposes_causal_lm_chat(client: TestClient, tmp_path: Path) -> None:
+    dataset = _upload(client, fixtures.chat_jsonl(tmp_path / "chat.jsonl", 30))
+
+    proposal = dataset["profile"]["proposal"]
+    assert proposal["task"] == "causal-lm" and proposal["format"] == "chat"
+    assert proposal["causal_lm"]["messages_column"] == "messages"
+    assert dataset["profile"]["import"]["notes"] == []  # chat messages are readable as they are
+
+
+def test_alpaca_json_proposes_alpaca(client: TestClient, tmp_path: Path) -> None:
+    dataset = _upload(client, fixtures.alpaca_json(tmp_path / "alpaca.json", 30))
+
+    proposal = dataset["profile"]["proposal"]
+    assert proposal["task"] == "causal-lm" and proposal["format"] == "alpaca"
+    assert proposal["causal_lm"]["input_column"] == "input"
+
+
+@pytest.mark.parametrize(
+    ("writer", "name"),
+    [
+        (fixtures.parquet_file, "trec.parquet"),
+        (fixtures.arrow_file, "trec.arrow"),
+        (fixtures.saved_dataset_zip, "trec_saved.zip"),
+    ],
+)
+def test_binary_formats(client: TestClient, tmp_path: Path, writer: Any, name: str) -> None:
+    dataset = _upload(client, writer(tmp_path / name, 300))
+
+    assert dataset["columns"] == ["question", "coarse_label"]
+    assert dataset["row_count"] == 300
+    assert dataset["profile"]["columns"]["coarse_label"]["distinct"] == 6
+    assert dataset["profile"]["proposal"]["label_column"] == "coarse_label"
+
+
+def test_saved_dataset_dict_takes_train_and_reimports_another_split(
+    client: TestClient, tmp_path: Path
+) -> None:
+    dataset = _upload(client, fixtures.saved_dataset_zip(tmp_path / "dd.zip", 300, dataset_dict=True))
+    assert dataset["row_count"] == 250 and dataset["profile"]["import"]["split"] == "train"
+
+    response = client.post(f"/api/v1/datasets/{dataset['id']}/reimport", data={"split": "test"})
+
+    assert response.status_code == 200 and response.json()["row_count"] == 50
+    missing = client.post(f"/api/v1/datasets/{dataset['id']}/reimport", data={"split": "dev"})
+    assert missing.status_code == 422 and "its splits are test, train" in missing.json()["detail"]
+
+
+@pytest.mark.parametrize(("encoding", "bom"), [("utf-8-sig", b""), ("utf-16", b""), ("latin-1", b"")])
+def test_encodings(client: TestClient, tmp_path: Path, encoding: str, bom: bytes) -> None:
+    rows = fixtures.shared_rows("trec", limit=40)
+    text = "text,label\n" + "".join(
+        f"Caf\u00e9 question {row['text'].replace(',', ' ')},{row['label']}\n" for row in rows
+    )
+    path = tmp_path / f"trec_{encoding}.csv"
+    path.write_bytes(bom + text.encode(encoding))
+
+    dataset = _upload(client, path)
+
+    assert dataset["row_count"] == 40
+    assert dataset["profile"]["preview"][0]["text"].startswith("Caf\u00e9 question")
+    assert dataset["profile"]["import"]["encoding"] == encoding
+    notes = " ".join(dataset["profile"]["import"]["notes"])
+    assert ("Latin-1" in notes) == (encoding == "latin-1")
+
+
+def test_semicolon_csv_is_detected(client: TestClient, tmp_path: Path) -> None:
+    path = tmp_path / "semicolon.csv"
+    path.write_text("text;label\nhello, world;pos\ngoodbye;neg\nfine;pos\n", encoding="utf-8")
+
+    dataset = _upload(client, path)
+
+    assert dataset["columns"] == ["text", "label"] and dataset["profile"]["import"]["delimiter"] == ";"
+
+
+def test_unknown_option_value_names_the_field(client: TestClient, tmp_path: Path) -> None:
+    path = fixtures.pandas_export(tmp_path / "x.csv", 5)
+
+    response = client.post(
+        "/api/v1/datasets", files={"file": (path.name, path.read_bytes())}, data={"encoding": "ebcdic"}
+    )
+
+    assert response.status_code == 422
+    assert response.json()["field"] == "encoding" and "Unknown encoding 'ebcdic'" in response.json()["detail"]
