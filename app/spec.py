@@ -222,6 +222,12 @@ class JobSpec(BaseModel):
     label_column: str = Field(
         default="label", min_length=1, description="Column holding the class label (classification only)."
     )
+    text_columns: list[str] | None = Field(
+        default=None,
+        max_length=8,
+        description="Classification: several text columns (e.g. title and description) joined, one per line, "
+        "into the input; empty uses the text column alone.",
+    )
     validation_fraction: float = Field(
         default=0.1, ge=0, lt=1, description="Share of the training rows held out for evaluation."
     )

@@ -219,3 +219,73 @@ def test_unknown_option_value_names_the_field(client: TestClient, tmp_path: Path
 
     assert response.status_code == 422
     assert response.json()["field"] == "encoding" and "Unknown encoding 'ebcdic'" in response.json()["detail"]
+
+
+# ---- columns picked, labels checked, text columns joined ------------------------------------------
+
+
+def test_label_column_with_too_many_classes_is_refused_with_the_reason(
+    client: TestClient, tmp_path: Path
+) -> None:
+    # given: the headerless news file; column_2 (a title) repeats now and then, so it has value counts
+    dataset = _upload(client, fixtures.headerless_news(tmp_path / "news.csv", 300))
+
+    # when: a title column is chosen as the label
+    response = client.post(
+        "/api/v1/jobs",
+        json={"dataset_id": dataset["id"], "text_column": "column_3", "label_column": "column_2"},
+    )
+
+    # then
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert response.json()["field"] == "label_column"
+    assert "distinct values in 300 rows" in detail
+    assert "too many classes" in detail or "does not look like a label column" in detail
+
+
+def test_share_of_distinct_labels_over_half_is_refused(client: TestClient, tmp_path: Path) -> None:
+    # given: 40 rows, 30 distinct labels, each of 10 repeated once (so the column "looks like" labels)
+    lines = ["text,label"] + [f"sentence number {i} here,tag{i % 30}" for i in range(40)]
+    path = tmp_path / "many_tags.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dataset = _upload(client, path)
+
+    response = client.post("/api/v1/jobs", json={"dataset_id": dataset["id"]})
+
+    assert response.status_code == 422
+    assert "30 distinct values in 40 rows (75% of the rows): too many classes" in response.json()["detail"]
+
+
+def test_joined_text_columns_are_validated_and_read_joined(client: TestClient, tmp_path: Path) -> None:
+    from sqlmodel import Session
+
+    from app.db import get_engine
+    from app.models import Dataset
+    from app.spec import JobSpec
+    from worker.recipes.classification_data import classification_data
+
+    dataset = _upload(client, fixtures.headerless_news(tmp_path / "news.csv", 120))
+    bad = client.post(
+        "/api/v1/jobs",
+        json={"dataset_id": dataset["id"], "text_columns": ["column_2", "nope"], "label_column": "column_1"},
+    )
+    assert bad.status_code == 422 and "'nope'" in bad.json()["detail"]
+    clash = client.post(
+        "/api/v1/jobs",
+        json={
+            "dataset_id": dataset["id"],
+            "text_columns": ["column_2", "column_1"],
+            "label_column": "column_1",
+        },
+    )
+    assert clash.status_code == 422 and clash.json()["field"] == "text_columns"
+
+    spec = JobSpec(dataset_id=dataset["id"], text_columns=["column_2", "column_3"], label_column="column_1")
+    with Session(get_engine()) as session:
+        row = session.get(Dataset, dataset["id"])
+        assert row is not None
+        data = classification_data(spec, row, None)
+    first = dataset["profile"]["preview"][0]
+    joined = f"{first['column_2']}\n{first['column_3']}"
+    assert joined in data.train_texts + data.eval_texts

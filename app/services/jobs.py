@@ -13,6 +13,8 @@ from app.netguard import check_mlflow_uri
 from app.services.datasets import check_validation_split, get_dataset
 from app.spec import JobSpec
 
+# A label column may have at most this share of the rows as distinct classes (one class per two rows).
+MAX_CLASS_SHARE = 0.5
 _KIND_NAMES = {
     "string": "text",
     "number": "numbers",
@@ -137,6 +139,23 @@ def _check_classes(dataset: Dataset, spec: JobSpec) -> set[str]:
             f"label column (2 to {MAX_LABEL_CLASSES} classes, each on several rows). Is it the text column?",
             field="label_column",
         )
+    if dataset.row_count >= 10 and classes > MAX_CLASS_SHARE * dataset.row_count:
+        # A classifier learns a class from several examples of it; one class per row or two is an id or a text.
+        others = [
+            name
+            for name, other in dataset.profile.get("columns", {}).items()
+            if name != spec.label_column
+            and other.get("value_counts")
+            and other.get("distinct", 0) <= MAX_CLASS_SHARE * dataset.row_count
+        ]
+        hint = f" Columns that look like labels: {', '.join(map(repr, others))}." if others else ""
+        raise InvalidSpec(
+            f"{where} has {classes} distinct values in {dataset.row_count} rows ({classes / dataset.row_count:.0%} "
+            f"of the rows): too many classes for this much data, each class needs several examples (at most "
+            f"{MAX_CLASS_SHARE:.0%} of the rows may be distinct classes). Choose the column that holds the "
+            f"class.{hint}",
+            field="label_column",
+        )
     return _label_names(info)
 
 
@@ -160,12 +179,20 @@ def _check_classification_data(dataset: Dataset, validation: Dataset | None, spe
             f"text_column and label_column are both {spec.label_column!r}; the label must be another column.",
             field="label_column",
         )
-    _check_text_column(dataset, spec.text_column, "")
+    text_columns = spec.text_columns or [spec.text_column]
+    if spec.label_column in text_columns:
+        raise InvalidSpec(
+            f"text_columns include the label column {spec.label_column!r}; the label must not be in the input.",
+            field="text_columns",
+        )
+    for column in text_columns:
+        _check_text_column(dataset, column, "")
     _check_label_column(dataset, spec, "")
     labels = _check_classes(dataset, spec)
     if validation is None:
         return
-    _check_text_column(validation, spec.text_column, "validation ")
+    for column in text_columns:
+        _check_text_column(validation, column, "validation ")
     _check_label_column(validation, spec, "validation ")
     unseen = sorted(_label_names(_column_info(validation, spec.label_column)) - labels)
     if unseen:

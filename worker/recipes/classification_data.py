@@ -29,12 +29,15 @@ def _texts_and_labels(dataset: Dataset, spec: JobSpec) -> tuple[list[str], list[
     )
     texts: list[str] = []
     labels: list[str] = []
+    columns = spec.text_columns or [spec.text_column]
     for number, row in enumerate(rows, start=1):
-        text, label = row.get(spec.text_column), row.get(spec.label_column)
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidDataset(
-                f"Row {number} of dataset {dataset.id}: column {spec.text_column!r} has no text."
-            )
+        for column in columns:
+            value = row.get(column)
+            if not isinstance(value, str) or not value.strip():
+                raise InvalidDataset(f"Row {number} of dataset {dataset.id}: column {column!r} has no text.")
+        # Several text columns (title, description) are joined one per line: the tokenizer reads it as a space.
+        text = "\n".join(str(row[column]).strip() for column in columns)
+        label = row.get(spec.label_column)
         if label is None or label == "":
             raise InvalidDataset(
                 f"Row {number} of dataset {dataset.id}: column {spec.label_column!r} is empty."
