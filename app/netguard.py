@@ -116,8 +116,11 @@ class Target:
 
 def check_url(url: str, schemes: tuple[str, ...] = ("http", "https")) -> Target:
     """Resolve the URL's host and check every address; raises BlockedAddress or Unresolvable."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError as exc:  # e.g. an unclosed or invalid [IPv6] host
+        raise BlockedAddress(f"{url!r} is not a valid URL ({exc})") from exc
     if parts.scheme not in schemes or not host:
         raise BlockedAddress(f"{url!r} is not an {'/'.join(schemes)} URL with a host")
     try:
@@ -187,7 +190,10 @@ def mlflow_uri_problem(uri: str, local_allowed: bool) -> str | None:
     server); anything else (``file://``, ``sqlite://``, a database URL, a bare path) reads or writes the
     worker's own disk or network, so only the admin's jobs may use it.
     """
-    scheme = urlsplit(uri).scheme.lower()
+    try:
+        scheme = urlsplit(uri).scheme.lower()
+    except ValueError as exc:
+        return f"it is not a valid URI ({exc})"
     if scheme in ("http", "https"):
         try:
             check_url(uri)

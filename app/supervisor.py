@@ -131,20 +131,24 @@ class WorkerSupervisor:
             if slot.process is None and (slot.restart_at is None or now >= slot.restart_at):
                 if slot.restart_at is not None:
                     slot.restarts += 1
-                self._spawn(slot)
+                try:
+                    self._spawn(slot)
+                except OSError as error:  # could not even start (no memory, no executable): back off too
+                    log.error("could not start training worker %s: %s", slot.number, error)
+                    slot.restart_at = now + slot.backoff
+                    slot.backoff = next_backoff(slot.backoff)
 
     def _run(self) -> None:
         # Every worker is spawned from this thread: PR_SET_PDEATHSIG fires when the *thread* that forked the
-        # child ends, so the spawning thread must live as long as its workers do.
-        try:
-            self.check()
-        finally:
-            self._started.set()
-        while not self._stopping.wait(POLL_SECONDS):
+        # child ends, so the spawning thread must live as long as its workers do (it never ends on an error).
+        while True:
             try:
                 self.check()
             except Exception:  # keep supervising: a failed start is retried at the next pass
                 log.exception("the worker supervisor failed a pass")
+            self._started.set()
+            if self._stopping.wait(POLL_SECONDS):
+                break
         self._stop_workers()
 
     def _stop_workers(self) -> None:

@@ -175,6 +175,14 @@ def test_public_addresses_and_allow_listed_hosts_are_accepted(
     assert client.post("/api/v1/webhooks", json={"url": "http://10.0.0.1/hook"}).status_code == 422
 
 
+@pytest.mark.parametrize("url", ["http://[::1/hook", "http://[zz]/x", "http://example.com:99999/x"])
+def test_malformed_hosts_and_ports_are_a_422_not_a_500(no_dispatcher: None, client: Any, url: str) -> None:
+    response = client.post("/api/v1/webhooks", json={"url": url})
+
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "url"
+
+
 def test_address_classification() -> None:
     def problem(address: str) -> str | None:
         return netguard.address_problem(ipaddress.ip_address(address))
@@ -324,6 +332,7 @@ def bobs_dataset(client: Any, other_user: Any) -> tuple[Any, int]:
         "http://127.0.0.1:5000",
         "http://169.254.169.254/",
         "https://mlflow.corp.test",  # resolves (below) to a private address
+        "http://[::1",
     ],
 )
 def test_a_non_admin_cannot_aim_mlflow_at_local_stores_or_internal_servers(

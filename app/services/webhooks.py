@@ -95,8 +95,12 @@ def verify_signature(
 
 def _check_url(url: str) -> str:
     url = url.strip()
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # an unclosed or invalid [IPv6] host
+        valid = False
+    if not valid:
         raise InvalidSpec(
             f"The webhook URL {url!r} is not an http(s) URL with a host, e.g. https://example.com/hooks/peft.",
             field="url",
