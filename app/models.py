@@ -509,3 +509,78 @@ class WorkerPublic(SQLModel):
 class WorkersPublic(SQLModel):
     data: list[WorkerPublic]
     count: int
+
+
+# ---- evaluations ------------------------------------------------------------------------------
+
+
+class EvaluationStatus(StrEnum):
+    """Where an evaluation is in its life (no cancel: it is short and bounded by the file's size)."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the evaluation will not change status again."""
+        return self in (EvaluationStatus.succeeded, EvaluationStatus.failed)
+
+
+class Evaluation(SQLModel, table=True):
+    """An adapter run over a dataset file on a worker: metrics when the file has labels, predictions always.
+
+    No foreign keys to the adapter or dataset: deleting either keeps the evaluation's results readable.
+    """
+
+    __table_args__ = AUTOINCREMENT
+
+    id: int | None = Field(default=None, primary_key=True)
+    owner_id: int | None = Field(default=None, index=True, description="The adapter's owner.")
+    adapter_id: int = Field(index=True)
+    dataset_id: int = Field(index=True)
+    task: str = Field(max_length=40, description="The adapter's task: sequence-classification or causal-lm.")
+    status: EvaluationStatus = Field(default=EvaluationStatus.queued, index=True)
+    settings: dict[str, Any] = Field(
+        default_factory=dict,
+        sa_column=Column(JSON, nullable=False),
+        description="The columns read (text_column, label_column or the causal-LM format) and sample limits.",
+    )
+    metrics: dict[str, float] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    details: dict[str, Any] = Field(
+        default_factory=dict,
+        sa_column=Column(JSON, nullable=False),
+        description="Per-class scores and confusion matrix, or generated samples.",
+    )
+    row_count: int | None = None
+    predictions_key: str | None = Field(default=None, max_length=255, description="The CSV in the store.")
+    error: str | None = None
+    worker: str | None = Field(default=None, max_length=255)
+    task_id: str | None = Field(default=None, max_length=255)
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class EvaluationPublic(SQLModel):
+    id: int
+    adapter_id: int
+    dataset_id: int
+    task: str
+    status: EvaluationStatus
+    settings: dict[str, Any]
+    metrics: dict[str, float]
+    details: dict[str, Any]
+    row_count: int | None
+    has_predictions: bool = False
+    error: str | None
+    worker: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class EvaluationsPublic(SQLModel):
+    data: list[EvaluationPublic]
+    count: int

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from app.db import get_engine
-from app.models import Adapter, Job, JobStatus, Sweep, Webhook, WebhookDelivery
+from app.models import Adapter, Evaluation, Job, JobStatus, Sweep, Webhook, WebhookDelivery
 from app.spec import JobSpec
 from app.storage import get_store
 from tests.conftest import Account
@@ -34,6 +34,7 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/api/v1/adapters/{adapter_id}/generate"): {"json": {"prompt": "hello"}},
     ("GET", "/api/v1/adapters/{adapter_id}/generate/stream"): {"params": {"prompt": "hello"}},
     ("PATCH", "/api/v1/users/{user_id}"): {"json": {"max_concurrent_jobs": 9}},
+    ("POST", "/api/v1/adapters/{adapter_id}/evaluations"): {"json": {"dataset_id": 1}},
 }
 # Streams and downloads would hold a request open or send files; with another owner's id they end at once.
 SKIP_LIST_CHECK = re.compile(r"/stream$|/download$|/content$|^/logout$|^/login|^/register$|^/healthz$")
@@ -49,6 +50,7 @@ class AliceObjects:
     webhook: int
     delivery: int
     token: int
+    evaluation: int = 0
 
 
 @pytest.fixture
@@ -103,6 +105,9 @@ def alice(client: TestClient, make_user: Any) -> AliceObjects:
         delivery = WebhookDelivery(webhook_id=webhook.id, owner_id=account.id, job_id=job.id, event_id="e1",
                                    event_type="job.succeeded", payload={"name": SECRET})  # fmt: skip
         session.add(delivery)
+        evaluation = Evaluation(owner_id=account.id, adapter_id=adapter.id or 0, dataset_id=dataset["id"],
+                                task="sequence-classification", settings={"text_column": SECRET})  # fmt: skip
+        session.add(evaluation)
         session.commit()
         return AliceObjects(
             account,
@@ -113,6 +118,7 @@ def alice(client: TestClient, make_user: Any) -> AliceObjects:
             webhook.id or 0,
             delivery.id or 0,
             token["id"],
+            evaluation.id or 0,
         )
 
 
@@ -127,6 +133,7 @@ def owned_value(path: str, param: str, alice: AliceObjects) -> str | None:
         "webhook_id": str(alice.webhook),
         "delivery_id": str(alice.delivery),
         "token_id": str(alice.token),
+        "evaluation_id": str(alice.evaluation),
         "user_id": str(alice.user.id),
         "step": "1",
         "file_id": f"file-{alice.dataset}",

@@ -15,6 +15,7 @@ from celery import Task
 from celery.signals import worker_init, worker_ready
 
 from app.queue import TRAIN_TASK, get_celery
+from app.services.evaluations import EVALUATE_TASK
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,25 @@ def train_job_task(self: Task, job_id: int, run_token: str | None = None) -> Non
     from worker.engine import run_job
 
     run_job(job_id, worker_name=str(self.request.hostname or "worker"), run_token=run_token)
+
+
+class EvaluationTask(Task):
+    """Owns the failure transition of an evaluation: a failure the run did not record is recorded here."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        from worker.evaluation import describe_failure, mark_failed
+
+        evaluation_id = int(args[0]) if args else int(kwargs["evaluation_id"])
+        log.error("evaluation %s failed: %s", evaluation_id, exc)
+        mark_failed(evaluation_id, describe_failure(exc))
+
+
+@get_celery().task(name=EVALUATE_TASK, base=EvaluationTask, bind=True, acks_late=True)
+def evaluate_adapter_task(self: Task, evaluation_id: int) -> None:
+    """Run the evaluation with this id (skipped when it is finished or gone)."""
+    from worker.evaluation import run_evaluation
+
+    run_evaluation(evaluation_id, worker_name=str(self.request.hostname or "worker"))
 
 
 def _recover(hostname: str) -> None:

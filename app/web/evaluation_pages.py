@@ -1,0 +1,101 @@
+"""Evaluation pages: the form and list on an adapter's page (a fragment it loads), and one evaluation's page.
+
+The adapter page loads ``/adapters/{id}/evaluations`` with htmx, so this feature needs no change to the
+adapter page's handler; without JavaScript the fragment is also a page of its own.
+"""
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, Response
+from pydantic import ValidationError
+
+from app import audit
+from app.auth import CurrentUser, OwnerScope
+from app.deps import SessionDep
+from app.errors import InvalidSpec, StudioError
+from app.services import adapters as adapters_service
+from app.services import datasets as datasets_service
+from app.services import evaluations as service
+from app.services.evaluations import CLASSIFICATION, EvaluationCreate
+from app.web.pages import _is_htmx, _redirect, error_page, render
+
+router = APIRouter(include_in_schema=False)
+
+DATASET_CHOICES = 200
+
+
+def _form_context(session: SessionDep, owner_id: int | None, adapter_id: int) -> dict[str, Any]:
+    adapter = adapters_service.get_adapter(session, adapter_id, owner_id)
+    datasets, _ = datasets_service.list_datasets(session, 0, DATASET_CHOICES, owner_id)
+    evaluations, count = service.list_evaluations(session, adapter_id, owner_id, 0, 50)
+    trained = service.training_spec(session, adapter)
+    return {
+        "adapter": adapter,
+        "datasets": datasets,
+        "evaluations": [service.evaluation_public(row) for row in evaluations],
+        "count": count,
+        "default_text_column": trained.text_column if trained else "",
+        "default_label_column": trained.label_column if trained else "",
+    }
+
+
+@router.get("/adapters/{adapter_id}/evaluations", response_class=HTMLResponse)
+def evaluations_fragment(
+    request: Request, session: SessionDep, owner_id: OwnerScope, adapter_id: int
+) -> HTMLResponse:
+    """The adapter's evaluations and the form that starts one."""
+    return render(request, "_evaluations.html", _form_context(session, owner_id, adapter_id))
+
+
+def _request_from_form(form: Any, task: str) -> EvaluationCreate:
+    """The form's fields as an API request: empty column fields take the adapter's training columns."""
+    values: dict[str, Any] = {"dataset_id": form.get("dataset_id") or 0}
+    text_column = str(form.get("text_column") or "").strip()
+    if text_column:
+        values["text_column"] = text_column
+    if task == CLASSIFICATION:
+        label_column = str(form.get("label_column") or "").strip()
+        if form.get("predictions_only"):
+            values["label_column"] = None
+        elif label_column:
+            values["label_column"] = label_column
+    else:
+        values["samples"] = form.get("samples") or 5
+    try:
+        return EvaluationCreate.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first.get("loc", ())) or "form"
+        raise InvalidSpec(f"{field}: {first.get('msg', 'invalid')}", field=field) from None
+
+
+@router.post("/adapters/{adapter_id}/evaluations")
+async def start_evaluation(
+    request: Request, session: SessionDep, user: CurrentUser, owner_id: OwnerScope, adapter_id: int
+) -> Response:
+    """The adapter page's form: queue an evaluation, then show it."""
+    form = await request.form()
+    adapter = adapters_service.get_adapter(session, adapter_id, owner_id)
+    try:
+        body = _request_from_form(form, adapter.task)
+        evaluation = service.create_evaluation(session, adapter_id, body, owner_id)
+        audit.record(session, user, "create", "evaluation", evaluation.id, f"adapter {adapter_id}")
+    except StudioError as exc:
+        if _is_htmx(request):
+            return error_page(request, exc.status_code, exc.message)
+        raise  # a plain form post: the error page says what to fix
+    return _redirect(request, f"/evaluations/{evaluation.id}")
+
+
+@router.get("/evaluations/{evaluation_id}", response_class=HTMLResponse)
+def evaluation_page(
+    request: Request, session: SessionDep, owner_id: OwnerScope, evaluation_id: int
+) -> HTMLResponse:
+    """One evaluation: metrics, per-class table, confusion matrix or samples, and the predictions download."""
+    evaluation = service.get_evaluation(session, evaluation_id, owner_id)
+    return render(
+        request,
+        "evaluation.html",
+        {"nav": "adapters", "evaluation": service.evaluation_public(evaluation)},
+    )
