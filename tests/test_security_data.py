@@ -638,3 +638,66 @@ def test_pickle_weights_beside_a_dummy_safetensors_file_are_refused(
     # when / then
     response = client.post("/api/v1/jobs", json=spec, headers=other_user.headers)
     assert response.status_code == 422 and "pickle" in response.text, response.text
+
+
+def test_a_live_stream_resets_when_a_resume_replaces_what_it_sent(client: TestClient, tmp_path: Path) -> None:
+    """The viewer is connected across the resume: it was sent steps 1..10, the resume deletes 6..10, the new
+    attempt logs 6..8: the stream says reset (keep up to step 5), then sends the new points."""
+    import threading
+    import time
+
+    from sqlmodel import Session
+
+    from app.db import get_engine
+    from app.models import Checkpoint, Job, JobStatus
+    from app.services import checkpoints
+    from app.storage import get_store
+    from tests.sse import read_events
+    from worker.resilience import prepare_resume
+
+    with Session(get_engine()) as session:
+        job = _running_job(session)
+        job_id = job.id
+    _write_points(job_id, list(range(1, 11)), attempt=1, token="token-1")
+    received: list[Any] = []
+
+    def watch() -> None:
+        with client.stream("GET", f"/api/v1/jobs/{job_id}/stream") as response:
+            for event in read_events(response):
+                if event.event in ("metric", "reset", "end"):
+                    received.append(event)
+                if event.event == "end":
+                    return
+
+    viewer = threading.Thread(target=watch, daemon=True)
+    viewer.start()
+    deadline = time.monotonic() + 30
+    while len(received) < 10:
+        assert time.monotonic() < deadline, received
+        time.sleep(0.05)
+    # the worker died; the next attempt resumes from the checkpoint at step 5
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "trainer_state.json").write_text("{}")
+    key = checkpoints.checkpoint_key(job_id, 5)
+    get_store().put_dir(tmp_path / "ckpt", key)
+    with Session(get_engine()) as session:
+        session.add(Checkpoint(job_id=job_id, step=5, storage_key=key))
+        resumed = session.get(Job, job_id)
+        assert resumed is not None
+        resumed.attempt, resumed.run_token = 2, "token-2"
+        session.add(resumed)
+        session.commit()
+    prepare_resume(job_id, get_store(), tmp_path / "work")
+    second = _write_points(job_id, [6, 7, 8], attempt=2, token="token-2")
+    with Session(get_engine()) as session:
+        done = session.get(Job, job_id)
+        assert done is not None
+        done.status = JobStatus.succeeded
+        session.add(done)
+        session.commit()
+    viewer.join(timeout=30)
+    assert not viewer.is_alive()
+    kinds = [e.event for e in received]
+    assert kinds == ["metric"] * 10 + ["reset"] + ["metric"] * 3 + ["end"], kinds
+    assert json.loads(received[10].data) == {"step": 5, "attempt": 2}
+    assert [int(e.id) for e in received[11:14]] == second
