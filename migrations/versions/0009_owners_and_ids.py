@@ -51,9 +51,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("attempt", sa.Integer(), nullable=False, server_default="0"))
     if op.get_bind().dialect.name == "sqlite":
         for table in AUTOINCREMENT_TABLES:
-            with op.batch_alter_table(
-                table, recreate="always", table_kwargs={"sqlite_autoincrement": True}
-            ):
+            with op.batch_alter_table(table, recreate="always", table_kwargs={"sqlite_autoincrement": True}):
                 pass
 
 
