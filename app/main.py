@@ -52,7 +52,8 @@ def _validation_item(error: Mapping[str, Any]) -> dict[str, str]:
     message = str(error.get("msg", "invalid")).removeprefix("Value error, ")  # the field already says where
     if message.startswith("Expected UploadFile"):
     if error.get("type") == "extra_forbidden":
-        message = "is not a field of this request (misspelt? the accepted fields are in /docs)"
+        message = "Extra inputs are not permitted: not a field of this request (misspelt? see /docs)"
+    if message.startswith("Expected UploadFile"):
         # A multipart part without a file name (e.g. a form sent with no file chosen) arrives as text.
         message = "no file was attached; send the file as a multipart part with a file name"
     return {"field": _field_path(tuple(error.get("loc", ()))), "message": message}
