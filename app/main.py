@@ -50,7 +50,6 @@ def _validation_item(error: Mapping[str, Any]) -> dict[str, str]:
         message = f"the request body is not valid JSON: {reason} at character {offset}"
         return {"field": "body", "message": message}
     message = str(error.get("msg", "invalid")).removeprefix("Value error, ")  # the field already says where
-    if message.startswith("Expected UploadFile"):
     if error.get("type") == "extra_forbidden":
         message = "Extra inputs are not permitted: not a field of this request (misspelt? see /docs)"
     if message.startswith("Expected UploadFile"):
