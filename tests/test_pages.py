@@ -1,6 +1,7 @@
 """HTML pages: every page renders, the job form is generated from the models, form errors name the field."""
 
 import io
+import re
 import subprocess
 import sys
 from typing import Any, get_args
@@ -186,8 +187,17 @@ def test_job_form_preselects_the_dataset_and_guesses_its_columns(client: TestCli
     page = client.get(f"/jobs/new?dataset_id={dataset['id']}", headers=HTML).text
 
     assert f'<option value="{dataset["id"]}" selected>' in page
-    assert 'name="text_column" value="review"' in page
-    assert 'name="label_column" value="sentiment"' in page
+    # the columns are offered as dropdowns of the dataset's columns, the proposal chosen
+    assert re.search(
+        r'<select id="f-text-column" name="text_column"(?:(?!</select>).)*<option value="review" selected>',
+        page,
+        re.S,
+    )
+    assert re.search(
+        r'<select id="f-label-column" name="label_column"(?:(?!</select>).)*<option value="sentiment" selected>',
+        page,
+        re.S,
+    )
 
 
 def test_form_post_parses_checkboxes_lists_and_empty_optionals() -> None:
@@ -264,8 +274,11 @@ def test_bad_form_post_is_a_422_naming_the_field_and_stores_nothing(
     assert job_count(client) == 0
     # the form comes back with what was typed
     for name, value in form.items():
-        if value:
-            assert f'name="{name}" value="{value}"' in response.text
+        if value:  # an input keeps its text; a column dropdown keeps the value as a chosen option
+            assert (
+                f'name="{name}" value="{value}"' in response.text
+                or f'<option value="{value}" selected>' in response.text
+            )
 
 
 def test_form_post_without_a_dataset_names_dataset_id(client: TestClient) -> None:
