@@ -69,9 +69,11 @@ def train_classifier(client: TestClient, account: Account) -> int:
         return int(adapter.id or 0)
 
 
-def fake_adapter(account: Account, labels: list[str], task: str = "sequence-classification") -> int:
+def fake_adapter(
+    account: Account, labels: list[str], task: str = "sequence-classification", **spec_fields: Any
+) -> int:
     """An adapter row (no files) owned by ``account``, for checks that never load it."""
-    spec = JobSpec.model_validate({"dataset_id": 1}).model_dump(mode="json")
+    spec = JobSpec.model_validate({"dataset_id": 1, **spec_fields}).model_dump(mode="json")
     with Session(get_engine()) as session:
         job = Job(name="j", spec=spec, method="lora", base_model=spec["base_model"], dataset_id=None,
                   status=JobStatus.succeeded, owner_id=account.id)  # fmt: skip
@@ -241,6 +243,16 @@ def test_bad_requests_are_refused_and_other_users_get_404(
         headers=alice.headers,
     )
     assert response.status_code == 201, response.text
+
+    # an adapter trained on joined text columns reads the same columns by default
+    joined = fake_adapter(alice, ["0", "1"], text_columns=["title", "body"])
+    news = upload(client, alice, b"title,body,label\nA,x y,0\nB,z w,1\nC,v u,0\nD,t s,1\n", "news.csv")
+    response = client.post(
+        f"/api/v1/adapters/{joined}/evaluations", json={"dataset_id": news}, headers=alice.headers
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["settings"]["text_columns"] == ["title", "body"]
+    assert response.json()["settings"]["label_column"] == "label"
 
     # bob: alice's adapter, her evaluation and its CSV are 404, as are her datasets on his adapter
     created = client.post(url, json={"dataset_id": dataset}, headers=alice.headers).json()

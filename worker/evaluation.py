@@ -175,7 +175,9 @@ def evaluate(evaluation: Evaluation, adapter: Adapter, dataset: Dataset, work_di
         raise InvalidDataset(
             f"The files of adapter {adapter.id} are missing from the artifact store."
         ) from None
-    _, rows = load_rows(store.local_file(dataset.storage_key), dataset.format)
+    _, rows = load_rows(  # with the options it was imported with (delimiter, header, encoding, ...)
+        store.local_file(dataset.storage_key), dataset.format, dataset.profile.get("import")
+    )
     models = WarmModels()  # a cache of its own: released with this evaluation
     try:
         model, tokenizer, studio = models.model_for(adapter.id or 0, folder)
@@ -240,7 +242,9 @@ def class_probabilities(
     return result if result is not None else np.zeros((0, 0))
 
 
-def classification_metrics(truth: list[str], predicted: list[str], labels: list[str]) -> tuple[dict, dict]:
+def classification_metrics(
+    truth: list[str], predicted: list[str], labels: list[str]
+) -> tuple[dict[str, float], dict[str, Any]]:
     """scikit-learn's accuracy and macro-F1, and per-class scores and the confusion matrix over ``labels``.
 
     Macro-F1 averages over the classes present in the truth or the predictions (scikit-learn's default, and
@@ -290,9 +294,10 @@ def evaluate_classification(
 ) -> Outcome:
     """Predict every row; with a label column, score the predictions; write the predictions CSV."""
     labels: list[str] = list(studio["labels"])
-    text_column: str = settings["text_column"]
+    text_columns: list[str] = settings.get("text_columns") or [settings["text_column"]]
     label_column: str | None = settings.get("label_column")
-    texts = [_cell(row.get(text_column)) for row in rows]
+    # As training reads them (worker/recipes/classification_data.py): stripped, several joined one per line.
+    texts = ["\n".join(_cell(row.get(column)).strip() for column in text_columns) for row in rows]
     truth: list[str] | None = None
     if label_column is not None:
         truth = [_cell(row.get(label_column)) for row in rows]

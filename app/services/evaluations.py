@@ -47,6 +47,13 @@ class EvaluationCreate(BaseModel):
     text_column: str | None = Field(
         default=None, min_length=1, max_length=200, description="Column with the input text."
     )
+    text_columns: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=8,
+        description="Classification: several text columns joined one per line, as in training; default: the "
+        "adapter's training text_columns when it had them.",
+    )
     label_column: str | None = Field(
         default=None,
         min_length=1,
@@ -100,20 +107,25 @@ def _classification_settings(
     dataset: Dataset, adapter: Adapter, body: EvaluationCreate, trained: JobSpec | None
 ) -> dict[str, Any]:
     """The text and label columns to read, checked against the dataset's profile and the adapter's labels."""
-    text_column = body.text_column or (trained.text_column if trained else None)
-    if text_column is None:
+    if body.text_columns or body.text_column:
+        text_columns = body.text_columns or [body.text_column or ""]
+    elif trained is not None:
+        text_columns = trained.text_columns or [trained.text_column]
+    else:
         raise InvalidSpec("Name the column with the input text (text_column).", field="text_column")
-    _require_column(dataset, "text_column", text_column)
-    info = _column_info(dataset, text_column)
-    kind = info.get("type")
-    only_numbers = kind == "string" and info.get("numeric") == dataset.row_count
-    if kind not in (None, "string", "missing") or only_numbers:
-        raise InvalidSpec(
-            f"Column {text_column!r} (text_column) of dataset {dataset.id} holds "
-            f"{'only numbers' if only_numbers else f'{kind} values'}, not text; choose the column with the "
-            "input sentences.",
-            field="text_column",
-        )
+    field = "text_columns" if len(text_columns) > 1 or body.text_columns else "text_column"
+    for text_column in text_columns:
+        _require_column(dataset, field, text_column)
+        info = _column_info(dataset, text_column)
+        kind = info.get("type")
+        only_numbers = kind == "string" and info.get("numeric") == dataset.row_count
+        if kind not in (None, "string", "missing") or only_numbers:
+            raise InvalidSpec(
+                f"Column {text_column!r} ({field}) of dataset {dataset.id} holds "
+                f"{'only numbers' if only_numbers else f'{kind} values'}, not text; choose the column with "
+                "the input sentences.",
+                field=field,
+            )
     if "label_column" in body.model_fields_set:
         label_column = body.label_column  # named, or explicitly null: predictions only
         if label_column is not None:
@@ -121,11 +133,11 @@ def _classification_settings(
     else:
         # Not named: the training label column when the file has it (a test split), else predictions only.
         guess = trained.label_column if trained else None
-        label_column = guess if guess in dataset.columns and guess != text_column else None
+        label_column = guess if guess in dataset.columns and guess not in text_columns else None
     if label_column is not None:
-        if label_column == text_column:
+        if label_column in text_columns:
             raise InvalidSpec(
-                f"text_column and label_column are both {label_column!r}; the label must be another column.",
+                f"The label column {label_column!r} is also a text column; the label must be another column.",
                 field="label_column",
             )
         info = _column_info(dataset, label_column)
@@ -144,7 +156,11 @@ def _classification_settings(
                 f"{', '.join(map(repr, adapter.labels))}).",
                 field="label_column",
             )
-    return {"text_column": text_column, "label_column": label_column}
+    return {
+        "text_column": text_columns[0],
+        "text_columns": text_columns,
+        "label_column": label_column,
+    }
 
 
 def _causal_settings(dataset: Dataset, body: EvaluationCreate, trained: JobSpec | None) -> dict[str, Any]:
@@ -249,27 +265,22 @@ def predictions_key(evaluation_id: int) -> str:
 def open_predictions(evaluation: Evaluation) -> Iterator[bytes]:
     """The predictions CSV in chunks, streamed from the artifact store (NotFound until it exists).
 
-    The file is opened before the first chunk is asked for, so a missing file is a 404, not a broken
-    response.
+    Existence is checked here, before the response starts, so a missing file is a 404, not a broken response.
     """
     key = evaluation.predictions_key
     store = get_store()
     if not key or not store.exists(key):
-        state = (
-            "has no predictions yet"
-            if not evaluation.status.is_terminal
-            else ("failed before writing predictions" if evaluation.status == EvaluationStatus.failed
-                  else "has no predictions file")
-        )  # fmt: skip
+        if evaluation.status == EvaluationStatus.failed:
+            state = "failed before writing predictions"
+        elif evaluation.status.is_terminal:
+            state = "has no predictions file"
+        else:
+            state = "has no predictions yet"
         raise NotFound(f"Evaluation {evaluation.id} {state}.")
-    context = store.open(key)
-    stream = context.__enter__()
 
     def chunks() -> Iterator[bytes]:
-        try:
+        with store.open(key) as stream:
             while chunk := stream.read(CHUNK_BYTES):
                 yield chunk
-        finally:
-            context.__exit__(None, None, None)
 
     return chunks()

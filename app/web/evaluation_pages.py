@@ -35,7 +35,7 @@ def _form_context(session: SessionDep, owner_id: int | None, adapter_id: int) ->
         "datasets": datasets,
         "evaluations": [service.evaluation_public(row) for row in evaluations],
         "count": count,
-        "default_text_column": trained.text_column if trained else "",
+        "default_text_column": ", ".join(trained.text_columns or [trained.text_column]) if trained else "",
         "default_label_column": trained.label_column if trained else "",
     }
 
@@ -51,9 +51,11 @@ def evaluations_fragment(
 def _request_from_form(form: Any, task: str) -> EvaluationCreate:
     """The form's fields as an API request: empty column fields take the adapter's training columns."""
     values: dict[str, Any] = {"dataset_id": form.get("dataset_id") or 0}
-    text_column = str(form.get("text_column") or "").strip()
-    if text_column:
-        values["text_column"] = text_column
+    text_columns = [name.strip() for name in str(form.get("text_column") or "").split(",") if name.strip()]
+    if task == CLASSIFICATION and len(text_columns) > 1:  # "title, description": joined as in training
+        values["text_columns"] = text_columns
+    elif text_columns:
+        values["text_column"] = text_columns[0]
     if task == CLASSIFICATION:
         label_column = str(form.get("label_column") or "").strip()
         if form.get("predictions_only"):
