@@ -289,3 +289,70 @@ def test_joined_text_columns_are_validated_and_read_joined(client: TestClient, t
     first = dataset["profile"]["preview"][0]
     joined = f"{first['column_2']}\n{first['column_3']}"
     assert joined in data.train_texts + data.eval_texts
+
+
+# ---- the job form: columns as dropdowns, the proposal preselected ---------------------------------
+
+
+def test_job_form_offers_the_datasets_columns_and_preselects_the_proposal(
+    client: TestClient, tmp_path: Path
+) -> None:
+    import re
+
+    dataset = _upload(client, fixtures.headerless_news(tmp_path / "news.csv", 120))
+
+    page = client.get(f"/jobs/new?dataset_id={dataset['id']}", headers={"accept": "text/html"}).text
+
+    label_select = re.search(r'<select id="f-label-column".*?</select>', page, re.S)
+    assert label_select is not None
+    assert re.search(r'<option value="column_1" selected>', label_select.group(0))
+    assert [m for m in re.findall(r'<option value="([^"]*)"', label_select.group(0))] == [
+        "column_1",
+        "column_2",
+        "column_3",
+    ]
+    joined = re.search(r'<select id="f-text-columns"[^>]*multiple.*?</select>', page, re.S)
+    assert joined is not None
+    assert re.findall(r'<option value="([^"]*)" selected>', joined.group(0)) == ["column_2", "column_3"]
+
+
+def test_column_swap_for_a_chat_dataset_proposes_causal_lm_chat(client: TestClient, tmp_path: Path) -> None:
+    import re
+
+    dataset = _upload(client, fixtures.chat_jsonl(tmp_path / "chat.jsonl", 20))
+
+    fragment = client.get(
+        f"/jobs/new/columns?dataset_id={dataset['id']}", headers={"HX-Request": "true"}
+    ).text
+
+    assert 'id="field-f-task" hx-swap-oob="true"' in fragment
+    assert re.search(r'<option value="causal-lm" selected>', fragment)
+    assert re.search(r'<option value="chat" selected>', fragment)
+    messages = re.search(r'<select id="f-causal-lm-messages-column".*?</select>', fragment, re.S)
+    assert messages is not None and '<option value="messages" selected>' in messages.group(0)
+
+
+# ---- the dataset page and the upload form ------------------------------------------------------------
+
+
+def test_dataset_page_shows_what_was_detected_and_reimports(client: TestClient, tmp_path: Path) -> None:
+    dataset = _upload(client, fixtures.tab_txt(tmp_path / "sentences.txt", 60))
+
+    page = client.get(f"/datasets/{dataset['id']}", headers={"accept": "text/html"}).text
+
+    assert 'data-testid="import-delimiter">tab<' in page
+    assert 'data-testid="import-header">no' in page
+    assert 'data-testid="import-encoding">utf-8<' in page
+    assert "do not pair up" in page
+    assert 'action="/datasets/{}/reimport"'.format(dataset["id"]) in page
+
+    # when: re-imported through the page's form with names for the columns
+    response = client.post(
+        f"/datasets/{dataset['id']}/reimport",
+        data={"header": "no", "column_names": "sentence, label", "delimiter": "tab", "quotechar": "none"},
+        headers={"accept": "text/html"},
+        follow_redirects=False,
+    )
+
+    assert response.status_code == 303
+    assert client.get(f"/api/v1/datasets/{dataset['id']}").json()["columns"] == ["sentence", "label"]

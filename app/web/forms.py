@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 from app.spec import JobSpec
 from worker.methods import registry
 
-InputKind = Literal["number", "checkbox", "select", "text", "list"]
+InputKind = Literal["number", "checkbox", "select", "multiselect", "text", "list"]
 TRUE_VALUES = ("true", "on", "1", "yes")
 # Words that a plain capitalisation would spell wrongly in a label.
 _LABEL_WORDS = {"lr": "LR", "lm": "LM", "rslora": "rsLoRA", "dora": "DoRA", "id": "", "f1": "F1"}
@@ -220,8 +220,9 @@ def _convert(form_field: FormField, raw: list[str]) -> Any:
     if form_field.kind == "checkbox":
         return raw[-1].strip().lower() in TRUE_VALUES
     text = raw[-1].strip()
-    if form_field.kind == "list":
-        return [item.strip() for item in text.split(",") if item.strip()]
+    if form_field.kind in ("list", "multiselect"):
+        # A text input sends "a, b"; a multiple select (dataset columns) sends each chosen value.
+        return [item.strip() for value in raw for item in value.split(",") if item.strip()]
     if text == "" and form_field.nullable:
         return None
     return text  # pydantic parses numbers from strings, so its messages are the API's messages

@@ -29,7 +29,6 @@ from app.services import adapters as adapters_service
 from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
 from app.services.checkpoints import list_checkpoints
-from app.spec import JobSpec
 from app.web import forms
 from worker.methods import registry
 
@@ -197,7 +196,10 @@ async def upload_dataset(
     name = form.get("name")
     try:
         if not isinstance(upload, UploadFile) or not upload.filename:
-            raise InvalidDataset("Choose a file to upload (.csv, .tsv, .json or .jsonl).", field="file")
+            raise InvalidDataset(
+                "Choose a file to upload (.csv, .tsv, .txt, .json, .jsonl, .parquet, .arrow or .zip).",
+                field="file",
+            )
         dataset = await run_in_threadpool(
             datasets_service.create_dataset,
             session,
@@ -205,6 +207,7 @@ async def upload_dataset(
             upload.filename,
             name.strip() if isinstance(name, str) and name.strip() else None,
             user.id,
+            _import_options(form),
         )
         audit.record(session, user, "create", "dataset", dataset.id, dataset.filename)
     except StudioError as exc:
@@ -223,6 +226,43 @@ def load_demo_dataset(request: Request, session: SessionDep, user: CurrentUser) 
     if created:
         audit.record(session, user, "create", "dataset", dataset.id, "demo")
     return _redirect(request, f"/datasets/{dataset.id}")
+
+
+IMPORT_FIELDS = (
+    "header",
+    "column_names",
+    "delimiter",
+    "quotechar",
+    "index_column",
+    "encoding",
+    "nested",
+    "explode_column",
+    "split",
+)
+
+
+def _import_options(form: Any) -> dict[str, str]:
+    """The upload form's import options; empty ones (auto) are left to detection."""
+    options = {key: form.get(key) for key in IMPORT_FIELDS}
+    return {key: value for key, value in options.items() if isinstance(value, str) and value.strip()}
+
+
+@router.post("/datasets/{dataset_id}/reimport")
+async def reimport_dataset(
+    request: Request, session: SessionDep, user: CurrentUser, owner_id: OwnerScope, dataset_id: int
+) -> Response:
+    """The dataset page's re-import form: parse the stored original again with the chosen options."""
+    form = await request.form()
+    try:
+        await run_in_threadpool(
+            datasets_service.reimport_dataset, session, dataset_id, _import_options(form), owner_id
+        )
+        audit.record(session, user, "reimport", "dataset", dataset_id)
+    except StudioError as exc:
+        if _is_htmx(request):
+            return error_page(request, exc.status_code, exc.message)
+        raise
+    return _redirect(request, f"/datasets/{dataset_id}")
 
 
 def _label_columns(dataset: Dataset) -> list[tuple[str, dict[str, int]]]:
@@ -261,26 +301,52 @@ def delete_dataset(
 # ---- jobs -------------------------------------------------------------------------------------
 
 
-def _guess_columns(dataset: Dataset) -> dict[str, str]:
-    """Text and label columns for a dataset whose columns are not called ``text`` and ``label``."""
+# Spec fields that name a dataset column: the form offers the dataset's columns for them.
+COLUMN_FIELDS = (
+    "text_column",
+    "label_column",
+    "text_columns",
+    "causal_lm.instruction_column",
+    "causal_lm.input_column",
+    "causal_lm.output_column",
+    "causal_lm.prompt_column",
+    "causal_lm.completion_column",
+    "causal_lm.messages_column",
+)
+
+
+def _proposed_values(dataset: Dataset) -> dict[str, Any]:
+    """Job form values from the dataset's proposal (profile["proposal"]): task, format and columns."""
+    proposal = dataset.profile.get("proposal") or {}
+    values: dict[str, Any] = {}
+    if proposal.get("task"):
+        values["task"] = proposal["task"]
+    for name in ("text_column", "label_column", "text_columns"):
+        if proposal.get(name):
+            values[name] = proposal[name]
+    if proposal.get("causal_lm"):
+        values["causal_lm"] = {key: value for key, value in proposal["causal_lm"].items()}
+    return values
+
+
+def _owned_dataset(session: Session, dataset_id: Any, owner_id: int | None) -> Dataset | None:
+    try:
+        dataset = session.get(Dataset, int(dataset_id))
+    except (TypeError, ValueError):
+        return None
+    if dataset is None or (owner_id is not None and dataset.owner_id != owner_id):
+        return None
+    return dataset
+
+
+def _column_choices(dataset: Dataset) -> list[forms.Choice]:
     columns: dict[str, Any] = dataset.profile.get("columns", {})
-    guesses: dict[str, str] = {}
-    text_default = str(JobSpec.model_fields["text_column"].default)
-    label_default = str(JobSpec.model_fields["label_column"].default)
-    if text_default not in columns:
-        texts = [
-            (info.get("length", {}).get("mean", 0), name)
-            for name, info in columns.items()
-            if "length" in info
-        ]
-        if texts:
-            guesses["text_column"] = max(texts)[1]
-    if label_default not in columns:
-        labels = [name for name, info in columns.items() if info.get("value_counts")]
-        labels = [name for name in labels if name != guesses.get("text_column", text_default)]
-        if labels:
-            guesses["label_column"] = labels[0]
-    return guesses
+    choices = []
+    for name in dataset.columns:
+        info = columns.get(name, {})
+        detail = f"{info.get('type', '?')}, {info.get('distinct', 0):,} distinct"
+        choices.append(forms.Choice(name, f"{name} ({detail})"))
+    return choices
 
 
 def _job_form_context(
@@ -296,10 +362,32 @@ def _job_form_context(
         "validation_dataset_id": dataset_choices,
         "method": [forms.Choice(info.name, f"{info.title} ({info.name})") for info in registry().values()],
     }
+    dataset = _owned_dataset(session, values.get("dataset_id"), owner_id)
+    if dataset is not None:
+        columns = _column_choices(dataset)
+        choices.update({name: columns for name in COLUMN_FIELDS})
     sections = forms.job_form(values, choices, errors)
     for section in sections:
         for form_field in section.fields:
-            if form_field.name == "method":
+            if dataset is not None and form_field.name == "text_columns":
+                form_field.kind = "multiselect"
+            if dataset is not None and form_field.name in COLUMN_FIELDS:
+                # A value that is not a column (typed into the API, or an older dataset's) stays visible.
+                known = {choice.value for choice in form_field.choices}
+                typed = (
+                    form_field.value.split(", ") if form_field.kind == "multiselect" else [form_field.value]
+                )
+                form_field.choices = form_field.choices + [
+                    forms.Choice(value, f"{value} (not a column of this dataset)")
+                    for value in typed
+                    if value and value not in known
+                ]
+            if dataset is not None and form_field.name == "causal_lm.input_column":
+                form_field.nullable = True
+            if form_field.name == "dataset_id":
+                # Choosing a dataset swaps in its columns and the proposed task and format (/jobs/new/columns).
+                form_field.attrs = {"hx-get": "/jobs/new/columns", "hx-trigger": "change", "hx-swap": "none"}
+            elif form_field.name == "method":
                 form_field.attrs = {
                     "hx-get": "/jobs/new/method",
                     "hx-target": "#section-method",
@@ -315,6 +403,7 @@ def _job_form_context(
         "errors": dict(errors or {}),
         "unplaced_errors": {k: v for k, v in (errors or {}).items() if k not in known},
         "has_datasets": bool(datasets),
+        "dataset": dataset,
     }
 
 
@@ -332,10 +421,28 @@ def new_job_page(
         values["method"] = method
     if dataset_id is not None:
         values["dataset_id"] = str(dataset_id)
-        dataset = session.get(Dataset, dataset_id)
-        if dataset is not None and (owner_id is None or dataset.owner_id == owner_id):
-            values.update(_guess_columns(dataset))
+        dataset = _owned_dataset(session, dataset_id, owner_id)
+        if dataset is not None:
+            values.update(_proposed_values(dataset))
     return render(request, "job_new.html", _job_form_context(session, values, owner_id=owner_id))
+
+
+# Fields the column swap replaces: the task, the causal-LM format and every column field.
+_SWAPPED_FIELDS = ("task", "causal_lm.format", *COLUMN_FIELDS)
+
+
+@router.get("/jobs/new/columns", response_class=HTMLResponse)
+def job_form_columns(
+    request: Request, session: SessionDep, owner_id: OwnerScope, dataset_id: str = ""
+) -> HTMLResponse:
+    """The column fields for the chosen dataset (its columns as options, its proposal chosen), swapped out of band."""
+    values: dict[str, Any] = {"dataset_id": dataset_id}
+    dataset = _owned_dataset(session, dataset_id, owner_id)
+    if dataset is not None:
+        values.update(_proposed_values(dataset))
+    sections = _job_form_context(session, values, owner_id=owner_id)["sections"]
+    fields = [f for section in sections for f in section.fields if f.name in _SWAPPED_FIELDS]
+    return render(request, "_job_columns.html", {"fields": fields, "dataset": dataset})
 
 
 @router.get("/jobs/new/method", response_class=HTMLResponse)
