@@ -356,3 +356,59 @@ def test_dataset_page_shows_what_was_detected_and_reimports(client: TestClient, 
 
     assert response.status_code == 303
     assert client.get(f"/api/v1/datasets/{dataset['id']}").json()["columns"] == ["sentence", "label"]
+
+
+# ---- token lengths, the recommended max_length, truncation -------------------------------------------
+
+
+def test_token_lengths_recommend_the_95th_percentile_and_count_truncation(
+    client: TestClient, tmp_path: Path
+) -> None:
+    dataset = _upload(client, fixtures.pandas_export(tmp_path / "sst2.csv", 400))
+
+    report = client.get(f"/api/v1/datasets/{dataset['id']}/token-lengths", params={"max_length": 16}).json()
+
+    # SST-2 sentences: median ~20 MiniLM tokens, 95th percentile under 64, MiniLM reads 512 positions
+    assert report["available"] is True and report["columns"] == ["text"] and report["measured"] == 400
+    assert report["model_max_positions"] == 512
+    assert report["min"] <= report["median"] <= report["p95"] <= report["max"]
+    assert report["recommended_max_length"] % 8 == 0
+    assert report["p95"] <= report["recommended_max_length"] < report["p95"] + 8
+    assert report["truncated"] == round(report["truncated_share"] * 400)
+    assert report["truncated_share"] > 0.5  # most sentences are longer than 16 tokens
+    at_recommended = client.get(f"/api/v1/datasets/{dataset['id']}/token-lengths").json()
+    assert at_recommended["max_length"] == at_recommended["recommended_max_length"]
+    assert at_recommended["truncated_share"] <= 0.05
+
+
+def test_token_lengths_do_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from app.token_lengths import tokenizer_for; "
+        "tok, positions = tokenizer_for('bundled/all-MiniLM-L6-v2'); "
+        "assert len(tok.encode('a fine film').ids) > 2 and positions == 512; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_job_form_warns_before_launch_what_share_would_be_truncated(
+    client: TestClient, tmp_path: Path
+) -> None:
+    dataset = _upload(client, fixtures.pandas_export(tmp_path / "sst2.csv", 200))
+    form = {"dataset_id": str(dataset["id"]), "text_column": "text", "label_column": "label"}
+
+    short = client.post(
+        "/jobs/new/lengths", data={**form, "training.max_length": "12"}, headers={"HX-Request": "true"}
+    )
+    long = client.post(
+        "/jobs/new/lengths", data={**form, "training.max_length": "256"}, headers={"HX-Request": "true"}
+    )
+
+    assert short.status_code == 200 and 'data-testid="truncation-warning"' in short.text
+    assert "would be truncated" in short.text and "At max length 12" in short.text
+    assert 'data-testid="recommended-max-length"' in short.text
+    assert 'data-testid="truncation-none"' in long.text

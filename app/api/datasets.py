@@ -2,13 +2,14 @@
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Form, Response, UploadFile, status
+from fastapi import APIRouter, Depends, Form, Query, Response, UploadFile, status
 
 from app import audit
 from app.auth import CurrentUser, OwnerScope
 from app.deps import SessionDep
 from app.models import DatasetPublic, DatasetsPublic
 from app.services import datasets as service
+from app.settings import BUNDLED_MODEL_ID
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 
@@ -102,6 +103,29 @@ def list_datasets(
 def get_dataset(session: SessionDep, owner_id: OwnerScope, dataset_id: int) -> DatasetPublic:
     """One dataset with its profile."""
     return DatasetPublic.model_validate(service.get_dataset(session, dataset_id, owner_id))
+
+
+@router.get("/{dataset_id}/token-lengths")
+def token_lengths(
+    session: SessionDep,
+    owner_id: OwnerScope,
+    dataset_id: int,
+    base_model: str = BUNDLED_MODEL_ID,
+    columns: Annotated[list[str] | None, Query()] = None,
+    max_length: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+) -> dict[str, Any]:
+    """Token lengths of the examples for a base model, the recommended max_length, and the share truncated.
+
+    ``columns`` are joined into one example (default: the proposal's text columns); the report is measured with
+    the model's tokenizer.json (no torch in the web process).
+    """
+    from app.token_lengths import length_report
+
+    dataset = service.get_dataset(session, dataset_id, owner_id)
+    if not columns:
+        proposal = dataset.profile.get("proposal") or {}
+        columns = proposal.get("text_columns") or [proposal.get("text_column") or dataset.columns[0]]
+    return length_report(dataset, base_model, columns, max_length)
 
 
 @router.post("/{dataset_id}/reimport", response_model=DatasetPublic)

@@ -29,6 +29,7 @@ from app.services import adapters as adapters_service
 from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
 from app.services.checkpoints import list_checkpoints
+from app.settings import BUNDLED_MODEL_ID
 from app.web import forms
 from worker.methods import registry
 
@@ -425,6 +426,32 @@ def new_job_page(
         if dataset is not None:
             values.update(_proposed_values(dataset))
     return render(request, "job_new.html", _job_form_context(session, values, owner_id=owner_id))
+
+
+@router.post("/jobs/new/lengths", response_class=HTMLResponse)
+async def job_form_lengths(request: Request, session: SessionDep, owner_id: OwnerScope) -> HTMLResponse:
+    """Token lengths for the form's dataset, columns and base model: the recommended max_length and the share
+    of examples the chosen max_length would truncate (refreshed by htmx as the form changes)."""
+    from app.token_lengths import columns_for, length_report
+
+    data = forms.form_to_input(_form_lists(await request.form()))
+    dataset = _owned_dataset(session, data.get("dataset_id"), owner_id)
+    context: dict[str, Any] = {"report": None, "error": None}
+    if dataset is not None:
+        raw_length = str((data.get("training") or {}).get("max_length") or "")
+        try:
+            context["report"] = await run_in_threadpool(
+                length_report,
+                dataset,
+                str(data.get("base_model") or BUNDLED_MODEL_ID),
+                columns_for(data, dataset),
+                int(raw_length) if raw_length.isdigit() else None,
+            )
+        except StudioError as exc:
+            context["error"] = exc.message
+        except ValueError as exc:  # e.g. causal-LM settings that do not validate yet
+            context["error"] = str(exc).splitlines()[0]
+    return render(request, "_job_lengths.html", context)
 
 
 # Fields the column swap replaces: the task, the causal-LM format and every column field.
