@@ -254,6 +254,25 @@ def test_bad_requests_are_refused_and_other_users_get_404(
     assert response.json()["settings"]["text_columns"] == ["title", "body"]
     assert response.json()["settings"]["label_column"] == "label"
 
+    # the adapter page's form: a redirect to the new evaluation's page, or the error in the form (htmx)
+    form = client.post(
+        f"/adapters/{joined}/evaluations",
+        data={"dataset_id": str(news), "text_column": "title, body", "predictions_only": "1"},
+        headers=alice.headers,
+        follow_redirects=False,
+    )
+    assert form.status_code == 303, form.text
+    from_form = evaluation_row(int(form.headers["location"].rsplit("/", 1)[1]))
+    assert (
+        from_form.settings["text_columns"] == ["title", "body"] and from_form.settings["label_column"] is None
+    )
+    form = client.post(
+        f"/adapters/{joined}/evaluations",
+        data={"dataset_id": str(news), "text_column": "headline"},
+        headers={**alice.headers, "HX-Request": "true"},
+    )
+    assert form.status_code == 422 and "&#39;headline&#39;" in form.text
+
     # bob: alice's adapter, her evaluation and its CSV are 404, as are her datasets on his adapter
     created = client.post(url, json={"dataset_id": dataset}, headers=alice.headers).json()
     calls: tuple[tuple[str, str, dict[str, Any]], ...] = (
