@@ -2,7 +2,16 @@
 
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from app.settings import BUNDLED_MODEL_ID
 from app.templates_chat import TemplateName
@@ -12,16 +21,28 @@ Task = Literal["sequence-classification", "causal-lm"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 
 
+AUTO: Literal["auto"] = "auto"
+Auto = Literal["auto"]
+BestMetric = Literal["auto", "accuracy", "f1_macro", "loss", "last"]
+# Settings that take ``auto`` or a number: (lowest, highest, lowest allowed itself).
+AUTO_RANGES: dict[str, tuple[float, float, bool]] = {
+    "num_epochs": (0, 1000, False),
+    "learning_rate": (0, 1, False),
+    "warmup_ratio": (0, 0.5, True),
+    "logging_steps": (1, 100_000, True),
+    "eval_steps": (1, 1_000_000, True),
+}
+
+
 class TrainingSettings(BaseModel):
-    """Training arguments handed to transformers.Trainer."""
+    """Training arguments handed to transformers.Trainer; ``auto`` ones are chosen by app/autoconfig.py."""
 
     model_config = ConfigDict(extra="forbid")
 
-    num_epochs: float | None = Field(
-        default=1.0,
-        gt=0,
-        le=1000,
-        description="Passes over the training data (ignored when max steps is set).",
+    num_epochs: float | Auto | None = Field(
+        default=AUTO,
+        description="Passes over the training data (ignored when max steps is set); auto: enough passes for at "
+        "least 200 optimizer steps, at most 20 (docs/defaults.md).",
     )
     max_steps: int | None = Field(
         default=None,
@@ -30,21 +51,42 @@ class TrainingSettings(BaseModel):
         description="Stop after this many optimizer steps; overrides epochs.",
     )
     batch_size: int = Field(default=32, ge=1, le=4096, description="Examples per training step.")
-    learning_rate: float = Field(default=5e-4, gt=0, le=1, description="Peak learning rate.")
+    learning_rate: float | Auto = Field(
+        default=AUTO,
+        description="Peak learning rate; auto: the method's typical rate, scaled up for small base models.",
+    )
     lr_scheduler: Scheduler = Field(
         default="linear", description="How the learning rate changes over training."
     )
-    warmup_ratio: float = Field(default=0.0, ge=0, le=0.5, description="Fraction of steps spent warming up.")
+    warmup_ratio: float | Auto = Field(
+        default=AUTO, description="Fraction of steps spent warming up; auto: 0.06."
+    )
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
     max_length: int = Field(
         default=128, ge=8, le=32768, description="Longer texts are truncated to this many tokens."
     )
-    logging_steps: int = Field(default=10, ge=1, le=100_000, description="Log train loss every N steps.")
-    eval_steps: int | None = Field(
+    logging_steps: int | Auto = Field(
+        default=AUTO, description="Log train loss every N steps; auto: about 20 points, at least every 10 steps."
+    )
+    eval_steps: int | Auto | None = Field(
+        default=AUTO,
+        description="Evaluate every N steps; empty evaluates once per epoch; auto: up to 10 evaluations, fewer "
+        "when the held-out set is large (they cost at most ~10% of the run).",
+    )
+    best_metric: BestMetric = Field(
+        default="auto",
+        description="The held-out metric whose best evaluation the adapter keeps (its weights are restored at "
+        "the end); auto: macro-F1 for classification, loss for causal LM; last keeps the final weights.",
+    )
+    early_stopping_patience: int | None = Field(
         default=None,
         ge=1,
-        le=1_000_000,
-        description="Evaluate every N steps; empty evaluates once per epoch.",
+        le=1000,
+        description="Stop after this many evaluations in a row without a better best metric; empty: never.",
+    )
+    auto_fields: list[str] = Field(
+        default_factory=list,
+        description="Set by the studio: the settings above that were auto and what the rule chose for them.",
     )
     seed: int = Field(
         default=42, ge=0, le=2**31 - 1, description="Random seed for the split, init and order."
@@ -72,6 +114,30 @@ class TrainingSettings(BaseModel):
     save_total_limit: int = Field(
         default=2, ge=1, le=100, description="How many of the newest checkpoints are kept."
     )
+
+    @field_validator(*AUTO_RANGES, mode="wrap")
+    @classmethod
+    def _auto_or_number(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        # One message per field (a plain union would report each member: "learning_rate.float", ...). Forms send
+        # text: "" is empty where empty is allowed, any spelling of auto is auto.
+        name = info.field_name or ""
+        low, high, inclusive = AUTO_RANGES[name]
+        if isinstance(value, str):
+            value = value.strip()
+            if value.lower() == AUTO:
+                return AUTO
+            if value == "" and name in ("num_epochs", "eval_steps"):
+                return None
+        bound = f"{'>=' if inclusive else '>'} {low:g} and <= {high:g}"
+        try:
+            parsed = handler(value)
+        except ValidationError:
+            raise ValueError(f"must be auto or a number {bound}, not {value!r}") from None
+        if isinstance(parsed, int | float) and not (
+            (low <= parsed if inclusive else low < parsed) and parsed <= high
+        ):
+            raise ValueError(f"must be auto or a number {bound}, not {value!r}")
+        return parsed
 
     @model_validator(mode="after")
     def _needs_a_length(self) -> "TrainingSettings":

@@ -177,4 +177,5 @@ def test_valid_spec_is_queued_once(session: Session, monkeypatch: pytest.MonkeyP
 
     assert sent == [job.id]
     assert job.task_id == f"task-{job.id}"
-    assert _counts(session) == (1, 1)
+    # one job, its "queued" event and the "config" event explaining its auto settings (docs/defaults.md)
+    assert _counts(session) == (1, 2)

@@ -158,8 +158,9 @@ def test_job_form_input_types_follow_the_annotations() -> None:
 
     defaults = TrainingSettings()
     assert fields["training.batch_size"].kind == "number" and fields["training.batch_size"].step == "1"
-    assert fields["training.learning_rate"].step == "any"
-    assert fields["training.learning_rate"].value == str(defaults.learning_rate)
+    # "auto or a number" settings are text inputs showing auto (docs/defaults.md)
+    assert fields["training.learning_rate"].kind == "text"
+    assert fields["training.learning_rate"].value == str(defaults.learning_rate) == "auto"
     assert fields["training.lr_scheduler"].kind == "select"
     assert [c.value for c in fields["training.lr_scheduler"].choices] == list(get_args(Scheduler))
     assert fields["training.disable_dropout"].kind == "checkbox"
@@ -247,7 +248,10 @@ def test_posted_form_stores_the_spec_the_api_would(client: TestClient) -> None:
             "training": {"num_epochs": 3, "batch_size": 16, "learning_rate": 0.002, "disable_dropout": True},
         }
     )
-    assert job["spec"] == expected.model_dump(mode="json")
+    # the API stores the spec with its auto settings resolved (docs/defaults.md): the same for both
+    from_api = client.post("/api/v1/jobs", json=expected.model_dump(mode="json")).json()
+    assert job["spec"] == from_api["spec"]
+    assert job["spec"]["training"]["num_epochs"] == 3 and job["spec"]["training"]["learning_rate"] == 0.002
 
 
 @pytest.mark.parametrize(
@@ -366,7 +370,14 @@ def test_demo_file_is_the_first_thousand_rows_of_sst2() -> None:
     shared = (PROJECT_ROOT.parent / "shared" / "data" / "sst2" / "train.csv").read_text(encoding="utf-8")
     demo = DEMO_DATASET_PATH.read_text(encoding="utf-8")
 
-    assert demo.splitlines() == shared.splitlines()[:1001]
+    # the same rows, with the labels 0/1 written as negative/positive
+    named = [
+        line.removesuffix(",0") + ",negative"
+        if line.endswith(",0")
+        else line.removesuffix(",1") + ",positive"
+        for line in shared.splitlines()[1:1001]
+    ]
+    assert demo.splitlines() == ["text,label", *named]
 
 
 def test_delete_from_the_page_goes_back_to_the_list(client: TestClient) -> None:

@@ -25,6 +25,7 @@ from transformers import (
     set_seed,
 )
 
+from app.autoconfig import needs_resolution, resolve_spec
 from app.base_models import resolve_base_model
 from app.db import session_scope
 from app.events import publish
@@ -34,10 +35,12 @@ from app.services.jobs import add_event
 from app.settings import get_settings
 from app.spec import JobSpec
 from app.storage import get_store
+from worker.best import BestModelCallback, metric_for
 from worker.distributed import is_main_process
 from worker.distributed import launch as launch_distributed
 from worker.failures import TargetModulesNotFound, explain, module_names
 from worker.methods import BuildContext, MethodInfo, count_parameters, get_method
+from worker.model_card import point_at_labelled_base, write_model_card
 from worker.recipes import Prepared, get_recipe
 from worker.resilience import (
     Heartbeat,
@@ -417,21 +420,21 @@ def save_every(spec: JobSpec, steps: int | None) -> int:
 def _training_arguments(
     spec: JobSpec, output_dir: Path, has_eval: bool, save_steps: int = 0
 ) -> TrainingArguments:
-    training = spec.training
+    training = resolved(spec).training
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=training.batch_size,
         per_device_eval_batch_size=max(training.batch_size, 32),
-        learning_rate=training.learning_rate,
-        num_train_epochs=training.num_epochs or 1.0,
+        learning_rate=float(training.learning_rate),
+        num_train_epochs=float(training.num_epochs or 1.0),
         max_steps=training.max_steps or -1,
         lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=training.warmup_ratio,
+        warmup_steps=float(training.warmup_ratio),
         weight_decay=training.weight_decay,
-        logging_steps=training.logging_steps,
+        logging_steps=int(training.logging_steps),
         logging_first_step=True,
         eval_strategy=("steps" if training.eval_steps else "epoch") if has_eval else "no",
-        eval_steps=training.eval_steps,
+        eval_steps=int(training.eval_steps) if training.eval_steps else None,
         # Checkpoints go to the local output dir (the newest one only); ResilienceCallback copies each to the
         # artifact store and keeps the newest save_total_limit there.
         save_strategy="steps" if save_steps else "no",
@@ -476,11 +479,20 @@ def _final_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
 
 def total_steps(spec: JobSpec, train_examples: int | None) -> int | None:
     """Optimizer steps the Trainer will run: max steps, or epochs × batches per epoch (as Trainer counts)."""
-    training = spec.training
+    training = resolved(spec).training
     if training.max_steps or train_examples is None:
         return training.max_steps
     batches = max(1, math.ceil(train_examples / training.batch_size))
-    return max(1, math.ceil((training.num_epochs or 1.0) * batches))
+    return max(1, math.ceil(float(training.num_epochs or 1.0) * batches))
+
+
+def resolved(spec: JobSpec) -> JobSpec:
+    """The spec with its ``auto`` training settings chosen (app/autoconfig.py); jobs queued through the API
+    arrive resolved, specs built elsewhere (tests, benchmarks) are resolved here from the same rule."""
+    if not needs_resolution(spec.training):
+        return spec
+    with session_scope() as session:
+        return resolve_spec(session, spec)[0]
 
 
 def build_trainable(spec: JobSpec) -> tuple[Prepared, MethodInfo, Any, Any, list[Any]]:
@@ -489,6 +501,7 @@ def build_trainable(spec: JobSpec) -> tuple[Prepared, MethodInfo, Any, Any, list
     Returns the prepared task, the method, the trainable model, an optimizer (or None for Trainer's) and the
     method's own Trainer callbacks.
     """
+    spec = resolved(spec)
     train_ds, validation_ds = _load_datasets(spec)
     method = get_method(spec.method)
     settings = spec.method_settings()
@@ -496,7 +509,7 @@ def build_trainable(spec: JobSpec) -> tuple[Prepared, MethodInfo, Any, Any, list
     base = resolve_base_model(spec.base_model)
     context = BuildContext(
         task=spec.task,
-        learning_rate=training.learning_rate,
+        learning_rate=float(training.learning_rate),
         weight_decay=training.weight_decay,
         base_model_path=str(base.path),
     )
@@ -557,6 +570,12 @@ def run_job(job_id: int, worker_name: str = "worker", run_token: str | None = No
 
 def _train(job_id: int, claim: Claim, store: Any, work_dir: Path, heartbeat: Heartbeat) -> None:
     spec = claim.spec
+    if needs_resolution(spec.training):
+        with session_scope() as session:
+            spec, explanation = resolve_spec(session, spec)
+            if explanation and is_main_process():
+                add_event(session, job_id, "config", explanation)
+                session.commit()
     resume_from, resume_step = prepare_resume(job_id, store, work_dir / "output")
     set_seed(spec.training.seed)  # the new head's random init too: a rerun or resumed run starts the same
     prepared, method, model, optimizer, method_callbacks = build_trainable(spec)
@@ -592,6 +611,22 @@ def _train(job_id: int, claim: Claim, store: Any, work_dir: Path, heartbeat: Hea
         store_checkpoint if save_steps else None,
         job_id=job_id,
     )
+    # The adapter keeps the best evaluation's weights (worker/best.py); every rank decides alike.
+    # AdaLoRA is left out: its final rank pattern decides which of the weights are saved, so earlier ones
+    # put back would not be the ones evaluated.
+    keeps_best = has_eval and spec.method != "adalora"
+    best_metric = metric_for(spec.training.best_metric, spec.task) if keeps_best else None
+    best = (
+        BestModelCallback(
+            model,
+            best_metric,
+            spec.training.early_stopping_patience,
+            structured_from=prepared.compute_metrics,
+        )
+        if best_metric
+        else None
+    )
+    best_callbacks = [best] if best is not None else []
     trainer = resumable_trainer_class(Trainer)(  # engine.Trainer: benchmarks swap it for a timed one
         model=model,
         args=_training_arguments(spec, work_dir / "output", has_eval, save_steps),
@@ -602,12 +637,17 @@ def _train(job_id: int, claim: Claim, store: Any, work_dir: Path, heartbeat: Hea
         compute_metrics=prepared.compute_metrics,
         preprocess_logits_for_metrics=prepared.preprocess_logits,
         callbacks=(
-            [TelemetryCallback(job_id, prepared.compute_metrics), callback, *method_callbacks, guard]
-            + tracking_callbacks(job_id, spec)
+            [
+                TelemetryCallback(job_id, prepared.compute_metrics),
+                callback,
+                *method_callbacks,
+                *best_callbacks,
+            ]
+            + [guard, *tracking_callbacks(job_id, spec)]
             if callback is not None
             # DDP rank > 0: no reporting, but every callback that changes how each rank trains (TelemetryCallback
             # turns on token counting, a collective): ranks that diverge there deadlock.
-            else [TelemetryCallback(job_id, prepared.compute_metrics), *method_callbacks]
+            else [TelemetryCallback(job_id, prepared.compute_metrics), *method_callbacks, *best_callbacks]
         ),
         optimizers=(optimizer, None),
     )
@@ -630,9 +670,12 @@ def _train(job_id: int, claim: Claim, store: Any, work_dir: Path, heartbeat: Hea
         return
     if resume_from is not None:
         log.info("job %s resumed at step %s and finished at step %s", job_id, resume_step, step)
+    final_metrics = _final_metrics(trainer.state.log_history)
+    if best is not None:
+        final_metrics = _keep_best(job_id, best, step, final_metrics)
     adapter_key = store.job_key(job_id, "adapter")
     adapter_dir = work_dir / "adapter"
-    save_adapter(model, method, prepared, adapter_dir, spec)
+    save_adapter(model, method, prepared, adapter_dir, spec, final_metrics)
     store.put_dir(adapter_dir, adapter_key)
     trainable, total = count_parameters(model)
     size, files = _folder_size(adapter_dir)
@@ -658,15 +701,53 @@ def _train(job_id: int, claim: Claim, store: Any, work_dir: Path, heartbeat: Hea
                 trainable_params=trainable,
                 total_params=total,
                 labels=prepared.labels,
-                metrics=_final_metrics(trainer.state.log_history),
+                metrics=final_metrics,
             )
         )
         session.commit()
     _finish(job_id, JobStatus.succeeded, "succeeded", run_token=claim.run_token)
 
 
-def save_adapter(model: Any, method: MethodInfo, prepared: Prepared, folder: Path, spec: JobSpec) -> None:
-    """Write the adapter folder: the method's files, the tokenizer, and studio.json saying how it was made."""
+def _keep_best(job_id: int, best: BestModelCallback, step: int, final: dict[str, float]) -> dict[str, float]:
+    """Restore the best evaluation's weights and say so in the job's events; returns the adapter's metrics."""
+    if best.best_step is None:
+        return final
+    stopped = f"stopped early at step {best.stopped_early_at}; " if best.stopped_early_at else ""
+    if not best.keeps_weights:
+        message = f"{stopped}kept the final weights: the trainable weights are too large to keep a best copy"
+        metrics = final
+    elif best.restore(step):
+        message = (
+            f"{stopped}kept the best evaluation: step {best.best_step} of {step}, "
+            f"eval {best.metric} {best.best_value:.4g} (restored its weights)"
+        )
+        metrics = best.best_metrics
+    else:
+        message = f"{stopped}the final step {step} was the best (eval {best.metric} {best.best_value:.4g})"
+        metrics = best.best_metrics or final
+    with session_scope() as session:
+        add_event(session, job_id, "best", message)
+        job = session.get(Job, job_id)
+        if best.restored and best.best_structured and job is not None:
+            job.evaluation = {
+                **best.best_structured,
+                "step": best.best_step,
+            }  # the matrix of the kept weights
+            session.add(job)
+        session.commit()
+    return metrics
+
+
+def save_adapter(
+    model: Any,
+    method: MethodInfo,
+    prepared: Prepared,
+    folder: Path,
+    spec: JobSpec,
+    metrics: dict[str, float] | None = None,
+) -> None:
+    """Write the adapter folder: the method's files, the tokenizer, studio.json saying how it was made, and a
+    model card (README.md, over peft's template) with the held-out ``metrics``."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -683,3 +764,9 @@ def save_adapter(model: Any, method: MethodInfo, prepared: Prepared, folder: Pat
         "spec": spec.model_dump(mode="json"),
     }
     (folder / STUDIO_FILE).write_text(json.dumps(studio, indent=2), encoding="utf-8")
+    with session_scope() as session:
+        dataset = session.get(Dataset, spec.dataset_id)
+        dataset_name = dataset.name if dataset is not None else None
+    write_model_card(folder, spec, method.title, method.saved_as, prepared.labels, metrics, dataset_name)
+    if spec.task == "sequence-classification" and method.saved_as == "peft":
+        point_at_labelled_base(folder, resolve_base_model(spec.base_model).path, prepared.labels)

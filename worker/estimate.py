@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from app.autoconfig import needs_resolution, resolve_training, rule_inputs_for
 from app.base_models import ResolvedModel, resolve_base_model
 from app.errors import InvalidSpec
 from app.spec import JobSpec
@@ -49,7 +50,8 @@ def planned_steps(spec: JobSpec, examples: int | None) -> int | None:
     training = spec.training
     if training.max_steps or examples is None:
         return training.max_steps
-    return max(1, math.ceil((training.num_epochs or 1.0) * max(1, math.ceil(examples / training.batch_size))))
+    epochs = float(training.num_epochs) if isinstance(training.num_epochs, int | float) else 1.0
+    return max(1, math.ceil(epochs * max(1, math.ceil(examples / training.batch_size))))
 
 
 def meta_model(base: ResolvedModel, task: str, num_labels: int | None) -> Any:
@@ -230,7 +232,11 @@ def estimate(
 def estimate_job(spec: JobSpec, profile: dict[str, Any] | None) -> JobEstimate:
     """The estimate for a job spec; label count and dataset size come from the training set's profile."""
     method = get_method(spec.method)
-    steps = planned_steps(spec, training_examples(spec, profile))
+    examples = training_examples(spec, profile)
+    if needs_resolution(spec.training):  # auto settings: the same rule the job will run with
+        inputs = rule_inputs_for(spec, examples or 0, 0)
+        spec = spec.model_copy(update={"training": resolve_training(spec.training, inputs).training})
+    steps = planned_steps(spec, examples)
     try:
         return estimate(
             spec.base_model,
@@ -240,7 +246,7 @@ def estimate_job(spec: JobSpec, profile: dict[str, Any] | None) -> JobEstimate:
             num_labels=label_count(spec, profile),
             batch_size=spec.training.batch_size,
             max_length=spec.training.max_length,
-            learning_rate=spec.training.learning_rate,
+            learning_rate=float(spec.training.learning_rate),
             total_steps=steps,
         )
     except ValueError as problem:

@@ -5,6 +5,7 @@ from typing import Any
 
 from sqlmodel import Session, col, func, select
 
+from app.autoconfig import resolve_spec
 from app.base_models import resolve_base_model
 from app.datasets_io import MAX_LABEL_CLASSES
 from app.errors import InvalidSpec, JobStateError, NotFound, ServiceUnavailable
@@ -249,6 +250,7 @@ def create_job(session: Session, spec: JobSpec, owner_id: int | None = None) -> 
     validate_spec(session, spec, scope)  # the admin may train on anyone's dataset
     check_mlflow_uri(spec.tracking.mlflow_tracking_uri, local_allowed=scope is None)
     check_job_cap(session, owner_id)
+    spec, auto_explanation = resolve_spec(session, spec)  # the job stores what it will run with
     job = Job(
         owner_id=owner_id,
         name=spec.name or f"{spec.method} on dataset {spec.dataset_id}",
@@ -262,6 +264,8 @@ def create_job(session: Session, spec: JobSpec, owner_id: int | None = None) -> 
     session.flush()
     assert job.id is not None
     add_event(session, job.id, "status", "queued")
+    if auto_explanation:
+        add_event(session, job.id, "config", auto_explanation)
     reason = waiting_reason(session, job)
     if reason:
         add_event(session, job.id, "waiting", f"{reason}; the job stays queued until one connects")

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlmodel import Session, col, select
 
-from app import models
+from app import autoconfig, models
 from app.datasets_io import detect_format, parse_rows
 from app.errors import InvalidDataset, InvalidSpec, NotFound, PayloadTooLarge
 from app.formats import example_from_row
@@ -36,7 +36,9 @@ from app.spec import CausalLMSettings, JobSpec, TrainingSettings
 FILE_PREFIX = "file-"
 JOB_PREFIX = "ftjob-"
 ORGANIZATION = "peft-studio"
-BASE_LEARNING_RATE = TrainingSettings().learning_rate  # learning_rate_multiplier 1.0
+# learning_rate_multiplier 1.0 is the rate the studio's auto rule picks for the job (app/autoconfig.py); this
+# is only the reference for jobs created before that rule, whose hyperparameters were not recorded.
+BASE_LEARNING_RATE = 5e-4
 _SUFFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _FT_NAME = re.compile(r"(?:^|:)ftjob-(\d+)$")
 
@@ -172,7 +174,9 @@ class Hyperparameters(BaseModel):
     n_epochs: Literal["auto"] | int | None = Field(default="auto", description="Passes over the data.")
     batch_size: Literal["auto"] | int | None = Field(default="auto", description="Examples per step.")
     learning_rate_multiplier: Literal["auto"] | float | None = Field(
-        default="auto", description=f"Times the studio's base learning rate ({BASE_LEARNING_RATE})."
+        default="auto",
+        description="Times the learning rate the studio's auto rule picks for this method and model "
+        "(docs/defaults.md).",
     )
 
 
@@ -335,9 +339,7 @@ def build_spec(
         training["num_epochs"] = hyper.n_epochs
     if isinstance(hyper.batch_size, int):
         training["batch_size"] = hyper.batch_size
-    base_rate = float(training.get("learning_rate", BASE_LEARNING_RATE))
-    if isinstance(hyper.learning_rate_multiplier, int | float):
-        training["learning_rate"] = base_rate * hyper.learning_rate_multiplier
+    multiplier = hyper.learning_rate_multiplier
     if body.seed is not None:
         training["seed"] = body.seed
     fields: dict[str, Any] = {
@@ -361,10 +363,33 @@ def build_spec(
         field = ".".join(str(part) for part in error["loc"])
         message = str(error["msg"]).removeprefix("Value error, ")
         raise InvalidSpec(f"{openai_param(field)}: {message}", field=openai_param(field)) from None
+    # "auto" is the studio's own rule; a multiplier scales the rate that rule picks (of an explicit rate if the
+    # peft extension gave one), as OpenAI's multiplies its own default.
+    inputs = autoconfig.rule_inputs(session, spec)
+    base_rate = spec.training.learning_rate
+    if isinstance(base_rate, str):  # auto
+        base_rate = autoconfig.learning_rate_for(
+            inputs.method_learning_rate, inputs.model_params, inputs.adapter
+        )
+    if isinstance(multiplier, int | float):
+        rate = float(f"{base_rate * multiplier:.6g}")
+        try:
+            spec = spec.model_copy(
+                update={
+                    "training": TrainingSettings.model_validate(
+                        {**spec.training.model_dump(), "learning_rate": rate}
+                    )
+                }
+            )
+        except ValidationError as exc:
+            message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+            param = "hyperparameters.learning_rate_multiplier"
+            raise InvalidSpec(f"{param}: {multiplier} × {base_rate:g} {message}", field=param) from None
+    resolved = autoconfig.resolve_training(spec.training, inputs).training
     reported = {
-        "n_epochs": spec.training.num_epochs if spec.training.max_steps is None else "auto",
+        "n_epochs": resolved.num_epochs if spec.training.max_steps is None else "auto",
         "batch_size": spec.training.batch_size,
-        "learning_rate_multiplier": spec.training.learning_rate / BASE_LEARNING_RATE,
+        "learning_rate_multiplier": float(resolved.learning_rate) / base_rate,
     }
     return spec, reported
 
