@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -379,3 +380,57 @@ def test_a_causal_lm_adapter_gets_the_training_loss_and_greedy_samples(
     assert rows[0]["generated"] == samples[0]["generated"] and rows[3]["generated"] == ""
     page = client.get(f"/evaluations/{result['id']}", headers=alice.headers).text
     assert "evaluation-samples" in page and json.dumps(metrics) and "perplexity" in page
+
+
+@pytest.mark.timeout(900)  # a real studio trains and evaluates on a loaded 2-core machine
+def test_the_adapter_page_form_runs_an_evaluation_on_the_real_worker(
+    tmp_path: Path, chromium_path: str
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.conftest import CHROMIUM_ARGS
+    from tests.studio import run_studio, wait_for_job
+
+    with run_studio(tmp_path / "data", PEFT_STUDIO_TORCH_THREADS="1") as studio, studio.client() as api:
+        # given an adapter trained by the studio's worker, and a labelled dev sample uploaded beside it
+        train = api.post(
+            "/api/v1/datasets", files={"file": ("train.csv", sst2_bytes(TRAIN_ROWS), "text/csv")}
+        )
+        dev = api.post("/api/v1/datasets", files={"file": ("dev.csv", sst2_bytes(32, "dev.csv"), "text/csv")})
+        assert train.status_code == dev.status_code == 201, (train.text, dev.text)
+        spec = {
+            "dataset_id": train.json()["id"],
+            "validation_fraction": 1 / TRAIN_ROWS,
+            "training": {"max_steps": 2, "batch_size": 16, "max_length": 64, "eval_steps": 1000},
+        }
+        job = api.post("/api/v1/jobs", json=spec)
+        assert job.status_code == 201, job.text
+        finished = wait_for_job(api, job.json()["id"], timeout=600)
+        assert finished["status"] == "succeeded", finished
+        adapter = finished["adapter_id"]
+
+        playwright = sync_playwright().start()
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            # when the dev file is chosen in the adapter page's evaluation form (loaded by htmx) and submitted
+            studio.open_page(page, f"/adapters/{adapter}")
+            expect(page.get_by_test_id("evaluation-form")).to_be_visible()
+            page.select_option("#evaluation-dataset", str(dev.json()["id"]))
+            page.get_by_test_id("evaluation-submit").click()
+            page.wait_for_url(re.compile(r"/evaluations/\d+$"))
+            # then the worker runs it and the page (refreshing until done) shows the scores and the download
+            expect(page.get_by_test_id("evaluation-status")).to_have_text("succeeded", timeout=300_000)
+            expect(page.get_by_test_id("evaluation-metrics")).to_contain_text("accuracy")
+            expect(page.get_by_test_id("confusion-matrix")).to_be_visible()
+            expect(page.get_by_test_id("evaluation-download")).to_be_visible()
+            evaluation_id = int(page.url.rsplit("/", 1)[1])
+        finally:
+            browser.close()
+            playwright.stop()
+        result = api.get(f"/api/v1/evaluations/{evaluation_id}").json()
+        assert result["worker"] and result["row_count"] == 32
+        rows = read_csv(api.get(f"/api/v1/evaluations/{evaluation_id}/predictions.csv").content)
+        correct = sum(row["label"] == row["predicted_label"] for row in rows)
+        assert result["metrics"]["accuracy"] == pytest.approx(correct / 32)
