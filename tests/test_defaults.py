@@ -184,3 +184,32 @@ def test_demo_job_with_every_default_learns(session: Session) -> None:
     assert f"{accuracy:.3f}" in card
     studio = json.loads((folder / "studio.json").read_text())
     assert studio["spec"]["training"]["learning_rate"] == pytest.approx(2e-3)
+
+
+def test_labelled_base_gives_peft_auto_classes_the_labels(studio_settings: Path) -> None:
+    """Six classes: without the labelled base, a head of two would not take the adapter's classifier."""
+    from transformers import AutoModelForSequenceClassification
+
+    from worker.model_card import labelled_base
+
+    # given the bundled model and TREC's six class names
+    base = resolve_base_model(BUNDLED_MODEL_ID).path
+    labels = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+
+    # when a labelled base is made (twice: the second is the same folder)
+    folder = labelled_base(base, labels)
+    assert folder is not None and labelled_base(base, labels) == folder
+
+    # then it loads with a six-way head named by the labels, and the base's own weights (no copy)
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder))
+    original = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=6)
+    assert model.config.id2label == dict(enumerate(labels)) and model.classifier.out_features == 6
+    assert model.bert.embeddings.word_embeddings.weight.equal(original.bert.embeddings.word_embeddings.weight)
+    assert not any(path.suffix == ".safetensors" for path in folder.iterdir())
+
+
+def test_full_fine_tuning_keeps_its_typical_rate() -> None:
+    # methods that train the model's own weights are not scaled for small models
+    inputs = _inputs(900, 100, method="full", lr=5e-5)
+    full = RuleInputs(**{**inputs.__dict__, "adapter": False})
+    assert resolve_training(TrainingSettings(), full).training.learning_rate == 5e-5

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from app.settings import get_settings
 from app.spec import JobSpec
+from worker.best import metric_for
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,11 @@ def point_at_labelled_base(folder: Path, base: Path, labels: list[str]) -> None:
 
 
 def _metrics_table(metrics: dict[str, float]) -> str:
-    shown = {k: v for k, v in metrics.items() if not k.endswith(("runtime", "per_second"))}
+    shown = {
+        k: v
+        for k, v in metrics.items()
+        if not any(part in k for part in ("runtime", "per_second", "tokens_seen"))
+    }
     if not shown:
         return "No held-out evaluation (the job held out no rows).\n"
     rows = "\n".join(f"| {name} | {value:.3f} |" for name, value in sorted(shown.items()))
@@ -130,6 +135,12 @@ def write_model_card(
         else ""
     )
     auto = ", ".join(training.auto_fields) or "none"
+    metric = metric_for(training.best_metric, spec.task)
+    kept = (
+        f"The weights are those of the best held-out evaluation by {metric} (docs/defaults.md)."
+        if metric and (spec.validation_dataset_id or spec.validation_fraction)
+        else "The weights are those of the last training step."
+    )
     card = f"""---
 library_name: {"peft" if saved_as == "peft" else "transformers"}
 base_model: {spec.base_model}
@@ -151,7 +162,7 @@ A {method_title} ({spec.method}) fine-tune of `{spec.base_model}` for {spec.task
 ## Metrics
 
 {_metrics_table(metrics or {})}
-The weights are those of the best held-out evaluation ({training.best_metric} metric rule, docs/defaults.md).
+{kept}
 
 {label_section}## Training
 
