@@ -268,6 +268,20 @@ def _strict_utf8(data: bytes) -> str:
         ) from None
 
 
+def _utf16_without_bom(data: bytes, notes: list[str] | None) -> str | None:
+    """UTF-16 saved without a byte-order mark: ASCII text then has a NUL in every other byte."""
+    head = data[:2000]
+    if len(head) < 4 or b"\x00" not in head:
+        return None
+    even, odd = head[0::2], head[1::2]
+    for encoding, zeros, other in (("utf-16-le", odd, even), ("utf-16-be", even, odd)):
+        if zeros.count(0) >= 0.6 * len(zeros) and other.count(0) == 0:
+            if notes is not None:
+                notes.append(f"The file has no byte-order mark but reads as {encoding.upper()}.")
+            return encoding
+    return None
+
+
 def _decode(data: bytes, encoding: str | None = None, notes: list[str] | None = None) -> tuple[str, str]:
     """The file's text and the encoding it was read with (detected when ``encoding`` is None)."""
     if not data:
@@ -275,6 +289,8 @@ def _decode(data: bytes, encoding: str | None = None, notes: list[str] | None = 
     _check_binary(data)
     if encoding is None and data.startswith(_UTF16_BOMS):
         encoding = "utf-16"
+    elif encoding is None:
+        encoding = _utf16_without_bom(data, notes)
     if encoding in ("utf-8", "utf-8-sig") and data.startswith(_UTF16_BOMS):
         raise InvalidDataset(
             "The file is UTF-16 encoded; save it as UTF-8 and upload it again, or choose the encoding utf-16.",
@@ -310,12 +326,20 @@ def _decode(data: bytes, encoding: str | None = None, notes: list[str] | None = 
                 encoding = "utf-8-sig" if data.startswith(_UTF8_BOM) else "utf-8"
             except UnicodeDecodeError as exc:
                 line = _line_of(data, exc.start)
+                # Bytes 0x80-0x9f are control characters in Latin-1 but quotes and dashes in Windows-1252,
+                # which is what such files usually are; without them the two read the same.
                 text, encoding = data.decode("latin-1"), "latin-1"
+                if re.search(b"[\x80-\x9f]", data):
+                    try:
+                        text, encoding = data.decode("cp1252"), "cp1252"
+                    except UnicodeDecodeError:
+                        pass
+                shown = "Windows-1252" if encoding == "cp1252" else "Latin-1 (ISO-8859-1)"
                 if notes is not None:
                     notes.append(
                         f"The file is not valid UTF-8 (line {line}, byte 0x{data[exc.start]:02x}), so it was "
-                        "read as Latin-1 (ISO-8859-1). If accented letters look wrong in the preview, save the "
-                        "file as UTF-8, or re-import it with another encoding."
+                        f"read as {shown}. If accented letters look wrong in the preview, save the file as "
+                        "UTF-8, or re-import it with another encoding."
                     )
     if not text.strip():
         raise InvalidDataset("The file holds only whitespace: it has no header and no rows.", field="file")
@@ -401,13 +425,19 @@ def _sample(text: str) -> str:
     return "\n".join(lines[:_SAMPLE_ROWS]) if len(lines) > _SAMPLE_ROWS else text
 
 
-def _field_counts(sample: str, delimiter: str, quotechar: str) -> list[int] | None:
+def _field_counts(sample: str, delimiter: str, quotechar: str, cut: bool) -> list[int] | None:
+    """Fields per record of the sample; ``cut`` samples may end inside a quoted value (its record is dropped)."""
+    records: list[list[str]] = []
     try:
-        records = [
-            record for record in _reader(sample, delimiter, quotechar) if any(v.strip() for v in record)
-        ]
+        for record in _reader(sample, delimiter, quotechar):
+            if any(value.strip() for value in record):
+                records.append(record)
     except csv.Error:
-        return None
+        if not cut or len(records) < 2:
+            return None
+        cut = True
+    if cut and len(records) > 1:
+        records = records[:-1]  # the sample's last record may be a partial line
     return [len(record) for record in records]
 
 
@@ -419,9 +449,10 @@ def _consistent(counts: list[int] | None) -> bool:
 def _detect_delimiter(text: str, fmt: str) -> str:
     default = "," if fmt == "csv" else "\t"
     sample = _sample(text)
+    cut = len(sample) < len(text)
     for candidate in dict.fromkeys((default, "\t", ",", ";", "|")):
         quotes = ('"', "") if candidate == "\t" else ('"',)
-        if any(_consistent(_field_counts(sample, candidate, quote)) for quote in quotes):
+        if any(_consistent(_field_counts(sample, candidate, quote, cut)) for quote in quotes):
             return candidate
     return default
 
@@ -772,10 +803,35 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _table_rows(table: Any) -> tuple[list[str], list[Row]]:
+def _class_label_names(table: Any) -> dict[str, list[str]]:
+    """Names of ``datasets`` ClassLabel columns, from the features ``datasets`` keeps in the Arrow schema."""
+    metadata = table.schema.metadata or {}
+    try:
+        info = json.loads(metadata.get(b"huggingface", b"{}"))
+    except ValueError:
+        return {}
+    features = (info.get("info") or {}).get("features") or {}
+    return {
+        name: [str(label) for label in feature["names"]]
+        for name, feature in features.items()
+        if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and feature.get("names")
+    }
+
+
+def _table_rows(table: Any, notes: list[str]) -> tuple[list[str], list[Row]]:
     # pandas writes a non-default index as a column of its own; it is not data.
     columns = [name for name in table.column_names if name != "__index_level_0__"]
     rows = [{name: _jsonable(row.get(name)) for name in columns} for row in table.select(columns).to_pylist()]
+    for column, names in _class_label_names(table).items():
+        if column not in columns:
+            continue
+        for row in rows:
+            value = row.get(column)
+            if isinstance(value, int) and 0 <= value < len(names):
+                row[column] = names[value]
+        notes.append(
+            f"Column {column!r} holds class ids; the dataset's names for them are used ({', '.join(names[:10])})."
+        )
     return columns, rows
 
 
@@ -993,7 +1049,7 @@ def read_dataset(
             table = _read_arrow_bytes(data, "The file")
         else:
             table = _read_saved_dataset(data, options, resolved, notes, max_unpacked_bytes)
-        columns, rows = _table_rows(table)
+        columns, rows = _table_rows(table, notes)
         columns, rows = _unnest(columns, rows, options, resolved, notes)
     else:
         text, encoding = _decode(data, options.encoding, notes)

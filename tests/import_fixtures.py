@@ -139,7 +139,19 @@ def saved_dataset_zip(path: Path, limit: int = 300, dataset_dict: bool = False) 
     """A zipped ``save_to_disk`` folder: Arrow stream files + dataset_info.json + state.json (per split)."""
     import pyarrow as pa
 
-    table = _table(limit)
+    # datasets stores a ClassLabel column as ids, with the names in the schema's "huggingface" metadata
+    rows = shared_rows("trec", limit=limit)
+    names = sorted({row["label"] for row in rows})
+    features = {
+        "question": {"dtype": "string", "_type": "Value"},
+        "coarse_label": {"names": names, "_type": "ClassLabel"},
+    }
+    table = pa.table(
+        {
+            "question": [row["text"] for row in rows],
+            "coarse_label": [names.index(row["label"]) for row in rows],
+        }
+    ).replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
     splits = (
         {"train": table.slice(0, limit - 50), "test": table.slice(limit - 50)}
         if dataset_dict

@@ -168,6 +168,15 @@ def test_binary_formats(client: TestClient, tmp_path: Path, writer: Any, name: s
     assert dataset["row_count"] == 300
     assert dataset["profile"]["columns"]["coarse_label"]["distinct"] == 6
     assert dataset["profile"]["proposal"]["label_column"] == "coarse_label"
+    # the saved dataset's ClassLabel ids come back as their names
+    assert set(dataset["profile"]["columns"]["coarse_label"]["values"]) == {
+        "ABBR",
+        "DESC",
+        "ENTY",
+        "HUM",
+        "LOC",
+        "NUM",
+    }
 
 
 def test_saved_dataset_dict_takes_train_and_reimports_another_split(
@@ -412,3 +421,35 @@ def test_job_form_warns_before_launch_what_share_would_be_truncated(
     assert "would be truncated" in short.text and "At max length 12" in short.text
     assert 'data-testid="recommended-max-length"' in short.text
     assert 'data-testid="truncation-none"' in long.text
+
+
+def test_windows_1252_and_bomless_utf16(client: TestClient, tmp_path: Path) -> None:
+    text = "text,label\n\u201cGreat\u201d \u2013 caf\u00e9,pos\nawful,neg\nfine,pos\n"
+    windows = tmp_path / "windows.csv"
+    windows.write_bytes(text.encode("cp1252"))
+    utf16 = tmp_path / "utf16_no_bom.csv"
+    utf16.write_bytes(text.encode("utf-16-le"))
+
+    from_windows = _upload(client, windows)
+    from_utf16 = _upload(client, utf16)
+
+    assert from_windows["profile"]["import"]["encoding"] == "cp1252"
+    assert from_windows["profile"]["preview"][0]["text"] == "\u201cGreat\u201d \u2013 caf\u00e9"
+    assert "Windows-1252" in from_windows["profile"]["import"]["notes"][0]
+    assert from_utf16["profile"]["import"]["encoding"] == "utf-16-le"
+    assert from_utf16["profile"]["preview"][0]["text"] == "\u201cGreat\u201d \u2013 caf\u00e9"
+
+
+def test_quoted_line_breaks_across_the_detection_sample(client: TestClient, tmp_path: Path) -> None:
+    # given: reviews with line breaks inside quoted values, longer than the rows sampled for detection
+    rows = fixtures.shared_rows("sst2", limit=300)
+    lines = ["review;sentiment"] + [
+        f'"{row["text"]}\n\nsecond paragraph; more";{row["label"]}' for row in rows
+    ]
+    path = tmp_path / "reviews.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    dataset = _upload(client, path)
+
+    assert dataset["profile"]["import"]["delimiter"] == ";"
+    assert dataset["columns"] == ["review", "sentiment"] and dataset["row_count"] == 300
