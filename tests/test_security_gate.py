@@ -504,3 +504,70 @@ def test_unknown_fields_are_refused_by_name(client: TestClient, path: str, body:
     fields = [error["field"] for error in response.json()["errors"]]
     assert unknown in fields, response.json()
     assert "not a field of this request" in response.json()["detail"]
+
+
+CSP_RECORDER = """
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation", (event) => {
+  window.__cspViolations.push(`${event.violatedDirective} ${event.blockedURI} ${event.sourceFile}:${event.lineNumber}`);
+});
+"""
+
+
+@pytest.mark.timeout(600)
+def test_pages_run_under_the_csp(live: LiveStudio, chromium_path: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from app.models import Job, JobStatus
+    from tests.conftest import CHROMIUM_ARGS
+    from tests.factories import create_dataset, create_job
+
+    # given: a dataset and a failed job (its page offers Retry, whose button used an eval'd hx-on before)
+    with Session(get_engine()) as session:
+        dataset = create_dataset(session, sst2_bytes(40))
+        job = create_job(session, dataset_id=dataset.id, name="failed one")
+        job.status = JobStatus.failed
+        session.add(job)
+        session.commit()
+        dataset_id, job_id = dataset.id, job.id
+    pages = [
+        "/",
+        "/datasets",
+        f"/datasets/{dataset_id}",
+        "/jobs",
+        "/jobs/new",
+        f"/jobs/{job_id}",
+        "/adapters",
+    ]
+    pages += [
+        "/workers",
+        "/compare",
+        "/sweeps",
+        "/tokens",
+        "/account",
+        "/users",
+        "/webhooks",
+        "/datasets/999999",
+    ]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.add_init_script(CSP_RECORDER)
+            page.goto(f"{live.url}/login/token?token={ADMIN_TOKEN}&next=/")
+            # when: every page is opened
+            for path in pages:
+                page.goto(live.url + path)
+                page.wait_for_load_state("load")
+                # then: the policy blocked nothing, and the CSRF script from /static ran (it wraps fetch)
+                assert page.evaluate("window.__cspViolations") == [], path
+                assert page.evaluate("window.fetch.toString().includes('X-CSRF-Token')"), path
+            # and: Retry (an htmx POST with the CSRF header) opens the new job
+            page.goto(f"{live.url}/jobs/{job_id}")
+            page.get_by_test_id("retry-job").click()
+            expect(page).to_have_url(re.compile(rf"/jobs/(?!{job_id}$)\d+$"))
+            assert page.evaluate("window.__cspViolations") == []
+        finally:
+            browser.close()
+    with Session(get_engine()) as session:
+        assert len(session.exec(select(Job)).all()) == 2
