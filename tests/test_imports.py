@@ -453,3 +453,15 @@ def test_quoted_line_breaks_across_the_detection_sample(client: TestClient, tmp_
 
     assert dataset["profile"]["import"]["delimiter"] == ";"
     assert dataset["columns"] == ["review", "sentiment"] and dataset["row_count"] == 300
+
+
+def test_dataset_page_reports_token_lengths_of_the_proposed_columns(
+    client: TestClient, tmp_path: Path
+) -> None:
+    dataset = _upload(client, fixtures.headerless_news(tmp_path / "news.csv", 100))
+
+    page = client.get(f"/datasets/{dataset['id']}", headers={"accept": "text/html"}).text
+    fragment = client.get(f"/datasets/{dataset['id']}/lengths", headers={"HX-Request": "true"}).text
+
+    assert f'hx-get="/datasets/{dataset["id"]}/lengths"' in page
+    assert "column_2 + column_3" in fragment and 'data-testid="recommended-max-length"' in fragment

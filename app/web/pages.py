@@ -284,6 +284,29 @@ def dataset_page(
     )
 
 
+@router.get("/datasets/{dataset_id}/lengths", response_class=HTMLResponse)
+async def dataset_lengths(
+    request: Request,
+    session: SessionDep,
+    owner_id: OwnerScope,
+    dataset_id: int,
+    base_model: str = BUNDLED_MODEL_ID,
+) -> HTMLResponse:
+    """Token lengths of the proposed text column(s) for a base model (the dataset page loads it by htmx)."""
+    from app.token_lengths import columns_for, length_report
+
+    dataset = datasets_service.get_dataset(session, dataset_id, owner_id)
+    context: dict[str, Any] = {"report": None, "error": None}
+    try:
+        columns = columns_for(_proposed_values(dataset), dataset)
+        context["report"] = await run_in_threadpool(length_report, dataset, base_model, columns, None)
+    except StudioError as exc:
+        context["error"] = exc.message
+    except ValueError as exc:
+        context["error"] = str(exc).splitlines()[0]
+    return render(request, "_job_lengths.html", context)
+
+
 @router.post("/datasets/{dataset_id}/delete")
 def delete_dataset(
     request: Request, session: SessionDep, user: CurrentUser, owner_id: OwnerScope, dataset_id: int
