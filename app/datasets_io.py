@@ -592,6 +592,16 @@ def _parse_delimited(
         notes.append("The first column was an unnamed index (0, 1, 2, …) and was dropped.")
     elif index_action == "keep":
         notes.append(f"The unnamed first column is kept as {header[0]!r}.")
+    if (
+        has_header
+        and len(header) > 1
+        and header[-1] == ""
+        and all(len(record) == len(header) and not record[-1].strip() for _, record in body)
+    ):
+        # "a,b," lines: a trailing delimiter on every line makes an empty, unnamed last column.
+        header = header[:-1]
+        body = [(line, record[:-1]) for line, record in body]
+        notes.append("Every line ended with a delimiter; the empty last column was dropped.")
     _check_header(header[1:] if index_action == "drop" else header, kind, header_line)
     if options.delimiter is None or len(header) == 1:
         _check_delimiter(header, delimiter, kind, header_line)
@@ -657,7 +667,7 @@ def _loads(text: str) -> Any:
     return json.loads(text, object_pairs_hook=_object_pairs)
 
 
-def _parse_json_array(text: str) -> list[tuple[int, Any]]:
+def _parse_json_array(text: str, notes: list[str] | None = None) -> list[tuple[int, Any]]:
     try:
         value = _loads(text)
     except json.JSONDecodeError as exc:
@@ -675,6 +685,17 @@ def _parse_json_array(text: str) -> list[tuple[int, Any]]:
         ) from None
     except ValueError as exc:
         raise InvalidDataset(f"The JSON cannot be read: {_value_error(exc)}.", field="file") from None
+    if isinstance(value, dict):
+        # {"data": [{...}, ...]}: one key holding the rows, as many exports wrap them
+        wrapped = [
+            key
+            for key, item in value.items()
+            if isinstance(item, list) and item and all(isinstance(row, dict) for row in item)
+        ]
+        if len(wrapped) == 1 and len(value) <= 3:
+            if notes is not None:
+                notes.append(f"The rows were read from the file's {wrapped[0]!r} array.")
+            value = value[wrapped[0]]
     if not isinstance(value, list):
         raise InvalidDataset(
             f"A .json dataset must be an array of objects ([{{...}}, {{...}}]); this file holds "
@@ -1059,7 +1080,7 @@ def read_dataset(
         else:
             check_strings = _SURROGATE_ESCAPE.search(text) is not None
             if fmt == "json":
-                columns, rows = _records_to_rows(_parse_json_array(text), "Row", check_strings)
+                columns, rows = _records_to_rows(_parse_json_array(text, notes), "Row", check_strings)
             else:
                 columns, rows = _records_to_rows(_parse_jsonl(text), "Line", check_strings)
             columns, rows = _unnest(columns, rows, options, resolved, notes)

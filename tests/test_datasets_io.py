@@ -212,3 +212,19 @@ def test_profile_of_json_types() -> None:
     data = b'[{"n": 1, "b": true, "o": {"k": 1}}, {"n": 2.5, "b": false, "o": [1]}]'
     columns = _profile(data, "json")["columns"]
     assert (columns["n"]["type"], columns["b"]["type"], columns["o"]["type"]) == ("number", "bool", "object")
+
+
+def test_trailing_delimiter_on_every_line_drops_the_empty_column() -> None:
+    result = read_dataset(b"text,label,\ngood,pos,\nbad,neg,\n", "csv")
+
+    assert result.columns == ["text", "label"] and result.rows[1] == {"text": "bad", "label": "neg"}
+    assert "empty last column was dropped" in result.notes[0]
+
+
+def test_json_rows_wrapped_in_one_key() -> None:
+    result = read_dataset(
+        b'{"version": 2, "data": [{"text": "a", "label": 1}, {"text": "b", "label": 0}]}', "json"
+    )
+
+    assert result.columns == ["text", "label"] and len(result.rows) == 2
+    assert "'data' array" in result.notes[0]
