@@ -299,6 +299,8 @@ def test_bad_requests_are_refused_and_other_users_get_404(
     # a queued evaluation has no predictions to download yet
     response = client.get(f"/api/v1/evaluations/{created['id']}/predictions.csv", headers=alice.headers)
     assert response.status_code == 404 and "no predictions yet" in response.json()["detail"]
+    page = client.get(f"/evaluations/{created['id']}", headers=alice.headers).text
+    assert "queued" in page and 'http-equiv="refresh"' in page  # refreshes until the worker is done
 
 
 def test_a_dataset_deleted_before_the_worker_runs_fails_the_evaluation_with_a_reason(
@@ -317,6 +319,9 @@ def test_a_dataset_deleted_before_the_worker_runs_fails_the_evaluation_with_a_re
 
     row = evaluation_row(created["id"])
     assert row.status == EvaluationStatus.failed and f"Dataset {dataset} was deleted" in (row.error or "")
+    page = client.get(f"/evaluations/{created['id']}", headers=alice.headers).text
+    assert "evaluation-error" in page and f"Dataset {dataset} was deleted" in page
+    assert 'http-equiv="refresh"' not in page  # finished: the page stops refreshing
     run_evaluation(created["id"])  # a redelivered message for a finished evaluation changes nothing
     assert evaluation_row(created["id"]).status == EvaluationStatus.failed
 
