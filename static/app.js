@@ -131,11 +131,10 @@
     document.getElementById("job-points").textContent = String(this.points);
   };
 
-  // ``reset`` {step, attempt}: every point after ``step`` was deleted by a resume (point ids are never reused,
-  // so ``seen`` stays valid); drop them from every series and keep streaming.
+  // ``reset`` {step, attempt, points}: every point after ``step`` was deleted by a resume (point ids are never
+  // reused, so ``seen`` stays valid); drop them from every series, count the ``points`` that remain, go on.
   JobPage.prototype.onReset = function (reset) {
     var self = this;
-    var dropped = 0;
     Object.keys(this.data).forEach(function (key) {
       var series = self.data[key];
       var keep = series.x.map(function (x) { return x <= reset.step; });
@@ -143,11 +142,7 @@
       series.y = series.y.filter(function (_, i) { return keep[i]; });
       if (series.y.length) self.setLatest(key, series.y[series.y.length - 1]);
     });
-    this.pointSteps = (this.pointSteps || []).filter(function (step) {
-      if (step > reset.step) { dropped += 1; return false; }
-      return true;
-    });
-    this.points = Math.max(0, this.points - dropped);
+    this.points = reset.points;
     this.root.dataset.resets = String(Number(this.root.dataset.resets || 0) + 1);
     this.root.dataset.resetStep = String(reset.step);
     this.showCount();
@@ -157,7 +152,6 @@
   JobPage.prototype.onMetric = function (point) {
     if (this.seen.has(point.id)) return;
     this.seen.add(point.id);
-    (this.pointSteps || (this.pointSteps = [])).push(point.step);
     var values = point.values || {};
     var self = this;
     Object.keys(values).forEach(function (name) {

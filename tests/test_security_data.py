@@ -474,7 +474,7 @@ def test_resumed_points_get_new_ids_and_the_stream_resets(client: TestClient, tm
     # a stream continuing after a point the resume deleted: reset to step 5, then exactly the new points
     events = _stream(client, job_id, first[-1])
     assert [e.event for e in events] == ["reset", "metric", "metric", "metric", "end"]
-    assert json.loads(events[0].data) == {"step": 5, "attempt": None}
+    assert json.loads(events[0].data) == {"step": 5, "attempt": None, "points": 5}
     assert [int(e.id) for e in events[1:4]] == second
     assert [json.loads(e.data)["attempt"] for e in events[1:4]] == [2, 2, 2]
     # a stream continuing after a kept point (step 3) held nothing that was replaced: no reset, steps 4..8
@@ -699,5 +699,5 @@ def test_a_live_stream_resets_when_a_resume_replaces_what_it_sent(client: TestCl
     assert not viewer.is_alive()
     kinds = [e.event for e in received]
     assert kinds == ["metric"] * 10 + ["reset"] + ["metric"] * 3 + ["end"], kinds
-    assert json.loads(received[10].data) == {"step": 5, "attempt": 2}
+    assert json.loads(received[10].data) == {"step": 5, "attempt": 2, "points": 5}
     assert [int(e.id) for e in received[11:14]] == second

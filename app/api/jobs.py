@@ -144,22 +144,27 @@ def _attempt_at(job_id: int, point_id: int) -> tuple[int, int] | None:
     return None if row is None else (int(row[0]), int(row[1]))
 
 
-def _kept_step(job_id: int, cursor: int) -> int:
-    """The last step the client may keep: the highest step among the job's points it was sent (id <= cursor)
-    that still exist. A resume deletes every point after its checkpoint's step and its new points get higher
-    ids, so everything the client holds beyond this step was replaced; -1 when none is left."""
+def _kept(job_id: int, cursor: int) -> tuple[int, int]:
+    """What the client may keep: the highest step among the job's points it was sent (id <= cursor) that still
+    exist, and how many of them exist. A resume deletes every point after its checkpoint's step and its new
+    points get higher ids, so everything the client holds beyond this step was replaced; step -1 when none is
+    left."""
     with Session(get_engine()) as session:
-        step = session.exec(
-            select(func.max(MetricPoint.step)).where(
+        step, count = session.exec(
+            select(func.max(MetricPoint.step), func.count()).where(
                 MetricPoint.job_id == job_id, col(MetricPoint.id) <= cursor
             )
-        ).first()
-    return -1 if step is None else int(step)
+        ).one()
+    return (-1 if step is None else int(step)), int(count or 0)
 
 
-def _reset_event(step: int, attempt: int | None) -> ServerSentEvent:
-    """``event: reset``: drop the points after ``step``, the new run's points follow (``attempt``)."""
-    return ServerSentEvent(data=json.dumps({"step": step, "attempt": attempt}), event="reset")
+def _reset_event(kept: tuple[int, int], attempt: int | None) -> ServerSentEvent:
+    """``event: reset``: drop the points after ``step`` (``points`` of the client's points remain); the new
+    run's points follow (``attempt``)."""
+    step, count = kept
+    return ServerSentEvent(
+        data=json.dumps({"step": step, "attempt": attempt, "points": count}), event="reset"
+    )
 
 
 @router.get("/{job_id}/stream")
@@ -175,8 +180,8 @@ async def stream_job(
 
     A reconnecting client sends `Last-Event-ID` and receives exactly the points it has not seen.
     When a resumed run replaced points the client was sent (they were logged after the checkpoint it resumed
-    from), an `event: reset` with `{"step": s, "attempt": a}` comes first: drop the points after step `s`;
-    the new run's points follow. Point ids are never reused, so the id order stays the logging order.
+    from), an `event: reset` with `{"step": s, "attempt": a, "points": n}` comes first: drop the points after
+    step `s` (`n` of the points sent remain); the new run's points follow. Point ids are never reused, so the id order stays the logging order.
     The stream ends with `event: end` once the job is finished and every point is sent.
     """
     service.get_job(session, job_id, owner_id)
@@ -207,18 +212,19 @@ async def _stream_events(
     if cursor > 0:
         last_point = await asyncio.to_thread(_attempt_at, job_id, cursor)
         if last_point is None:
-            held_step = await asyncio.to_thread(_kept_step, job_id, cursor)
-            yield _reset_event(held_step, None)
+            kept = await asyncio.to_thread(_kept, job_id, cursor)
+            held_step = kept[0]
+            yield _reset_event(kept, None)
         else:
             last_attempt, held_step = last_point
     while True:
         points, job = await asyncio.to_thread(_poll, job_id, cursor)
         for point in points:
             if last_attempt is not None and point.attempt != last_attempt:
-                kept = await asyncio.to_thread(_kept_step, job_id, cursor)
-                if held_step > kept:
+                kept = await asyncio.to_thread(_kept, job_id, cursor)
+                if held_step > kept[0]:
                     yield _reset_event(kept, point.attempt)
-                    held_step = kept
+                    held_step = kept[0]
             last_attempt = point.attempt
             held_step = max(held_step, point.step)
             cursor = point.id
