@@ -386,6 +386,31 @@ def test_a_causal_lm_adapter_gets_the_training_loss_and_greedy_samples(
     page = client.get(f"/evaluations/{result['id']}", headers=alice.headers).text
     assert "evaluation-samples" in page and json.dumps(metrics) and "perplexity" in page
 
+    # and the adapter page's form offers the format and its columns, the training ones chosen
+    fragment = client.get(f"/adapters/{adapter.id}/evaluations", headers=alice.headers).text
+    assert 'value="alpaca" selected' in fragment and 'name="causal_lm.prompt_column"' in fragment
+    form = client.post(
+        f"/adapters/{adapter.id}/evaluations",
+        data={
+            "dataset_id": str(dataset),
+            "causal_lm.format": "prompt-completion",
+            "causal_lm.prompt_column": "instruction",
+            "causal_lm.completion_column": "output",
+        },  # fmt: skip
+        headers=alice.headers,
+        follow_redirects=False,
+    )
+    assert form.status_code == 303, form.text
+    queued = evaluation_row(int(form.headers["location"].rsplit("/", 1)[1]))
+    assert queued.settings["causal_lm"]["format"] == "prompt-completion"
+    assert queued.settings["causal_lm"]["prompt_column"] == "instruction"
+    form = client.post(
+        f"/adapters/{adapter.id}/evaluations",
+        data={"dataset_id": str(dataset), "causal_lm.format": "chat"},
+        headers={**alice.headers, "HX-Request": "true"},
+    )
+    assert form.status_code == 422 and "messages" in form.text
+
 
 @pytest.mark.timeout(900)  # a real studio trains and evaluates on a loaded 2-core machine
 def test_the_adapter_page_form_runs_an_evaluation_on_the_real_worker(

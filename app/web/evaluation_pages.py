@@ -4,7 +4,7 @@ The adapter page loads ``/adapters/{id}/evaluations`` with htmx, so this feature
 adapter page's handler; without JavaScript the fragment is also a page of its own.
 """
 
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
@@ -18,11 +18,21 @@ from app.services import adapters as adapters_service
 from app.services import datasets as datasets_service
 from app.services import evaluations as service
 from app.services.evaluations import CLASSIFICATION, EvaluationCreate
+from app.spec import CausalLMSettings, DataFormat, JobSpec
 from app.web.pages import _is_htmx, _redirect, error_page, render
 
 router = APIRouter(include_in_schema=False)
 
 DATASET_CHOICES = 200
+# The causal-LM column fields the form offers (each format reads some of them; see app/formats.py).
+CAUSAL_COLUMN_FIELDS = (
+    "instruction_column",
+    "input_column",
+    "output_column",
+    "prompt_column",
+    "completion_column",
+    "messages_column",
+)
 
 
 def _form_context(session: SessionDep, owner_id: int | None, adapter_id: int) -> dict[str, Any]:
@@ -37,6 +47,9 @@ def _form_context(session: SessionDep, owner_id: int | None, adapter_id: int) ->
         "count": count,
         "default_text_column": ", ".join(trained.text_columns or [trained.text_column]) if trained else "",
         "default_label_column": trained.label_column if trained else "",
+        "causal_lm": (trained.causal_lm if trained else CausalLMSettings()).model_dump(),
+        "causal_formats": get_args(DataFormat),
+        "causal_columns": CAUSAL_COLUMN_FIELDS,
     }
 
 
@@ -48,7 +61,21 @@ def evaluations_fragment(
     return render(request, "_evaluations.html", _form_context(session, owner_id, adapter_id))
 
 
-def _request_from_form(form: Any, task: str) -> EvaluationCreate:
+def _causal_lm_from_form(form: Any, trained: JobSpec | None) -> dict[str, Any]:
+    """The format and columns chosen in the form over the adapter's training settings (template, system
+    prompt and masking stay the training ones)."""
+    settings = (trained.causal_lm if trained else CausalLMSettings()).model_dump()
+    if form.get("causal_lm.format"):
+        settings["format"] = str(form.get("causal_lm.format"))
+    for name in CAUSAL_COLUMN_FIELDS:
+        value = form.get(f"causal_lm.{name}")
+        if isinstance(value, str):
+            # An empty input column means the data has none; the other columns keep their training names.
+            settings[name] = value.strip() or (None if name == "input_column" else settings[name])
+    return settings
+
+
+def _request_from_form(form: Any, task: str, trained: JobSpec | None = None) -> EvaluationCreate:
     """The form's fields as an API request: empty column fields take the adapter's training columns."""
     values: dict[str, Any] = {"dataset_id": form.get("dataset_id") or 0}
     text_columns = [name.strip() for name in str(form.get("text_column") or "").split(",") if name.strip()]
@@ -64,6 +91,7 @@ def _request_from_form(form: Any, task: str) -> EvaluationCreate:
             values["label_column"] = label_column
     else:
         values["samples"] = form.get("samples") or 5
+        values["causal_lm"] = _causal_lm_from_form(form, trained)
     try:
         return EvaluationCreate.model_validate(values)
     except ValidationError as exc:
@@ -80,7 +108,7 @@ async def start_evaluation(
     form = await request.form()
     adapter = adapters_service.get_adapter(session, adapter_id, owner_id)
     try:
-        body = _request_from_form(form, adapter.task)
+        body = _request_from_form(form, adapter.task, service.training_spec(session, adapter))
         evaluation = service.create_evaluation(session, adapter_id, body, owner_id)
         audit.record(session, user, "create", "evaluation", evaluation.id, f"adapter {adapter_id}")
     except StudioError as exc:
