@@ -701,3 +701,76 @@ def test_a_live_stream_resets_when_a_resume_replaces_what_it_sent(client: TestCl
     assert kinds == ["metric"] * 10 + ["reset"] + ["metric"] * 3 + ["end"], kinds
     assert json.loads(received[10].data) == {"step": 5, "attempt": 2, "points": 5}
     assert [int(e.id) for e in received[11:14]] == second
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(900)
+def test_the_job_chart_drops_replaced_points_on_reset(tmp_path: Path, chromium_path: str) -> None:
+    """The job page in Chromium: it shows steps 1..10 of attempt 1; a resume replaces 6..10 with attempt 2's
+    6..8; the chart ends with 8 loss points (1..5 and the new 6..8) and the page counts 8 points."""
+    from playwright.sync_api import sync_playwright
+    from sqlalchemy import create_engine, text
+
+    from tests.conftest import CHROMIUM_ARGS
+    from tests.studio import run_studio
+
+    with run_studio(tmp_path / "data", workers=0) as studio, sync_playwright() as playwright:
+        api = studio.client()
+        dataset = api.post("/api/v1/datasets", files={"file": ("r.csv", CSV, "text/csv")}).json()
+        job = api.post(
+            "/api/v1/jobs", json={"dataset_id": dataset["id"], "training": {"max_steps": 10}}
+        ).json()
+        engine = create_engine(f"sqlite:///{studio.data_dir / 'studio.db'}", connect_args={"timeout": 30})
+
+        def points(steps: range, attempt: int) -> None:
+            with engine.begin() as connection:
+                for step in steps:
+                    connection.execute(
+                        text(
+                            'INSERT INTO metricpoint (job_id, step, split, "values", created_at, attempt) '
+                            "VALUES (:job, :step, 'train', :values, '2026-12-02 00:00:00', :attempt)"
+                        ),
+                        {
+                            "job": job["id"],
+                            "step": step,
+                            "values": json.dumps({"loss": 10.0 - step}),
+                            "attempt": attempt,
+                        },
+                    )
+
+        with engine.begin() as connection:
+            connection.execute(
+                text("UPDATE job SET status = 'running', attempt = 1 WHERE id = :job"), {"job": job["id"]}
+            )
+        points(range(1, 11), attempt=1)
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            studio.open_page(page, f"/jobs/{job['id']}")
+            page.wait_for_function("() => document.getElementById('job-live').dataset.points === '10'")
+            # when: the job resumes from its checkpoint at step 5 and the new attempt logs 6..8
+            with engine.begin() as connection:
+                connection.execute(
+                    text("DELETE FROM metricpoint WHERE job_id = :job AND step > 5"), {"job": job["id"]}
+                )
+                connection.execute(text("UPDATE job SET attempt = 2 WHERE id = :job"), {"job": job["id"]})
+            points(range(6, 9), attempt=2)
+            with engine.begin() as connection:
+                connection.execute(
+                    text("UPDATE job SET status = 'succeeded' WHERE id = :job"), {"job": job["id"]}
+                )
+            page.wait_for_function("() => document.getElementById('job-live').dataset.streamEnded === 'true'")
+            page.wait_for_timeout(300)  # the chart redraws on a 100 ms timer
+            # then
+            live = page.locator("#job-live")
+            assert live.get_attribute("data-resets") == "1"
+            assert live.get_attribute("data-reset-step") == "5"
+            assert live.get_attribute("data-points") == "8"
+            assert (
+                page.locator('[data-series="train.loss,eval.loss"]').get_attribute("data-point-count") == "8"
+            )
+            assert page.locator('[data-metric="train.loss"]').get_attribute("data-value") == "2"
+        finally:
+            browser.close()
+            engine.dispose()
