@@ -130,6 +130,9 @@ def session(studio_settings: Path):  # type: ignore[no-untyped-def]
         yield db
 
 
+# 203 steps (full SST-2's 217 trained in ~95 s on a quiet 2-core CPU); far longer on a shared machine, beyond
+# the suite's 600 s per test; no time is asserted.
+@pytest.mark.timeout(2400)
 def test_demo_job_with_every_default_learns(session: Session) -> None:
     """The README's first job: the demo data, every default; it must beat the majority class clearly."""
     from app.services.datasets import load_demo_dataset
