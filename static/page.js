@@ -44,3 +44,11 @@ document.addEventListener("click", function (event) {
   event.preventDefault();
   history.back();
 });
+
+// <select data-submit-on-change> (or any form control): submits its form when its value changes — the
+// CSP-safe form of onchange="this.form.submit()".
+document.addEventListener("change", function (event) {
+  var control = event.target.closest && event.target.closest("[data-submit-on-change]");
+  if (!control || !control.form) return;
+  if (control.form.requestSubmit) control.form.requestSubmit(); else control.form.submit();
+});
