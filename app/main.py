@@ -17,6 +17,7 @@ from app.api import adapter_import, adapters, datasets, generate, jobs, meta, op
 from app.api import auth as auth_api
 from app.api import evaluations as evaluations_api
 from app.api import metrics as metrics_api
+from app.api import models as models_api
 from app.api import sweeps as sweeps_api
 from app.api import tokens as tokens_api
 from app.api import users as users_api
@@ -24,7 +25,15 @@ from app.db import PROJECT_ROOT, run_migrations
 from app.errors import StudioError
 from app.gate import is_openai_path
 from app.services.recovery import start_reaper
-from app.web import auth_pages, causal_pages, dashboard_pages, evaluation_pages, pages, workers_pages
+from app.web import (
+    auth_pages,
+    causal_pages,
+    dashboard_pages,
+    evaluation_pages,
+    model_pages,
+    pages,
+    workers_pages,
+)
 
 STATIC_DIR: Path = PROJECT_ROOT / "static"
 
@@ -132,6 +141,8 @@ def create_app(migrate: bool = True) -> FastAPI:
     app.include_router(workers_pages.router)
     app.include_router(evaluations_api.router)
     app.include_router(evaluation_pages.router)
+    app.include_router(models_api.router)
+    app.include_router(model_pages.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
