@@ -584,3 +584,43 @@ class EvaluationPublic(SQLModel):
 class EvaluationsPublic(SQLModel):
     data: list[EvaluationPublic]
     count: int
+
+
+class ModelDownload(SQLModel, table=True):
+    """A Hub model fetched into the shared Hub cache by a worker, with its live progress.
+
+    ``status``: queued, running, succeeded, failed or cancelled. The worker writes the progress columns about
+    twice a second; the web streams them (``/api/v1/model-downloads/{id}/stream``)."""
+
+    __tablename__ = "model_download"
+    __table_args__ = AUTOINCREMENT
+
+    id: int | None = Field(default=None, primary_key=True)
+    owner_id: int | None = Field(default=None, index=True, description="Who asked (their Hub token is used).")
+    model_id: str = Field(max_length=200, index=True, description="The Hub id, owner/name.")
+    revision: str = Field(default="main", max_length=200, description="Branch, tag or commit asked for.")
+    commit_hash: str | None = Field(default=None, max_length=64, description="The commit fetched.")
+    status: str = Field(default="queued", max_length=20, index=True)
+    total_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    done_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    total_files: int = 0
+    done_files: int = 0
+    bytes_per_second: float = 0.0
+    eta_seconds: float | None = None
+    files: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    cancel_requested: bool = False
+    error: str | None = None
+    worker: str | None = Field(default=None, max_length=255)
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class HubToken(SQLModel, table=True):
+    """A user's Hugging Face token for gated models, encrypted with the secret key (never shown again)."""
+
+    __tablename__ = "hub_token"
+
+    user_id: int = Field(primary_key=True)
+    encrypted: str = Field(description="Fernet token of the Hub token, keyed by the studio's secret key.")
+    created_at: datetime = Field(default_factory=utcnow)

@@ -109,6 +109,16 @@ class Settings(BaseSettings):
         description="Base models (ids or folders) allowed to run their own Python code (trust_remote_code), "
         'as a JSON list, e.g. ["org/model"]; every other model with custom code is refused.',
     )
+    hub_downloads: bool = Field(
+        default=False,
+        description="Let workers download models from the Hugging Face Hub (HF_ENDPOINT) into the Hub cache; "
+        "off, the studio uses only what is already cached and never reaches the network.",
+    )
+    hub_allow_pickle: bool = Field(
+        default=False,
+        description="Also download pickle weights (*.bin, *.pt) from the Hub; off, only safetensors are "
+        "fetched and a model with only pickle weights is refused.",
+    )
     model_folders: list[Path] = Field(
         default_factory=list,
         description="Folders whose model subfolders may be used as base models by path, as a JSON list, e.g. "
