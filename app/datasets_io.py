@@ -1206,6 +1206,17 @@ _LABEL_NAMES = ("label", "labels", "class", "category", "target", "sentiment", "
 _JOIN_SHARE = 0.25
 
 
+# Column names (last dotted part, lower case) that mark instruction data, in order of preference.
+_INSTRUCTION_NAMES = ("instruction", "definition")
+_OUTPUT_NAMES = ("output", "response")
+_PROMPT_NAMES = ("prompt", "question", "query")
+_COMPLETION_NAMES = ("completion", "answer", "response")
+
+
+def _first(leaf: dict[str, str], names: tuple[str, ...]) -> str | None:
+    return next((leaf[name] for name in names if name in leaf), None)
+
+
 def _by_leaf(columns: list[str]) -> dict[str, str]:
     """Columns by their lower-cased last dotted part (``instances.input`` answers to ``input``)."""
     found: dict[str, str] = {}
@@ -1217,8 +1228,9 @@ def _by_leaf(columns: list[str]) -> dict[str, str]:
 def propose(columns: list[str], profile: dict[str, Any]) -> dict[str, Any]:
     """The task, format and columns a dataset most likely is, from its column names and profile.
 
-    Chat ``messages`` (or ``conversations``) -> causal-LM chat; ``instruction`` + ``output`` -> Alpaca;
-    ``prompt`` + ``completion`` -> prompt-completion; otherwise a text column (the longest text) and a
+    Chat ``messages`` (or ``conversations``) -> causal-LM chat; ``instruction`` (or ``definition``) +
+    ``output`` (or ``response``) -> Alpaca; ``prompt``/``question``/``query`` + ``completion``/``answer``/
+    ``response`` -> prompt-completion; otherwise a text column (the longest text) and a
     low-cardinality label column (a conventional name first, else the one with the fewest classes) ->
     classification, with other long text columns (title + description) proposed for joining; text alone ->
     causal-LM plain text. ``reason`` says which rule matched.
@@ -1236,30 +1248,34 @@ def propose(columns: list[str], profile: dict[str, Any]) -> dict[str, Any]:
             "causal_lm": {"format": "chat", "messages_column": chat},
             "reason": f"column {chat!r} holds chat messages",
         }
-    if "instruction" in leaf and "output" in leaf:
+    instruction = _first(leaf, _INSTRUCTION_NAMES)
+    output = _first(leaf, _OUTPUT_NAMES)
+    if instruction and output:
         settings = {
             "format": "alpaca",
-            "instruction_column": leaf["instruction"],
-            "output_column": leaf["output"],
+            "instruction_column": instruction,
+            "output_column": output,
             "input_column": leaf.get("input"),
         }
         return {
             "task": "causal-lm",
             "format": "alpaca",
             "causal_lm": settings,
-            "reason": "instruction/output",
+            "reason": f"{instruction}/{output}",
         }
-    if "prompt" in leaf and "completion" in leaf:
+    prompt = _first(leaf, _PROMPT_NAMES)
+    completion = _first(leaf, _COMPLETION_NAMES)
+    if prompt and completion:
         settings = {
             "format": "prompt-completion",
-            "prompt_column": leaf["prompt"],
-            "completion_column": leaf["completion"],
+            "prompt_column": prompt,
+            "completion_column": completion,
         }
         return {
             "task": "causal-lm",
             "format": "prompt-completion",
             "causal_lm": settings,
-            "reason": "prompt/completion",
+            "reason": f"{prompt}/{completion}",
         }
     rows = max(int(profile.get("rows") or 0), 1)
     labels = [

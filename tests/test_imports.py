@@ -127,6 +127,13 @@ def test_nested_jsonl_is_flagged_then_exploded_by_reimport(client: TestClient, t
     assert exploded["row_count"] == 100
     assert exploded["columns"] == ["id", "definition", "meta.source", "meta.split", "input", "output"]
     assert exploded["sha256"] == dataset["sha256"]
+    # definition + input + output: instruction data, proposed as Alpaca
+    assert exploded["profile"]["proposal"]["causal_lm"] == {
+        "format": "alpaca",
+        "instruction_column": "definition",
+        "output_column": "output",
+        "input_column": "input",
+    }
     assert client.get(f"/api/v1/datasets/{dataset['id']}").json()["row_count"] == 100
 
 
@@ -465,3 +472,18 @@ def test_dataset_page_reports_token_lengths_of_the_proposed_columns(
 
     assert f'hx-get="/datasets/{dataset["id"]}/lengths"' in page
     assert "column_2 + column_3" in fragment and 'data-testid="recommended-max-length"' in fragment
+
+
+def test_question_answer_csv_proposes_prompt_completion(client: TestClient, tmp_path: Path) -> None:
+    rows = fixtures.shared_rows("trec", limit=30)
+    path = tmp_path / "qa.csv"
+    path.write_text(
+        "question,answer\n" + "".join(f'"{row["text"]}","It asks for {row["label"]}."\n' for row in rows),
+        encoding="utf-8",
+    )
+
+    proposal = _upload(client, path)["profile"]["proposal"]
+
+    assert proposal["format"] == "prompt-completion"
+    assert proposal["causal_lm"]["prompt_column"] == "question"
+    assert proposal["causal_lm"]["completion_column"] == "answer"
