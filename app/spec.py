@@ -66,7 +66,8 @@ class TrainingSettings(BaseModel):
         default=128, ge=8, le=32768, description="Longer texts are truncated to this many tokens."
     )
     logging_steps: int | Auto = Field(
-        default=AUTO, description="Log train loss every N steps; auto: about 20 points, at least every 10 steps."
+        default=AUTO,
+        description="Log train loss every N steps; auto: about 20 points, at least every 10 steps.",
     )
     eval_steps: int | Auto | None = Field(
         default=AUTO,
