@@ -1046,6 +1046,27 @@ def _unnest(
     return columns, rows
 
 
+def _parse_json_or_lines(
+    text: str, notes: list[str], resolved: dict[str, Any], check_strings: bool
+) -> tuple[list[str], list[Row]]:
+    """A .json file: an array of objects, or JSON Lines saved under .json (pandas' ``to_json(lines=True)``)."""
+    try:
+        return _records_to_rows(_parse_json_array(text, notes), "Row", check_strings)
+    except InvalidDataset as exc:
+        if "name it .jsonl" not in exc.message:
+            raise
+        try:
+            records = _parse_jsonl(text)
+        except InvalidDataset as lines_error:
+            # The first line is a whole object: the file is JSON Lines, and its broken line is the news.
+            raise lines_error if lines_error.row and lines_error.row > 1 else exc from None
+        if not all(isinstance(record, dict) for _, record in records):
+            raise
+        notes.append("The .json file holds one JSON object per line (JSON Lines); it was read as such.")
+        resolved["json_lines"] = True
+        return _records_to_rows(records, "Line", check_strings)
+
+
 def read_dataset(
     data: bytes,
     fmt: str,
@@ -1080,7 +1101,7 @@ def read_dataset(
         else:
             check_strings = _SURROGATE_ESCAPE.search(text) is not None
             if fmt == "json":
-                columns, rows = _records_to_rows(_parse_json_array(text, notes), "Row", check_strings)
+                columns, rows = _parse_json_or_lines(text, notes, resolved, check_strings)
             else:
                 columns, rows = _records_to_rows(_parse_jsonl(text), "Line", check_strings)
             columns, rows = _unnest(columns, rows, options, resolved, notes)

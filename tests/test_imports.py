@@ -5,6 +5,7 @@ failed or was misread before issue 17: pandas' to_csv, headerless CSV, tab-separ
 nested JSONL, chat JSONL, Alpaca JSON, Parquet, Arrow and a zipped saved datasets folder.
 """
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -487,3 +488,15 @@ def test_question_answer_csv_proposes_prompt_completion(client: TestClient, tmp_
     assert proposal["format"] == "prompt-completion"
     assert proposal["causal_lm"]["prompt_column"] == "question"
     assert proposal["causal_lm"]["completion_column"] == "answer"
+
+
+def test_json_lines_saved_as_json_are_read(client: TestClient, tmp_path: Path) -> None:
+    # given: DataFrame.to_json(orient="records", lines=True) written to a .json file
+    path = tmp_path / "train.json"
+    rows = fixtures.shared_rows("sst2", limit=50)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+    dataset = _upload(client, path)
+
+    assert dataset["row_count"] == 50 and dataset["columns"] == ["text", "label"]
+    assert dataset["profile"]["import"]["json_lines"] is True
