@@ -16,6 +16,7 @@ from celery.signals import worker_init, worker_ready
 
 from app.queue import TRAIN_TASK, get_celery
 from app.services.evaluations import EVALUATE_TASK
+from app.services.model_downloads import DOWNLOAD_TASK
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,14 @@ def evaluate_adapter_task(self: Task, evaluation_id: int) -> None:
     from worker.evaluation import run_evaluation
 
     run_evaluation(evaluation_id, worker_name=str(self.request.hostname or "worker"))
+
+
+@get_celery().task(name=DOWNLOAD_TASK, bind=True, acks_late=True)
+def download_model_task(self: Task, download_id: int) -> None:
+    """Fetch the Hub model of this download into the shared Hub cache (worker/downloads.py)."""
+    from worker.downloads import run_download
+
+    run_download(download_id, worker_name=str(self.request.hostname or "worker"))
 
 
 def _recover(hostname: str) -> None:
