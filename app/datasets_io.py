@@ -97,6 +97,7 @@ _MAGIC = (
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _UTF8_BOM = b"\xef\xbb\xbf"
 _PANDAS_INDEX_NAMES = ("", "Unnamed: 0")
+_EXCEL_SEP = re.compile(r"\A[ \t]*sep=(.)[ \t]*\r?\n")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 Row = dict[str, Any]
@@ -524,7 +525,16 @@ def _is_range_index(values: list[str]) -> bool:
 def _parse_delimited(
     text: str, fmt: str, options: ImportOptions, resolved: dict[str, Any], notes: list[str]
 ) -> tuple[list[str], list[Row]]:
-    delimiter = options.delimiter or _detect_delimiter(text, fmt)
+    excel_hint = _EXCEL_SEP.match(text)
+    if excel_hint:
+        # Excel's "sep=;" first line names the delimiter; it is not a row.
+        text = "\n" + text[excel_hint.end() :]  # a blank line keeps the line numbers
+        notes.append(
+            f"The first line {excel_hint.group(0).strip()!r} (Excel's delimiter hint) was read and skipped."
+        )
+    delimiter = (
+        options.delimiter or (excel_hint.group(1) if excel_hint else None) or _detect_delimiter(text, fmt)
+    )
     kind = _kind_of(delimiter)
     quotechar = '"' if options.quotechar is None else options.quotechar
     try:

@@ -228,3 +228,10 @@ def test_json_rows_wrapped_in_one_key() -> None:
 
     assert result.columns == ["text", "label"] and len(result.rows) == 2
     assert "'data' array" in result.notes[0]
+
+
+def test_excel_sep_line_names_the_delimiter_and_is_skipped() -> None:
+    result = read_dataset(b"sep=;\r\ntext;label\r\ngood, fine;pos\r\nbad;neg\r\n", "csv")
+
+    assert result.columns == ["text", "label"] and result.rows[0] == {"text": "good, fine", "label": "pos"}
+    assert result.options["delimiter"] == ";"
