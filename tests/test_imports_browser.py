@@ -82,6 +82,9 @@ def test_detection_reimport_and_column_dropdowns_in_the_browser(tmp_path: Path, 
             expect(page.get_by_test_id("recommended-max-length")).to_be_visible()
 
             # when: a very short max length is typed, the form warns before launch
+            advanced = page.locator("details#advanced")
+            if advanced.count():  # the form may fold training settings away
+                advanced.evaluate("element => { element.open = true; }")
             page.fill("#f-training-max-length", "8")
             page.locator("#f-training-max-length").dispatch_event("change")
             expect(page.get_by_test_id("truncation-warning")).to_contain_text("would be truncated")
