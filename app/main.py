@@ -26,6 +26,7 @@ from app.errors import StudioError
 from app.gate import is_openai_path
 from app.services.recovery import start_reaper
 from app.web import (
+    api_docs,
     auth_pages,
     causal_pages,
     dashboard_pages,
@@ -82,8 +83,14 @@ def create_app(migrate: bool = True) -> FastAPI:
 
     # Every route, including routers added later, requires a signed-in user (app/auth.py; public: /healthz, /login*).
     app = FastAPI(
-        title="PEFT Studio", version="0.1.0", lifespan=lifespan, dependencies=accounts.AUTH_DEPENDENCIES
+        title="PEFT Studio",
+        version="0.1.0",
+        lifespan=lifespan,
+        dependencies=accounts.AUTH_DEPENDENCIES,
+        docs_url=None,  # our own /docs below serves Swagger UI from /static (offline, CSP without inline script)
+        redoc_url=None,  # ReDoc would need a CDN; Swagger UI covers the same schema
     )
+    app.add_route("/docs", api_docs.api_docs_page, include_in_schema=False)
     accounts.install(app)
 
     @app.exception_handler(StudioError)

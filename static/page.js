@@ -8,7 +8,8 @@
   if (!token) return;
   document.addEventListener("submit", function (event) {
     var form = event.target;
-    if (form.method.toLowerCase() !== "post" || form.querySelector('input[name="csrf_token"]')) return;
+    // getAttribute: a control named "method" (the job form's <select name="method">) shadows form.method.
+    if ((form.getAttribute("method") || "get").toLowerCase() !== "post" || form.querySelector('input[name="csrf_token"]')) return;
     var input = document.createElement("input");
     input.type = "hidden"; input.name = "csrf_token"; input.value = token;
     form.appendChild(input);
