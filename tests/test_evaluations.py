@@ -464,3 +464,17 @@ def test_the_adapter_page_form_runs_an_evaluation_on_the_real_worker(
         rows = read_csv(api.get(f"/api/v1/evaluations/{evaluation_id}/predictions.csv").content)
         correct = sum(row["label"] == row["predicted_label"] for row in rows)
         assert result["metrics"]["accuracy"] == pytest.approx(correct / 32)
+
+
+def test_batches_are_length_sorted_and_bounded_by_tokens_and_rows() -> None:
+    from worker.evaluation import token_batches
+
+    lengths = [5, 60, 3, 60, 12, 7, 64, 1] * 40
+    batches = token_batches(lengths, budget=256, max_rows=16)
+
+    assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 16 and len(batch) * max(lengths[i] for i in batch) <= 256
+    longest = [max(lengths[i] for i in batch) for batch in batches]
+    assert longest == sorted(longest)
+    assert token_batches([300, 2], budget=256) == [[1], [0]]  # a row longer than the budget goes alone

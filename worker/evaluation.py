@@ -44,8 +44,13 @@ from worker.resilience import free_memory, remove_dir
 
 log = logging.getLogger(__name__)
 
-CLASSIFICATION_BATCH = {"cpu": 32, "cuda": 128}
-CAUSAL_BATCH = {"cpu": 8, "cuda": 32}
+# Batches hold up to this many tokens (rows x longest row; rows sorted by length, so little is padding) and at
+# most MAX_BATCH_ROWS rows. Bigger batches than training's pay here: on this 2-core CPU the SST-2 dev set
+# (872 rows) classified in 40-50 s in batches of 128 against 69-79 s in batches of 32 (a loaded machine).
+# Causal LM: the logits (tokens x vocabulary, float32) bound the batch, so far fewer tokens.
+CLASSIFICATION_TOKENS = {"cpu": 8192, "cuda": 65536}
+CAUSAL_TOKENS = {"cpu": 2048, "cuda": 16384}
+MAX_BATCH_ROWS = 256
 TEXT_SAMPLE_PROMPT_TOKENS = 32  # plain-text data: the sample continues the first tokens of the text
 
 
@@ -218,16 +223,30 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def token_batches(lengths: list[int], budget: int, max_rows: int = MAX_BATCH_ROWS) -> list[list[int]]:
+    """Indices grouped into batches, shortest first, each within ``budget`` padded tokens and ``max_rows`` rows."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):
+        # Sorted ascending, so this row is the longest of the batch so far: the padded size if it joins.
+        if current and ((len(current) + 1) * lengths[index] > budget or len(current) >= max_rows):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
 @torch.inference_mode()
 def class_probabilities(
-    model: Any, tokenizer: Any, texts: list[str], max_length: int, batch_size: int
+    model: Any, tokenizer: Any, texts: list[str], max_length: int, token_budget: int
 ) -> np.ndarray:
-    """Softmax probabilities per text (rows in the texts' order), in length-sorted batches."""
+    """Softmax probabilities per text (rows in the texts' order), in length-sorted, token-bounded batches."""
     device = _device(model)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
     result: np.ndarray | None = None
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
+    for chosen in token_batches(lengths, token_budget):
         batch = tokenizer(
             [texts[i] for i in chosen],
             truncation=True,
@@ -309,8 +328,8 @@ def evaluate_classification(
                     f"({', '.join(map(repr, labels))}).",
                     row=number,
                 )
-    batch = CLASSIFICATION_BATCH.get(_device(model).type, CLASSIFICATION_BATCH["cpu"])
-    probabilities = class_probabilities(model, tokenizer, texts, _max_length(studio), batch)
+    budget = CLASSIFICATION_TOKENS.get(_device(model).type, CLASSIFICATION_TOKENS["cpu"])
+    probabilities = class_probabilities(model, tokenizer, texts, _max_length(studio), budget)
     predicted = [labels[int(i)] for i in probabilities.argmax(axis=1)] if len(texts) else []
     with target.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
@@ -361,14 +380,12 @@ def _padded(examples: list[EncodedExample], pad_id: int, device: torch.device) -
 
 @torch.inference_mode()
 def response_losses(
-    model: Any, encoded: list[EncodedExample], pad_id: int, batch_size: int
+    model: Any, encoded: list[EncodedExample], pad_id: int, token_budget: int
 ) -> list[tuple[float, int, int]]:
     """(summed NLL, response tokens, correctly predicted tokens) per encoded example, in order."""
     device = _device(model)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     results: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
+    for chosen in token_batches([len(example.input_ids) for example in encoded], token_budget):
         batch = _padded([encoded[i] for i in chosen], pad_id, device)
         labels = batch.pop("labels")
         logits = model(**batch).logits
@@ -419,7 +436,9 @@ def evaluate_causal_lm(
     encoded, truncated, dropped = encode_all(encoder, examples)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device_type = _device(model).type
-    losses = response_losses(model, encoded, int(pad_id), CAUSAL_BATCH.get(device_type, CAUSAL_BATCH["cpu"]))
+    losses = response_losses(
+        model, encoded, int(pad_id), CAUSAL_TOKENS.get(device_type, CAUSAL_TOKENS["cpu"])
+    )
     per_row: dict[int, list[float]] = {}  # row -> [summed NLL, response tokens, correct tokens]
     for example, (nll, tokens, correct) in zip(encoded, losses, strict=True):
         totals = per_row.setdefault(example.row, [0.0, 0.0, 0.0])
