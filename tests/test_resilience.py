@@ -25,7 +25,9 @@ STEPS = 4
 METHOD_CONFIGS: dict[str, dict[str, Any]] = {
     "lora": {"r": 4},
     "qlora": {"r": 4, "target_modules": ["query", "value"]},
-    "adalora": {"init_r": 4, "target_r": 2},
+    # tfinal=2 of 4 steps: the rank pattern is fixed at step 2, the checkpoint the resumed run starts from, so
+    # the resumed steps 3-4 need the pattern (and would crash on peft's None without the allocator state).
+    "adalora": {"init_r": 4, "target_r": 2, "tinit": 0, "tfinal": 2},
     "loraplus": {"r": 4},
     "prefix": {"num_virtual_tokens": 4},
     "prompt": {"num_virtual_tokens": 4},
@@ -195,7 +197,15 @@ def test_lora_resume_continues_exactly_where_it_stopped(session: Session, monkey
     "method", sorted(name for name, info in registry().items() if "sequence-classification" in info.tasks)
 )
 def test_every_method_checkpoints_and_resumes(session: Session, monkeypatch, method: str) -> None:
-    # given a job of the method that crashes in step 4, after its checkpoint at step 2
+    from worker.engine import run_job
+
+    # given an uninterrupted reference run, and the same job (same seed) that crashes in step 4, after its
+    # checkpoint at step 2
+    reference_models: list[Any] = []
+    reference = _job(session, method=method)
+    with monkeypatch.context() as patch:
+        _with_callbacks(patch, models=reference_models)
+        run_job(reference.id)
     job = _job(session, method=method)
 
     # when it is resumed
@@ -212,6 +222,53 @@ def test_every_method_checkpoints_and_resumes(session: Session, monkeypatch, met
     assert count_parameters(resumed) == count_parameters(fresh)
     adapter = session.exec(select(Adapter).where(Adapter.job_id == job.id)).one()
     assert adapter.trainable_params == count_parameters(fresh)[0]
+    # and it is the run it would have been: every trainable tensor equals the uninterrupted run's at the end
+    # (float32 on CPU, same seed, data order, optimizer and scheduler state; the tolerance only absorbs
+    # summation-order noise, far below one step's update at these learning rates)
+    expected = {n: p.detach() for n, p in reference_models[0].named_parameters() if p.requires_grad}
+    actual = {n: p.detach() for n, p in resumed.named_parameters() if p.requires_grad}
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    if method == "adalora":  # the allocator state came back too: the same rank pattern and importance scores
+        pattern = resumed.peft_config["default"].rank_pattern
+        assert pattern and pattern == reference_models[0].peft_config["default"].rank_pattern
+        resumed_allocator = resumed.base_model.rankallocator
+        reference_allocator = reference_models[0].base_model.rankallocator
+        for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            mine, theirs = getattr(resumed_allocator, kind), getattr(reference_allocator, kind)
+            assert mine.keys() == theirs.keys()
+            for name in mine:
+                torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_adalora_resumed_inside_the_budget_phase_keeps_its_importance_scores(
+    session: Session, monkeypatch
+) -> None:
+    from worker.engine import run_job
+
+    # given AdaLoRA whose budget phase runs steps 1-4 (tfinal=2 of 6 steps, masking every step), an
+    # uninterrupted reference run and the same job crashing in step 4, after the checkpoint at step 2
+    config = {"init_r": 4, "target_r": 2, "tinit": 0, "tfinal": 2}
+    monkeypatch.setitem(METHOD_CONFIGS, "adalora", config)
+    reference_models: list[Any] = []
+    reference = _job(session, method="adalora", steps=6)
+    with monkeypatch.context() as patch:
+        _with_callbacks(patch, models=reference_models)
+        run_job(reference.id)
+    job = _job(session, method="adalora", steps=6)
+
+    # when it is resumed mid-budget (its importance EMAs hold two steps of history)
+    resumed = _run_crash_and_resume(session, monkeypatch, job, crash_at=4)[0]
+
+    # then the final rank pattern (decided at step 4 from the EMAs) and every weight match the reference run
+    reference_model = reference_models[0]
+    assert resumed.peft_config["default"].rank_pattern == reference_model.peft_config["default"].rank_pattern
+    for (name, actual), (_, expected) in zip(
+        resumed.named_parameters(), reference_model.named_parameters(), strict=True
+    ):
+        if actual.requires_grad:
+            torch.testing.assert_close(actual.detach(), expected.detach(), rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_checkpoint_download_and_listing(client, monkeypatch) -> None:
@@ -231,15 +288,11 @@ def test_checkpoint_download_and_listing(client, monkeypatch) -> None:
     assert "adapter_config.json" in names and "studio.json" in names
     missing = client.get(f"/api/v1/jobs/{job_id}/checkpoints/3/download")
     assert missing.status_code == 404 and "steps 2, 4" in missing.json()["detail"]
-    # a succeeded job is not resumed; a retry is a new queued job with the same spec
+    # a succeeded job is neither resumed nor retried (that would train the same thing again): clone it instead
     refused = client.post(f"/api/v1/jobs/{job_id}/resume")
     assert refused.status_code == 409 and "retry" in refused.json()["detail"]
-    retried = client.post(f"/api/v1/jobs/{job_id}/retry")
-    assert retried.status_code == 201, retried.text
-    assert retried.json()["status"] == "queued" and retried.json()["id"] != job_id
-    assert (
-        retried.json()["spec"]["training"] == client.get(f"/api/v1/jobs/{job_id}").json()["spec"]["training"]
-    )
+    refused = client.post(f"/api/v1/jobs/{job_id}/retry")
+    assert refused.status_code == 409 and f"/jobs/new?clone={job_id}" in refused.json()["detail"]
 
 
 def test_resume_without_checkpoint_is_refused(client) -> None:

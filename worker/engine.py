@@ -591,7 +591,7 @@ def _train(job_id: int, claim: Claim, store: Any, work_dir: Path, heartbeat: Hea
     )
 
     def store_checkpoint(folder: Path, state: TrainerState) -> None:
-        save_trainable(model, folder)
+        save_trainable(model, folder, method)
         save_adapter(model, method, prepared, folder / checkpoints.ADAPTER_FOLDER, spec)
         key = checkpoints.checkpoint_key(job_id, state.global_step)
         store.put_dir(folder, key)
@@ -627,7 +627,7 @@ def _train(job_id: int, claim: Claim, store: Any, work_dir: Path, heartbeat: Hea
         else None
     )
     best_callbacks = [best] if best is not None else []
-    trainer = resumable_trainer_class(Trainer)(  # engine.Trainer: benchmarks swap it for a timed one
+    trainer = resumable_trainer_class(Trainer, method)(  # engine.Trainer: benchmarks swap it for a timed one
         model=model,
         args=_training_arguments(spec, work_dir / "output", has_eval, save_steps),
         train_dataset=prepared.train_dataset,

@@ -266,9 +266,12 @@ def known_points(job_id: int) -> list[tuple[int, str]]:
 TRAINABLE_FILE = "studio_trainable.safetensors"
 
 
-def save_trainable(model: Any, folder: Path) -> None:
-    """Every trainable tensor by its name in the built model: what a resumed run loads back, for any method."""
+def save_trainable(model: Any, folder: Path, method: Any = None) -> None:
+    """Every trainable tensor by its name in the built model: what a resumed run loads back, for any method;
+    plus the method's own training state where its ``MethodInfo`` has a checkpoint-state hook (AdaLoRA)."""
     from safetensors.torch import save_file
+
+    from worker.methods._common import checkpoint_state
 
     tensors = {
         name: param.detach().to("cpu").clone().contiguous()
@@ -276,15 +279,21 @@ def save_trainable(model: Any, folder: Path) -> None:
         if param.requires_grad
     }
     save_file(tensors, str(folder / TRAINABLE_FILE))
+    hook = checkpoint_state(method)
+    if hook is not None:
+        hook.save(model, folder)
 
 
-def load_trainable(model: Any, folder: Path) -> None:
-    """Put a checkpoint's trainable tensors into a freshly built model, refusing any name mismatch.
+def load_trainable(model: Any, folder: Path, method: Any = None) -> None:
+    """Put a checkpoint's trainable tensors (and the method's checkpoint state, if it has a hook) into a
+    freshly built model, refusing any name mismatch.
 
     The method is applied once, to a fresh base, by the build; here nothing is injected (peft's
     ``load_adapter`` would wrap matching layers again: the "double LoRA" of resumed runs).
     """
     from safetensors.torch import load_file
+
+    from worker.methods._common import checkpoint_state
 
     path = folder / TRAINABLE_FILE
     if not path.is_file():
@@ -301,6 +310,9 @@ def load_trainable(model: Any, folder: Path) -> None:
         parameters = dict(model.named_parameters())
         for name, tensor in state.items():
             parameters[name].copy_(tensor.to(parameters[name].device, parameters[name].dtype))
+    hook = checkpoint_state(method)
+    if hook is not None:
+        hook.load(model, folder)
 
 
 def torch_no_grad() -> Any:
@@ -309,12 +321,12 @@ def torch_no_grad() -> Any:
     return torch.no_grad()
 
 
-def resumable_trainer_class(base: type) -> Any:
-    """A Trainer class (``base``) resuming weights with ``load_trainable`` (optimizer, scheduler, RNG and
-    data position are restored by Trainer itself from the same checkpoint folder)."""
+def resumable_trainer_class(base: type, method: Any = None) -> Any:
+    """A Trainer class (``base``) resuming weights, and the method's checkpoint state, with ``load_trainable``
+    (optimizer, scheduler, RNG and data position are restored by Trainer itself from the same folder)."""
 
     class ResumableTrainer(base):  # type: ignore[valid-type,misc]
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-            load_trainable(model if model is not None else self.model, Path(resume_from_checkpoint))
+            load_trainable(model if model is not None else self.model, Path(resume_from_checkpoint), method)
 
     return ResumableTrainer

@@ -1,5 +1,8 @@
 """Helpers shared by several methods: a model's layer stack, its new head, peft task types."""
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from worker.methods import CLASSIFICATION
@@ -81,3 +84,24 @@ def load_transformers_model(base_model: Any, folder: str, adapter_name: str) -> 
     The base model passed in only tells the class; its weights are replaced wholesale by the folder's.
     """
     return type(base_model).from_pretrained(folder)
+
+
+# ``MethodInfo.extra`` key of a method's ``CheckpointState``: state that lives outside the trainable tensors
+# (AdaLoRA's rank pattern and importance averages) and must travel with each checkpoint for a resumed run
+# to continue as the uninterrupted one would.
+CHECKPOINT_STATE = "checkpoint_state"
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """Save a method's extra training state into a checkpoint folder, and load it back into a rebuilt model."""
+
+    save: Callable[[Any, Path], None]
+    load: Callable[[Any, Path], None]
+
+
+def checkpoint_state(method: Any) -> CheckpointState | None:
+    """The method's ``CheckpointState`` hook (None for most methods, whose state is their tensors)."""
+    extra = getattr(method, "extra", None) or {}
+    hook = extra.get(CHECKPOINT_STATE)
+    return hook if isinstance(hook, CheckpointState) else None

@@ -4,12 +4,18 @@ peft leaves the budget schedule to the training loop (``update_and_allocate`` af
 transformers' Trainer does not call it, so the method brings a TrainerCallback that does.
 """
 
+import json
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from worker.methods import BuildContext, BuiltModel, MethodInfo
-from worker.methods._common import peft_task_type
+from worker.methods._common import CHECKPOINT_STATE, CheckpointState, peft_task_type
+
+STATE_TENSORS = "studio_adalora_state.safetensors"
+STATE_PATTERN = "studio_adalora_rank_pattern.json"
+ALLOCATOR_DICTS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 
 
 class AdaLoraSettings(BaseModel):
@@ -120,6 +126,50 @@ def build(model: Any, config: BaseModel, context: BuildContext) -> BuiltModel:
     return BuiltModel(model=peft_model, callbacks=[budget_callback(config)])
 
 
+def save_allocator_state(model: Any, folder: Path) -> None:
+    """Write the rank allocator's state next to a checkpoint's tensors: the rank pattern (peft keeps it in the
+    adapter config; None until the first budget mask) and the three importance averages (the sensitivity, its
+    EMA and the uncertainty EMA, one tensor per LoRA matrix). Without them a resumed run past
+    ``total_step - tfinal`` finds no rank pattern (peft crashes), and one before restarts its importance scores.
+    """
+    from safetensors.torch import save_file
+
+    allocator = model.base_model.rankallocator
+    tensors = {
+        f"{kind}/{name}": tensor.detach().to("cpu").clone().contiguous()
+        for kind in ALLOCATOR_DICTS
+        for name, tensor in getattr(allocator, kind).items()
+    }
+    save_file(tensors, str(folder / STATE_TENSORS))
+    pattern = model.peft_config[model.active_adapter].rank_pattern
+    (folder / STATE_PATTERN).write_text(json.dumps(pattern), encoding="utf-8")
+
+
+def load_allocator_state(model: Any, folder: Path) -> None:
+    """Put a checkpoint's rank pattern and importance averages into a freshly built AdaLoRA model."""
+    from safetensors.torch import load_file
+
+    tensors_path, pattern_path = folder / STATE_TENSORS, folder / STATE_PATTERN
+    if not tensors_path.is_file() or not pattern_path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {folder.name} has no AdaLoRA allocator state ({STATE_TENSORS}, {STATE_PATTERN}); "
+            "it cannot be resumed"
+        )
+    allocator = model.base_model.rankallocator
+    devices = {name: param.device for name, param in model.base_model.model.named_parameters()}
+    restored: dict[str, dict[str, Any]] = {kind: {} for kind in ALLOCATOR_DICTS}
+    for key, tensor in load_file(str(tensors_path)).items():
+        kind, name = key.split("/", 1)
+        if name not in devices:
+            raise RuntimeError(f"checkpoint {folder.name}: AdaLoRA state for {name!r}, not in the model")
+        restored[kind][name] = tensor.to(devices[name])
+    for kind, values in restored.items():
+        setattr(allocator, kind, values)
+    model.peft_config[model.active_adapter].rank_pattern = json.loads(
+        pattern_path.read_text(encoding="utf-8")
+    )
+
+
 METHOD = MethodInfo(
     name="adalora",
     title="AdaLoRA",
@@ -129,4 +179,5 @@ METHOD = MethodInfo(
     paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning (ICLR 2023, "
     "arXiv:2303.10512)",
     learning_rate=5e-3,
+    extra={CHECKPOINT_STATE: CheckpointState(save=save_allocator_state, load=load_allocator_state)},
 )
