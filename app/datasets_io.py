@@ -23,7 +23,8 @@ Detection, each overridable by an explicit option (``ImportOptions``):
   40 characters or 5 words). More votes for than against, or a tie, keeps the first row as the header (the
   old behaviour); more against makes the file headerless, with columns ``column_1..n`` or the given names;
 - index column: pandas' unnamed first column (an empty header cell or ``Unnamed: 0``) is dropped when it
-  holds exactly 0..n-1, else kept as ``index``;
+  holds exactly 0..n-1, else kept as ``index``; in a headerless file a first column of exactly 0..n-1 (10 rows
+  or more) is dropped too;
 - nested JSON: kept as is unless ``nested`` asks to flatten objects (``a.b`` columns) or to explode a column
   that holds lists of objects into one row per object; the profile names such columns.
 
@@ -97,6 +98,9 @@ _MAGIC = (
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _UTF8_BOM = b"\xef\xbb\xbf"
 _PANDAS_INDEX_NAMES = ("", "Unnamed: 0")
+# pandas' to_csv(header=False) still writes the index; in a headerless file a 0..n-1 first column of at least
+# this many rows is taken for it.
+_HEADERLESS_INDEX_ROWS = 10
 _EXCEL_SEP = re.compile(r"\A[ \t]*sep=(.)[ \t]*\r?\n")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -576,32 +580,22 @@ def _parse_delimited(
     else:
         header = [f"column_{position}" for position in range(1, len(records[0][1]) + 1)]
         body = records
-        notes.append(f"The file has no header row; its columns are named {', '.join(header)}.")
-    if options.column_names:
-        if len(options.column_names) != len(header):
-            raise InvalidDataset(
-                f"{len(options.column_names)} column name(s) were given ({', '.join(options.column_names)}) but "
-                f"the file has {len(header)} column(s); give one name per column.",
-                field="column_names",
-            )
-        header = [name.strip() for name in options.column_names]
-        resolved["column_names"] = header
     index_action = "none"
-    if header and (header[0] in _PANDAS_INDEX_NAMES or (not has_header and options.index_column == "drop")):
+    if header and (
+        options.index_column == "drop"
+        or header[0] in _PANDAS_INDEX_NAMES
+        or (not has_header and options.index_column != "keep")
+    ):
         first_values = [record[0] for _, record in body if record]
+        # A headerless file's first column is an index only when long enough not to be a short label column.
+        enough = has_header or len(first_values) >= _HEADERLESS_INDEX_ROWS
         if options.index_column == "drop" or (
-            options.index_column == "auto" and first_values and _is_range_index(first_values)
+            options.index_column == "auto" and enough and first_values and _is_range_index(first_values)
         ):
             index_action = "drop"
         elif header[0] in _PANDAS_INDEX_NAMES:
             index_action = "keep"
             header[0] = "index" if "index" not in header else "index_"
-    resolved.update(delimiter=delimiter, quotechar=quotechar or "none", header=has_header)
-    resolved["index_column"] = index_action
-    if index_action == "drop":
-        notes.append("The first column was an unnamed index (0, 1, 2, …) and was dropped.")
-    elif index_action == "keep":
-        notes.append(f"The unnamed first column is kept as {header[0]!r}.")
     if (
         has_header
         and len(header) > 1
@@ -612,7 +606,29 @@ def _parse_delimited(
         header = header[:-1]
         body = [(line, record[:-1]) for line, record in body]
         notes.append("Every line ended with a delimiter; the empty last column was dropped.")
-    _check_header(header[1:] if index_action == "drop" else header, kind, header_line)
+    skip = 1 if index_action == "drop" else 0
+    columns = header[skip:]
+    if not has_header and skip:
+        columns = [f"column_{position}" for position in range(1, len(columns) + 1)]
+    if options.column_names:
+        if len(options.column_names) != len(columns):
+            dropped = " besides the dropped index column" if skip else ""
+            raise InvalidDataset(
+                f"{len(options.column_names)} column name(s) were given ({', '.join(options.column_names)}) but "
+                f"the file has {len(columns)} column(s){dropped}; give one name per column.",
+                field="column_names",
+            )
+        columns = [name.strip() for name in options.column_names]
+        resolved["column_names"] = columns
+    elif not has_header:
+        notes.append(f"The file has no header row; its columns are named {', '.join(columns)}.")
+    resolved.update(delimiter=delimiter, quotechar=quotechar or "none", header=has_header)
+    resolved["index_column"] = index_action
+    if index_action == "drop":
+        notes.append("The first column was an unnamed index (0, 1, 2, …) and was dropped.")
+    elif index_action == "keep":
+        notes.append(f"The unnamed first column is kept as {header[0]!r}.")
+    _check_header(columns, kind, header_line)
     if options.delimiter is None or len(header) == 1:
         _check_delimiter(header, delimiter, kind, header_line)
     rows: list[Row] = []
@@ -630,9 +646,8 @@ def _parse_delimited(
                 field="file",
                 row=row_number,
             )
-        pairs = zip(header, record, strict=True)
-        rows.append(dict(list(pairs)[1:] if index_action == "drop" else pairs))
-    return (header[1:] if index_action == "drop" else header), rows
+        rows.append(dict(zip(columns, record[skip:], strict=True)))
+    return columns, rows
 
 
 def _json_kind(value: Any) -> str:

@@ -235,3 +235,14 @@ def test_excel_sep_line_names_the_delimiter_and_is_skipped() -> None:
 
     assert result.columns == ["text", "label"] and result.rows[0] == {"text": "good, fine", "label": "pos"}
     assert result.options["delimiter"] == ";"
+
+
+def test_headerless_pandas_export_drops_its_index() -> None:
+    lines = [
+        f"{i},sentence number {i} is long enough to be text,{'pos' if i % 2 else 'neg'}" for i in range(12)
+    ]
+
+    result = read_dataset(("\n".join(lines) + "\n").encode(), "csv")
+
+    assert result.options["header"] is False and result.options["index_column"] == "drop"
+    assert result.columns == ["column_1", "column_2"] and len(result.rows) == 12
