@@ -313,14 +313,12 @@ def watch_job(
         TextColumn("[bold]job {task.fields[job]}[/] {task.fields[status]}"),
         BarColumn(),
         TaskProgressColumn(),
-        TextColumn("step {task.completed:.0f}/{task.fields[total_shown]}"),
+        TextColumn("{task.fields[where]}"),
         TextColumn("loss {task.fields[loss]}  eval {task.fields[eval]}"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=errors, disable=quiet) as progress:
-        bar = progress.add_task(
-            "train", total=None, job=job_id, status="…", total_shown="?", loss="—", eval="—"
-        )
+        bar = progress.add_task("train", total=None, job=job_id, status="…", where="", loss="—", eval="—")
         while True:
             job = studio.request("GET", f"/api/v1/jobs/{job_id}")
             points = studio.request("GET", f"/api/v1/jobs/{job_id}/metrics", params={"after": cursor})
@@ -328,12 +326,19 @@ def watch_job(
                 cursor = points[-1]["id"]
                 train_loss = _latest(points, "train") or train_loss
                 eval_loss = _latest(points, "eval") or eval_loss
+            # A queued job has no steps yet: its place in the queue (and why it waits) instead of "step 0/?"
+            # with a pulsing, full-looking bar; the empty bar of total 1 says nothing has run.
+            queued = job["status"] == "queued"
+            where = f"step {job['current_step']}/{job['total_steps'] or '?'}"
+            if queued:
+                where = f"queued (position {job.get('queue_position') or '?'})"
+                where += f": {job['waiting_reason']}" if job.get("waiting_reason") else ""
             progress.update(
                 bar,
-                completed=job["current_step"],
-                total=job["total_steps"],
-                status=job["status"],
-                total_shown=job["total_steps"] or "?",
+                completed=0 if queued else job["current_step"],
+                total=1 if queued else job["total_steps"],
+                status="" if queued else job["status"],
+                where=where,
                 loss=f"{train_loss:.4f}" if train_loss is not None else "—",
                 eval=f"{eval_loss:.4f}" if eval_loss is not None else "—",
             )

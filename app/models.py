@@ -137,6 +137,10 @@ class JobPublic(SQLModel):
         default=None,
         description="Queued jobs only: why no connected worker can take it, e.g. no worker with a GPU is connected.",
     )
+    queue_position: int | None = Field(
+        default=None,
+        description="Queued jobs only: 1 when it is next in its queue, 2 when one job waits before it, ...",
+    )
 
 
 class JobsPublic(SQLModel):

@@ -35,7 +35,7 @@ AUTO_RANGES: dict[str, tuple[float, float, bool]] = {
 
 
 class TrainingSettings(BaseModel):
-    """Training arguments handed to transformers.Trainer; ``auto`` ones are chosen by app/autoconfig.py."""
+    """How training runs; settings left on auto are chosen from the data and the model (docs/defaults.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -238,7 +238,7 @@ class ResourceSettings(BaseModel):
 
 
 class TrackingSettings(BaseModel):
-    """Experiment trackers this job also reports to; all off by default (worker/tracking.py)."""
+    """Experiment trackers this job also reports to; all off by default."""
 
     model_config = ConfigDict(extra="forbid")
 

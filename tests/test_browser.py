@@ -74,7 +74,10 @@ def test_upload_train_watch_download_and_try_out(tmp_path: Path, chromium_path: 
             page.wait_for_url(re.compile(r"/jobs/new\?dataset_id=\d+$"))
             with page.expect_response(lambda response: "/jobs/new/method?method=lora" in response.url):
                 page.select_option("#f-method", "lora")  # htmx swaps in the method's own fields
-            expect(page.locator("#section-method [name='method_config.r']")).to_be_visible()
+            # the method's rank is in the form's basic part, its other settings in the folded advanced part
+            expect(page.locator("#method-basic [name='method_config.r']")).to_be_visible()
+            expect(page.locator("#section-method [name='method_config.alpha']")).to_be_attached()
+            page.get_by_test_id("advanced").locator("summary").click()
             page.fill("#f-name", "browser test")
             page.fill("#f-training-num-epochs", "3")
             page.fill("#f-training-batch-size", "16")

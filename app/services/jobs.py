@@ -339,11 +339,41 @@ def waiting_reason(session: Session, job: Job) -> str | None:
     return "no worker is connected"
 
 
+def _queue_of(spec: dict[str, Any]) -> str:
+    from app.queue import queue_for
+    from app.spec import ResourceSettings
+
+    try:
+        return queue_for(ResourceSettings.model_validate(spec.get("resources") or {}))
+    except ValueError:
+        return queue_for(None)
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """For a queued job: 1 when it is next in its queue, 2 when one job waits before it, ...; else None.
+
+    Jobs wait in the queue their resources send them to (app/queue.py: CPU, any, GPU of a class), and workers
+    take them oldest first, so the position counts the queued jobs of the same queue with a smaller id. A
+    resumed job keeps its id, so it counts as older than it is: the position is a lower bound then.
+    """
+    if job.status != JobStatus.queued:
+        return None
+    queue = _queue_of(job.spec)
+    earlier = session.exec(select(Job).where(col(Job.status) == JobStatus.queued, col(Job.id) < job.id)).all()
+    return 1 + sum(1 for other in earlier if _queue_of(other.spec) == queue)
+
+
 def job_public(session: Session, job: Job) -> JobPublic:
-    """The public shape of a job, with its adapter's id once it has one (and why it waits, when queued)."""
+    """The public shape of a job, with its adapter's id once it has one (and, when queued, its place in the
+    queue and why it waits)."""
     adapter_id = session.exec(select(Adapter.id).where(Adapter.job_id == job.id)).first()
     return JobPublic.model_validate(
-        job, update={"adapter_id": adapter_id, "waiting_reason": waiting_reason(session, job)}
+        job,
+        update={
+            "adapter_id": adapter_id,
+            "waiting_reason": waiting_reason(session, job),
+            "queue_position": queue_position(session, job),
+        },
     )
 
 
@@ -462,8 +492,21 @@ def resume_job(session: Session, job_id: int, owner_id: int | None = None) -> Jo
 
 
 def retry_job(session: Session, job_id: int, owner_id: int | None = None) -> Job:
-    """A new queued job with the same spec (validated again: its dataset or model may have gone)."""
+    """A new queued job with the same spec (validated again: its dataset or model may have gone).
+
+    Only failed or cancelled jobs: retrying a succeeded one would silently train the same thing again (to
+    change something and train again, clone it: /jobs/new?clone=<id>), and an unfinished one is still going.
+    """
     job = get_job(session, job_id, owner_id)
+    if job.status not in (JobStatus.failed, JobStatus.cancelled):
+        hint = (
+            f" To train it again with changes, clone it into the job form (/jobs/new?clone={job_id})."
+            if job.status == JobStatus.succeeded
+            else " Wait for it to finish, or cancel it first."
+        )
+        raise JobStateError(
+            f"Job {job_id} is {job.status}; only failed or cancelled jobs can be retried.{hint}"
+        )
     spec = JobSpec.model_validate(job.spec)
     base_name = job.name.removesuffix(" (retry)")
     spec = spec.model_copy(update={"name": f"{base_name} (retry)"[:200]})

@@ -25,6 +25,109 @@ TRUE_VALUES = ("true", "on", "1", "yes")
 _LABEL_WORDS = {"lr": "LR", "lm": "LM", "rslora": "rsLoRA", "dora": "DoRA", "id": "", "f1": "F1"}
 
 
+# Human labels (with units) for field names whose spelled-out name reads badly ("R", "Mlflow", "Gpu class").
+# Keyed by the field's own name, so every method with an ``r`` or ``alpha`` gets the same label; a field's
+# ``Field(title=...)`` still wins.
+_LABELS = {
+    "name": "Job name",
+    "base_model": "Base model",
+    "dataset_id": "Dataset",
+    "validation_dataset_id": "Validation dataset",
+    "validation_fraction": "Held-out share (0–1)",
+    "text_columns": "Text columns to join",
+    "num_epochs": "Epochs",
+    "max_steps": "Max steps",
+    "batch_size": "Batch size (examples per step)",
+    "learning_rate": "Learning rate",
+    "lr_scheduler": "Learning-rate schedule",
+    "warmup_ratio": "Warm-up (share of steps)",
+    "max_length": "Max length (tokens)",
+    "logging_steps": "Log every (steps)",
+    "eval_steps": "Evaluate every (steps)",
+    "best_metric": "Keep the best by",
+    "early_stopping_patience": "Early stopping patience (evaluations)",
+    "auto_fields": "Settings chosen by auto",
+    "seed": "Random seed",
+    "disable_dropout": "Switch off dropout",
+    "precision": "Arithmetic precision",
+    "save_steps": "Checkpoint every (steps)",
+    "save_total_limit": "Checkpoints kept",
+    "format": "Data format",
+    "template": "Chat template",
+    "train_on_prompt": "Also learn the prompts",
+    "packing": "Pack short examples",
+    "tensorboard": "TensorBoard",
+    "mlflow": "MLflow",
+    "mlflow_tracking_uri": "MLflow tracking URI",
+    "mlflow_experiment": "MLflow experiment",
+    "wandb": "Weights & Biases",
+    "wandb_project": "Weights & Biases project",
+    "accelerator": "Run on",
+    "gpu_class": "GPU memory (at least)",
+    "num_processes": "Training processes (one per GPU)",
+    # method settings
+    "r": "Rank (r)",
+    "alpha": "Scaling (alpha)",
+    "dropout": "Adapter dropout",
+    "target_modules": "Target modules (layer names)",
+    "bias": "Train biases",
+    "use_rslora": "Rank-stabilised scaling (rsLoRA)",
+    "use_dora": "Weight-decomposed LoRA (DoRA)",
+    "lr_ratio": "B/A learning-rate ratio",
+    "bits": "Quantisation bits",
+    "quant_type": "Quantisation type",
+    "double_quant": "Double quantisation",
+    "compute_dtype": "Compute precision",
+    "gradient_checkpointing": "Gradient checkpointing (less memory, slower)",
+    "init_r": "Initial rank",
+    "target_r": "Target rank",
+    "tinit": "Steps before rank pruning",
+    "tfinal": "Final steps at target rank",
+    "deltaT": "Steps between rank updates",
+    "beta1": "Sensitivity smoothing (β1)",
+    "beta2": "Uncertainty smoothing (β2)",
+    "orth_reg_weight": "Orthogonality regularisation weight",
+    "reduction_factor": "Reduction factor (hidden size ÷ bottleneck)",
+    "non_linearity": "Activation",
+    "k": "Frozen lower layers",
+    "feedforward_modules": "Feed-forward modules",
+    "decay": "Decay per layer",
+    "num_virtual_tokens": "Virtual tokens",
+    "prefix_projection": "Project the prefix through an MLP",
+    "encoder_hidden_size": "Encoder hidden size",
+    "init": "Initialisation",
+    "init_text": "Initialisation text",
+    "encoder": "Prompt encoder",
+}
+# Option labels of selects whose values are terse ("16gb").
+_CHOICE_LABELS = {"gpu_class": lambda value: value.removesuffix("gb") + " GB"}
+
+# The basic part of the job form: what to train on, with what, and the handful of settings people change.
+# Everything else is in the folded "Advanced settings" (job_new.html). The method's basic setting is its size
+# knob, whichever of these it has (LoRA's rank, prompt tuning's virtual tokens, ...).
+BASIC_FIELDS = (
+    "name",
+    "dataset_id",
+    "base_model",
+    "task",
+    "text_column",
+    "label_column",
+    "method",
+    "training.num_epochs",
+    "training.learning_rate",
+    "training.batch_size",
+    "training.max_length",
+)
+_ADVANCED_TITLES = {
+    "job": "Data and evaluation",
+    "training": "Training",
+    "causal_lm": "Causal-LM data",
+    "tracking": "Experiment tracking",
+    "resources": "Where it runs",
+}
+BASIC_METHOD_FIELDS = ("r", "init_r", "num_virtual_tokens", "reduction_factor", "k")
+
+
 @dataclass(frozen=True)
 class Choice:
     """One option of a select input."""
@@ -105,7 +208,7 @@ def _field_for(name: str, info: FieldInfo, value: Any) -> FormField:
     annotation, nullable = _unwrap_optional(info.annotation)
     form_field = FormField(
         name=name,
-        label=info.title or label_for(name.rsplit(".", 1)[-1]),
+        label=info.title or _LABELS.get(name.rsplit(".", 1)[-1]) or label_for(name.rsplit(".", 1)[-1]),
         kind="text",
         help=info.description or "",
         value=_display(value),
@@ -118,7 +221,8 @@ def _field_for(name: str, info: FieldInfo, value: Any) -> FormField:
         form_field.kind, form_field.step = "number", "1" if annotation is int else "any"
     elif get_origin(annotation) is Literal:
         form_field.kind = "select"
-        form_field.choices = [Choice(str(option), str(option)) for option in get_args(annotation)]
+        labeller = _CHOICE_LABELS.get(name.rsplit(".", 1)[-1], str)
+        form_field.choices = [Choice(str(option), labeller(str(option))) for option in get_args(annotation)]
     elif get_origin(annotation) in (list, tuple):
         form_field.kind = "list"
     for constraint in info.metadata:
@@ -212,6 +316,34 @@ def job_form(
     return sections
 
 
+def basic_method_fields(section: FormSection) -> list[FormField]:
+    """The method section's fields that the basic part of the form shows (its size knob, if it has one)."""
+    return [f for f in section.fields if f.name.removeprefix("method_config.") in BASIC_METHOD_FIELDS]
+
+
+def split_basic(sections: Sequence[FormSection]) -> tuple[list[FormField], list[FormSection]]:
+    """The job form's basic fields (in BASIC_FIELDS order; the method's own basic field is rendered apart, see
+    ``basic_method_fields``) and the sections without them: the advanced part."""
+    by_name = _fields_by_name(sections)
+    basic = [by_name[name] for name in BASIC_FIELDS if name in by_name]
+    taken = {f.name for f in basic}
+    method = next((section for section in sections if section.key == "method"), None)
+    if method is not None:
+        taken |= {f.name for f in basic_method_fields(method)}
+    advanced = [
+        FormSection(
+            key=section.key,
+            title=_ADVANCED_TITLES.get(section.key, section.title),
+            summary=section.summary,
+            only_for_task=section.only_for_task,
+            fields=[f for f in section.fields if f.name not in taken],
+        )
+        for section in sections
+    ]
+    # The method section stays even when empty (full fine-tuning): it is where a method change swaps in.
+    return basic, [s for s in advanced if s.fields or s.key == "method"]
+
+
 def _fields_by_name(sections: Sequence[FormSection]) -> dict[str, FormField]:
     return {form_field.name: form_field for section in sections for form_field in section.fields}
 
@@ -228,7 +360,8 @@ def _convert(form_field: FormField, raw: list[str]) -> Any:
     return text  # pydantic parses numbers from strings, so its messages are the API's messages
 
 
-def _set_path(target: dict[str, Any], dotted: str, value: Any) -> None:
+def set_path(target: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``target["a"]["b"]`` for ``a.b``, creating the dicts on the way."""
     *parents, last = dotted.split(".")
     for part in parents:
         target = target.setdefault(part, {})
@@ -249,7 +382,7 @@ def form_to_input(form: Mapping[str, list[str]]) -> dict[str, Any]:
     for name, form_field in _fields_by_name(sections).items():
         raw = form.get(name)
         if raw:
-            _set_path(data, name, _convert(form_field, raw))
+            set_path(data, name, _convert(form_field, raw))
     data.setdefault("method_config", {})
     return data
 

@@ -25,6 +25,7 @@ from app.db import PROJECT_ROOT
 from app.deps import SessionDep
 from app.errors import InvalidDataset, StudioError
 from app.models import Dataset
+from app.presets import PRESETS, PRESETS_BY_KEY, estimate_seconds, preset_values
 from app.services import adapters as adapters_service
 from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
@@ -85,7 +86,14 @@ def human_number(value: float | int | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+def ordinal(number: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st, ..."""
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
 templates.env.filters.update(
+    ordinal=ordinal,
     bytes=human_bytes,
     duration=human_duration,
     time=human_time,
@@ -421,9 +429,20 @@ def _job_form_context(
             elif form_field.name == "base_model":
                 form_field.suggestions = catalog()
     known = {form_field.name for section in sections for form_field in section.fields}
+    basic_fields, advanced = forms.split_basic(sections)
+    method_section = next(section for section in sections if section.key == "method")
+    basic_names = {f.name for f in basic_fields} | {f.name for f in forms.basic_method_fields(method_section)}
     return {
         "nav": "new-job",
-        "sections": sections,
+        "all_sections": sections,
+        "sections": advanced,
+        "basic_fields": basic_fields,
+        "method_basic_fields": forms.basic_method_fields(method_section),
+        # A problem in a folded setting unfolds the advanced part, so the message is next to its input.
+        "open_advanced": any(
+            name not in basic_names and not name.startswith("causal_lm.") for name in errors or {}
+        ),
+        "presets": PRESETS,
         "errors": dict(errors or {}),
         "unplaced_errors": {k: v for k, v in (errors or {}).items() if k not in known},
         "has_datasets": bool(datasets),
@@ -438,9 +457,15 @@ def new_job_page(
     owner_id: OwnerScope,
     dataset_id: int | None = None,
     method: str | None = None,
+    clone: int | None = None,
 ) -> HTMLResponse:
-    """The job form, generated from JobSpec, TrainingSettings and the method's config model."""
+    """The job form, generated from JobSpec, TrainingSettings and the method's config model; ``clone=<job id>``
+    fills it with that job's settings (the ones auto chose are auto again)."""
     values: dict[str, Any] = {}
+    clone_of = None
+    if clone is not None:
+        clone_of = jobs_service.get_job(session, clone, owner_id)  # 404 for another user's job
+        values = clone_values(clone_of.spec, clone_of.name)
     if method:
         values["method"] = method
     if dataset_id is not None:
@@ -448,7 +473,20 @@ def new_job_page(
         dataset = _owned_dataset(session, dataset_id, owner_id)
         if dataset is not None:
             values.update(_proposed_values(dataset))
-    return render(request, "job_new.html", _job_form_context(session, values, owner_id=owner_id))
+    context = _job_form_context(session, values, owner_id=owner_id)
+    return render(request, "job_new.html", {**context, "clone_of": clone_of})
+
+
+def clone_values(spec: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Form values from a stored job spec: its settings as the job ran, except that the training settings the
+    auto rule chose (``training.auto_fields``) are auto again, so a clone on other data gets the rule's numbers
+    for that data rather than numbers chosen for the original's."""
+    values = json.loads(json.dumps(dict(spec)))  # a deep copy
+    training = values.setdefault("training", {})
+    for auto_name in training.pop("auto_fields", None) or []:
+        training[auto_name] = "auto"
+    values["name"] = f"{name.removesuffix(' (copy)')} (copy)"[:200]
+    return values
 
 
 @router.post("/jobs/new/lengths", response_class=HTMLResponse)
@@ -490,7 +528,7 @@ def job_form_columns(
     dataset = _owned_dataset(session, dataset_id, owner_id)
     if dataset is not None:
         values.update(_proposed_values(dataset))
-    sections = _job_form_context(session, values, owner_id=owner_id)["sections"]
+    sections = _job_form_context(session, values, owner_id=owner_id)["all_sections"]
     fields = [f for section in sections for f in section.fields if f.name in _SWAPPED_FIELDS]
     return render(request, "_job_columns.html", {"fields": fields, "dataset": dataset})
 
@@ -502,7 +540,67 @@ def method_fields(request: Request, method: str = "lora") -> HTMLResponse:
         return error_page(
             request, 404, f"Unknown method {method!r}; choose one of: {', '.join(sorted(registry()))}."
         )
-    return render(request, "_form_section.html", {"section": forms.method_section(method)})
+    section = forms.method_section(method)
+    _, (advanced,) = forms.split_basic([section])
+    # The method's size knob lives in the basic part (#method-basic, swapped out of band), the rest here.
+    return render(
+        request,
+        "_job_method.html",
+        {"section": advanced, "method_basic_fields": forms.basic_method_fields(section)},
+    )
+
+
+@router.post("/jobs/new/preset", response_class=HTMLResponse)
+async def job_form_preset(
+    request: Request, session: SessionDep, owner_id: OwnerScope, preset: str = ""
+) -> HTMLResponse:
+    """Fill the form's epochs, learning rate and method size from a preset (app/presets.py), computed with the
+    auto rule for the form's dataset, model and method; the changed fields are swapped out of band."""
+    chosen = PRESETS_BY_KEY.get(preset)
+    if chosen is None:
+        return error_page(
+            request, 404, f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS_BY_KEY)}."
+        )
+    data = forms.form_to_input(_form_lists(await request.form()))
+    note, fields = "", []
+    spec, errors = forms.validate_job_input(data)
+    if spec is None:
+        name, message = next(iter(errors.items()))
+        note = "Choose a dataset first." if "dataset_id" in errors else f"Fix {name} first: {message}"
+    elif _owned_dataset(session, spec.dataset_id, owner_id) is None:
+        note = f"Dataset {spec.dataset_id} does not exist; choose another."
+    else:
+        values, note = await run_in_threadpool(preset_values, session, spec, chosen)
+        for dotted, value in values.items():
+            forms.set_path(data, dotted, value)
+        sections = _job_form_context(session, data, owner_id=owner_id)["all_sections"]
+        fields = [f for section in sections for f in section.fields if f.name in values]
+    return render(request, "_job_preset.html", {"fields": fields, "note": note})
+
+
+@router.post("/jobs/new/estimate", response_class=HTMLResponse)
+async def job_form_estimate(request: Request, session: SessionDep, owner_id: OwnerScope) -> HTMLResponse:
+    """Before launch: the form's job's parameters, training memory (POST /api/v1/jobs/estimate's numbers) and
+    a rough time, measured from a finished job of the same model and method."""
+    from worker.estimate import estimate_job  # torch loads on first use, never at web start-up
+
+    data = forms.form_to_input(_form_lists(await request.form()))
+    spec, errors = forms.validate_job_input(data)
+    context: dict[str, Any] = {"errors": errors, "estimate": None, "time": None}
+    if spec is not None:
+        try:
+            jobs_service.validate_spec(session, spec, owner_id)
+            profile = datasets_service.get_dataset(session, spec.dataset_id, owner_id).profile
+            result = await run_in_threadpool(estimate_job, spec, profile)
+        except StudioError as exc:
+            context["errors"] = {exc.field or "form": exc.message}
+        else:
+            from app.queue import suggest_gpu_class
+
+            context["estimate"] = result
+            context["gpu_class"] = suggest_gpu_class(result.memory.total_bytes)
+            context["time"] = estimate_seconds(session, spec, result.total_steps)
+    return render(request, "_job_estimate.html", context)
 
 
 def _form_lists(form: Any) -> dict[str, list[str]]:
