@@ -3,7 +3,9 @@
 ``TelemetryCallback`` runs before ``StudioCallback`` (which writes each ``logs`` dict as a metric point) and adds
 its keys to the same dict, so they are stored, streamed and charted with the trainer's own values:
 
-- ``peak_rss_mb``: the process's peak resident memory (``getrusage``), in MiB;
+- ``peak_rss_mb``: this job's peak resident memory, in MiB: the most the worker process held since the job's
+  trainer was built, sampled a few times a second (the process's lifetime peak, ``getrusage``'s ``ru_maxrss``,
+  cannot be reset, so on a worker that ran a bigger job before it would report that job's peak);
 - ``cuda_peak_mb``: peak memory allocated by torch on the GPU, in MiB, when a GPU is used;
 - ``tokens_per_second``: input tokens (padding excluded) trained on per second since the previous log.
 
@@ -12,11 +14,11 @@ every log also carries ``num_input_tokens_seen``. At each evaluation this callba
 job row (``job.evaluation``), which the job page shows.
 """
 
-import resource
-import sys
+import threading
 import time
 from typing import Any
 
+import psutil  # a dependency of accelerate, which transformers' Trainer needs anyway
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -26,10 +28,48 @@ from app.models import Job
 MIB = 1024 * 1024
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process, in MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MIB if sys.platform == "darwin" else peak / 1024
+# How often the sampler reads the process's resident memory: often enough to catch a step's peak, cheap enough
+# (one /proc read) to go unnoticed.
+RSS_SAMPLE_SECONDS = 0.1
+
+
+class PeakMemorySampler:
+    """The peak resident memory of this process from ``start()`` on, kept by a daemon thread that samples RSS."""
+
+    def __init__(self, interval: float = RSS_SAMPLE_SECONDS) -> None:
+        self.interval = interval
+        self._process = psutil.Process()
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        self._peak = max(self._peak, self._process.memory_info().rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def start(self) -> None:
+        """Forget any earlier peak and start sampling."""
+        self.stop()
+        self._peak = 0
+        self._sample()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling (the peak so far stays readable)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+            self._thread = None
+
+    def peak_mb(self) -> float:
+        """The highest RSS seen since ``start()``, the current one included, in MiB."""
+        self._sample()
+        return self._peak / MIB
 
 
 class TelemetryCallback(TrainerCallback):
@@ -40,6 +80,7 @@ class TelemetryCallback(TrainerCallback):
         self.compute_metrics = compute_metrics
         self._last_time = time.monotonic()
         self._last_tokens = 0
+        self.memory = PeakMemorySampler()
 
     def on_init_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -49,6 +90,8 @@ class TelemetryCallback(TrainerCallback):
         # in that gather, so it goes without tokens per second.
         if args.world_size == 1 and args.include_num_input_tokens_seen in ("no", False, None):
             args.include_num_input_tokens_seen = "non_padding"
+        # The job's own peak: the model is loaded by now, and whatever an earlier job on this worker held is not.
+        self.memory.start()
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -77,9 +120,14 @@ class TelemetryCallback(TrainerCallback):
         if tokens > self._last_tokens and now > self._last_time:
             logs["tokens_per_second"] = (tokens - self._last_tokens) / (now - self._last_time)
         self._last_time, self._last_tokens = now, tokens
-        logs["peak_rss_mb"] = peak_rss_mb()
+        logs["peak_rss_mb"] = self.memory.peak_mb()
         if torch.cuda.is_available():
             logs["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / MIB
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.memory.stop()
 
     def on_evaluate(
         self,
