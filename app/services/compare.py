@@ -30,13 +30,47 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-def config_diff(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Only the fields whose values are not the same in every spec: [{field, values: [per spec]}].
+def resolved_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A stored spec with every default filled in, as the worker ran it.
 
-    A field missing from a spec (e.g. a method setting another method does not have) counts as different and
-    shows as None.
+    Jobs store the resolved spec, but older rows (and methods whose settings gained fields since) may omit a
+    default; comparing those raw would list ``alpha 16.0 vs —`` as a difference although both jobs ran with 16.
+    A spec that no longer validates (a method since removed) is compared as stored.
     """
-    flat = [flatten(spec) for spec in specs]
+    from pydantic import ValidationError
+
+    from app.spec import JobSpec
+
+    try:
+        return JobSpec.model_validate(spec).model_dump(mode="json")
+    except ValidationError:
+        return spec
+
+
+def display_value(value: Any) -> str:
+    """A setting as a person reads it: text as is (no JSON escapes such as ``\\u0027``), lists joined, None as —."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ", ".join(display_value(item) for item in value) or "(none)"
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return str(value)
+
+
+def config_diff(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Only the fields whose resolved values are not the same in every spec: [{field, values: [per spec]}].
+
+    Defaults are filled in first (``resolved_spec``), so an omitted default is not a difference. A field that
+    a spec still lacks (a setting of another method) counts as different and shows as None.
+    """
+    flat = [flatten(resolved_spec(spec)) for spec in specs]
     fields = sorted({key for one in flat for key in one} - IGNORED_FIELDS)
     rows = []
     for name in fields:

@@ -30,6 +30,7 @@ from app.services import adapters as adapters_service
 from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
 from app.services.checkpoints import list_checkpoints
+from app.services.compare import display_value
 from app.settings import BUNDLED_MODEL_ID
 from app.web import forms
 from worker.methods import registry
@@ -99,6 +100,7 @@ templates.env.filters.update(
     time=human_time,
     number=human_number,
     tojson_pretty=lambda v: json.dumps(v, indent=2, sort_keys=False),
+    setting=display_value,
 )
 
 
