@@ -142,3 +142,59 @@ def test_cli_watch_shows_the_queue_position_of_a_queued_job(capsys: pytest.Captu
     printed = capsys.readouterr().err
     assert "queued (position 2): no worker with a GPU is connected" in printed
     assert "step 0/?" not in printed
+
+
+def test_estimate_time_is_measured_from_a_finished_job_of_the_same_model_and_method(
+    client: TestClient,
+) -> None:
+    from datetime import timedelta
+
+    from app.presets import estimate_seconds
+    from app.spec import JobSpec
+
+    with Session(get_engine()) as session:
+        dataset = create_dataset(session, sst2_bytes(42))
+        spec = JobSpec.model_validate(
+            {"dataset_id": dataset.id, "training": {"batch_size": 16, "max_length": 64}}
+        )
+        # no finished job of this model and method: no time, rather than a guess
+        assert estimate_seconds(session, spec, 100) is None
+        reference = create_job(session, dataset_id=dataset.id, training={"batch_size": 8, "max_length": 64})
+        reference.status, reference.total_steps = JobStatus.succeeded, 50
+        assert reference.created_at is not None
+        reference.started_at = reference.created_at
+        reference.finished_at = reference.created_at + timedelta(seconds=25)  # 0.5 s per step
+        session.add(reference)
+        session.commit()
+        other_method = create_job(session, dataset_id=dataset.id, method="ia3")
+        other_method.status, other_method.total_steps = JobStatus.succeeded, 10
+        other_method.started_at = other_method.created_at
+        other_method.finished_at = other_method.created_at + timedelta(seconds=1000)
+        session.add(other_method)
+        session.commit()
+
+        estimate = estimate_seconds(session, spec, 100)
+        reference_id = reference.id
+
+    assert estimate is not None and estimate.reference_job_id == reference_id
+    assert estimate.reference_seconds_per_step == pytest.approx(0.5)
+    assert estimate.seconds == pytest.approx(100 * 0.5 * 2)  # twice the examples per step
+
+
+def test_preset_without_a_dataset_says_so_and_changes_nothing(client: TestClient) -> None:
+    answer = client.post("/jobs/new/preset?preset=quick", data={"method": "lora"}, headers=HTML)
+    assert answer.status_code == 200
+    assert "Choose a dataset first." in answer.text and 'name="training.num_epochs"' not in answer.text
+    assert client.post("/jobs/new/preset?preset=nope", data={}, headers=HTML).status_code == 404
+
+
+def test_method_change_swaps_its_size_knob_into_the_basic_part(client: TestClient) -> None:
+    fragment = client.get("/jobs/new/method?method=prompt", headers={"HX-Request": "true"}).text
+
+    section, basic = fragment.split('<div id="method-basic"', 1)
+    assert 'hx-swap-oob="true"' in basic and 'name="method_config.num_virtual_tokens"' in basic
+    assert 'name="method_config.num_virtual_tokens"' not in section
+    assert 'name="method_config.init_text"' in section
+    # full fine-tuning has no settings: an empty method section (the swap target stays) and no size knob
+    fragment = client.get("/jobs/new/method?method=full", headers={"HX-Request": "true"}).text
+    assert 'id="section-method"' in fragment and 'name="method_config.' not in fragment
