@@ -24,16 +24,66 @@
   var PALETTE = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#65a30d",
                  "#9333ea", "#ea580c", "#0f766e", "#4b5563"];
 
-  function makeChart(element, yLabel, series, range, height) {
+  // Axis ticks people can read. Learning rates in scientific notation ("1e-3", never "0.001, 0, 0, 0"); other
+  // values with just enough decimals that neighbouring ticks differ ("0.6935, 0.694" rather than "0.694, 0.694").
+  function scientific(value, digits) {
+    if (value === 0) return "0";
+    return value.toExponential(digits).replace(/\.?0+e/, "e").replace("e+", "e");
+  }
+
+  function distinct(labels) { return new Set(labels).size === labels.length; }
+
+  function tickLabels(splits, useScientific) {
+    var finite = splits.filter(function (v) { return v !== null && isFinite(v); });
+    if (!finite.length) return splits.map(String);
+    var largest = Math.max.apply(null, finite.map(Math.abs));
+    if (useScientific || (largest > 0 && largest < 1e-3)) {
+      for (var digits = 0; digits < 6; digits++) {
+        var sci = splits.map(function (v) { return scientific(v, digits); });
+        if (distinct(sci)) return sci;
+      }
+      return splits.map(function (v) { return scientific(v, 6); });
+    }
+    var gap = Infinity;
+    for (var i = 1; i < finite.length; i++) gap = Math.min(gap, Math.abs(finite[i] - finite[i - 1]));
+    var decimals = isFinite(gap) && gap > 0 ? Math.max(0, Math.ceil(-Math.log10(gap))) : 0;
+    for (; decimals < 10; decimals++) {
+      var fixed = splits.map(function (v) {
+        return largest >= 1e4 && decimals === 0 ? Math.round(v).toLocaleString("en") : v.toFixed(decimals);
+      });
+      if (distinct(fixed)) return fixed;
+    }
+    return splits.map(String);
+  }
+
+  // The step axis runs from 0 to the job's last step (data-total-steps), not to uPlot's rounded-up guess: a lone
+  // eval point at step 29 would otherwise stretch the axis to 55.
+  function stepRange(options) {
+    return function (u, min, max) {
+      var totalSteps = options.totalSteps;
+      if (min === null || max === null || !isFinite(min) || !isFinite(max)) return [0, totalSteps || 1];
+      var high = Math.max(max, totalSteps || 0);
+      return [Math.min(0, min), high > 0 ? high : 1];
+    };
+  }
+
+  function makeChart(element, yLabel, series, range, height, options) {
+    options = options || {};
+    var useScientific = Boolean(options.scientific);
     var opts = {
       width: Math.max(280, element.clientWidth),
       height: height || 260,
       legend: { live: true },
       cursor: { drag: { x: true, y: false } },
-      scales: { x: { time: false }, y: range ? { range: range } : { auto: true } },
-      axes: [{ label: "step" }, { label: yLabel }],
+      scales: { x: { time: false, range: stepRange(options) },
+                y: range ? { range: range } : { auto: true } },
+      axes: [
+        { label: "step", values: function (u, splits) { return tickLabels(splits, false); } },
+        { label: yLabel, size: 60, values: function (u, splits) { return tickLabels(splits, useScientific); } },
+      ],
       series: [{ label: "step" }].concat(series.map(function (s) {
-        return { label: s.label, stroke: s.color, width: 2, spanGaps: true, points: { show: s.points, size: 6 } };
+        return { label: s.label, stroke: s.color, width: 2, spanGaps: true, points: { show: s.points, size: 6 },
+                 value: function (u, v) { return v === null ? "—" : useScientific ? scientific(v, 3) : formatNumber(v); } };
       })),
     };
     var data = [[]].concat(series.map(function () { return []; }));
@@ -82,8 +132,11 @@
       var series = keys.map(function (key, i) {
         return { label: labels[i] || key, color: PALETTE[i % PALETTE.length], points: key.indexOf("eval.") === 0 };
       });
-      self.charts.push({ card: card, element: element, keys: keys,
-                         plot: makeChart(element, labels.length === 1 ? labels[0] : card.dataset.chart, series, range) });
+      var options = { totalSteps: Number(root.dataset.totalSteps) || 0,
+                      scientific: keys.some(function (key) { return key.indexOf("learning_rate") >= 0; }) };
+      self.charts.push({ card: card, element: element, keys: keys, options: options,
+                         plot: makeChart(element, labels.length === 1 ? labels[0] : card.dataset.chart, series, range,
+                                         null, options) });
     });
     window.addEventListener("resize", this.resize.bind(this));
     getJSON("/api/v1/jobs/" + this.jobId + "/series?max_points=2000")
@@ -104,7 +157,8 @@
     Object.keys(body.series).forEach(function (key) {
       self.data[key] = { x: body.series[key].x.slice(), y: body.series[key].y.slice() };
       var ys = body.series[key].y;
-      if (ys.length) self.setLatest(key, ys[ys.length - 1]);
+      var xs = body.series[key].x;
+      if (ys.length) self.setLatest(key, ys[ys.length - 1], xs[xs.length - 1]);
     });
     this.points = body.points || 0;
     this.showCount();
@@ -140,7 +194,7 @@
       var keep = series.x.map(function (x) { return x <= reset.step; });
       series.x = series.x.filter(function (_, i) { return keep[i]; });
       series.y = series.y.filter(function (_, i) { return keep[i]; });
-      if (series.y.length) self.setLatest(key, series.y[series.y.length - 1]);
+      if (series.y.length) self.setLatest(key, series.y[series.y.length - 1], series.x[series.x.length - 1]);
     });
     this.points = reset.points;
     this.root.dataset.resets = String(Number(this.root.dataset.resets || 0) + 1);
@@ -161,23 +215,35 @@
       var series = self.data[key] || (self.data[key] = { x: [], y: [] });
       series.x.push(point.step);
       series.y.push(value);
-      self.setLatest(key, value);
+      self.setLatest(key, value, point.step);
     });
     if (point.epoch !== null && point.epoch !== undefined) {
       var epoch = document.querySelector('[data-metric="epoch"]');
       epoch.textContent = point.epoch.toFixed(2);
       epoch.dataset.value = String(point.epoch);
+      epoch.parentElement.hidden = false;
     }
     this.points += 1;
     this.showCount();
     this.scheduleRedraw();
   };
 
-  JobPage.prototype.setLatest = function (key, value) {
+  // A "Latest" value with the step it was logged at: the checkpoints table lists values per checkpoint step, and
+  // without the step a later log (0.68) next to a checkpoint's (0.69) reads as a disagreement.
+  JobPage.prototype.setLatest = function (key, value, step) {
     var cell = document.querySelector('[data-metric="' + key + '"]');
     if (!cell) return;
-    cell.textContent = formatNumber(value);
+    cell.textContent = key.indexOf("learning_rate") >= 0 ? scientific(value, 2) : formatNumber(value);
     cell.dataset.value = String(value); // the exact logged value, for scripts and tests
+    cell.parentElement.hidden = false;
+    if (step === null || step === undefined) return;
+    var at = cell.parentElement.querySelector(".at-step");
+    if (!at) {
+      at = document.createElement("small");
+      at.className = "muted at-step";
+      cell.parentElement.appendChild(at);
+    }
+    at.textContent = "step " + step;
   };
 
   JobPage.prototype.scheduleRedraw = function () {
@@ -218,6 +284,7 @@
     document.getElementById("job-progress-text").textContent = Math.round(percent) + "%";
     document.getElementById("job-step").textContent =
       "step " + (snapshot.step || 0) + (snapshot.total_steps ? " / " + snapshot.total_steps : "");
+    if (snapshot.total_steps) this.charts.forEach(function (chart) { chart.options.totalSteps = snapshot.total_steps; });
     var terminal = TERMINAL.indexOf(snapshot.status) >= 0;
     var eta = document.getElementById("job-eta");
     if (snapshot.status === "running") eta.textContent = "ETA " + formatDuration(snapshot.eta_seconds);
@@ -320,7 +387,8 @@
         var lines = self.ids.map(function (id, i) {
           return { label: self.names[id] || "#" + id, color: PALETTE[i % PALETTE.length], points: key.indexOf("eval.") === 0 };
         });
-        chart = self.charts[key] = { element: element, plot: makeChart(element, key.split(".")[1], lines, null, 240) };
+        chart = self.charts[key] = { element: element, plot: makeChart(element, key.split(".")[1], lines, null, 240,
+                                                                { scientific: key.indexOf("learning_rate") >= 0 }) };
       }
       var tables = self.ids.map(function (id) { return (self.series[id] || {})[key] || { x: [], y: [] }; });
       chart.element.dataset.seriesCount = String(tables.filter(function (t) { return t.y.length > 0; }).length);

@@ -1,9 +1,10 @@
 """Compare's settings diff (issue 19): over resolved values, so an omitted default is no difference, and shown as
 text a person reads (no JSON escapes)."""
 
+import re
 from typing import Any
 
-from app.services.compare import config_diff, display_value
+from app.services.compare import config_diff, display_value, headline_metric
 from app.web.pages import templates
 
 
@@ -54,3 +55,49 @@ def test_the_compare_page_shows_quotes_unescaped() -> None:
     # then: the text reads as written (HTML-escaped apostrophe at most, never a JSON \\u0027)
     assert "\\u0027" not in html
     assert "Don&#39;t guess." in html or "Don't guess." in html
+
+
+def test_jobs_list_and_dashboard_show_each_jobs_headline_metric(client: Any) -> None:
+    from sqlmodel import Session
+
+    from app.db import get_engine
+    from app.models import Adapter, JobStatus
+    from tests.factories import create_job, sst2_bytes
+
+    # given: a finished classification job whose adapter kept accuracy 0.8125, and a job still queued
+    dataset_id = client.post("/api/v1/datasets", files={"file": ("d.csv", sst2_bytes(40))}).json()["id"]
+    with Session(get_engine()) as session:
+        done = create_job(session, dataset_id=dataset_id, name="finished one")
+        done.status = JobStatus.succeeded
+        session.add(done)
+        metrics = {"accuracy": 0.8125, "loss": 0.41, "runtime": 5.068}
+        session.add(
+            Adapter(
+                job_id=done.id,
+                name="a",
+                method="lora",
+                task="sequence-classification",
+                base_model="m",
+                storage_key="k",
+                size_bytes=1,
+                trainable_params=1,
+                total_params=10,
+                metrics=metrics,
+            )
+        )
+        session.commit()
+        create_job(session, dataset_id=dataset_id, name="queued one")
+    for path in ("/jobs", "/"):
+        # when
+        page = client.get(path, headers={"Accept": "text/html"}).text
+        # then: the finished job shows its accuracy in the Metric column, the queued one a dash
+        assert "<th>Metric</th>" in page, path
+        cells = re.findall(r'data-testid="job-metric">(.*?)</td>', page)
+        assert any("0.812" in cell and "accuracy" in cell for cell in cells), (path, cells)
+        assert any("—" in cell for cell in cells), (path, cells)
+
+
+def test_headline_metric_per_task() -> None:
+    assert headline_metric("causal-lm", {"perplexity": 3.2, "loss": 1.16}) == ("perplexity", 3.2)
+    assert headline_metric("causal-lm", {"loss": 1.16}) == ("eval loss", 1.16)
+    assert headline_metric("sequence-classification", {"train_loss": 0.3}) is None

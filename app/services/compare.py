@@ -195,3 +195,34 @@ def compare_jobs(session: Session, job_ids: list[int], owner_id: int | None = No
         diff=config_diff([job.spec for job in jobs]),
         summary=[summary_row(session, job) for job in jobs],
     )
+
+
+# The one number a jobs list shows per job, by task: (key in the adapter's final metrics, label), first found wins.
+HEADLINE_METRICS = {
+    "sequence-classification": (("accuracy", "accuracy"), ("loss", "eval loss")),
+    "causal-lm": (("perplexity", "perplexity"), ("loss", "eval loss")),
+}
+
+
+def headline_metric(task: str, metrics: dict[str, float]) -> tuple[str, float] | None:
+    """The label and value a jobs list shows for a finished job: accuracy for classification, eval perplexity
+    (or eval loss) for a causal LM; None when the job logged no evaluation."""
+    for key, label in HEADLINE_METRICS.get(task, (("loss", "eval loss"),)):
+        value = metrics.get(key)
+        if isinstance(value, int | float):
+            return label, float(value)
+    return None
+
+
+def headline_metrics(session: Session, job_ids: list[int]) -> dict[int, tuple[str, float]]:
+    """``headline_metric`` of each listed job that has an adapter, in one query (the adapter keeps the final
+    evaluation, or the best one when the job kept its best checkpoint)."""
+    if not job_ids:
+        return {}
+    adapters = session.exec(select(Adapter).where(Adapter.job_id.in_(job_ids))).all()  # type: ignore[attr-defined]
+    out = {}
+    for adapter in adapters:
+        headline = headline_metric(adapter.task, adapter.metrics or {})
+        if headline is not None:
+            out[adapter.job_id] = headline
+    return out

@@ -30,7 +30,7 @@ from app.services import adapters as adapters_service
 from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
 from app.services.checkpoints import list_checkpoints
-from app.services.compare import display_value
+from app.services.compare import display_value, headline_metrics
 from app.settings import BUNDLED_MODEL_ID
 from app.web import forms
 from worker.methods import registry
@@ -168,6 +168,7 @@ def dashboard(request: Request, session: SessionDep, owner_id: OwnerScope) -> HT
         {
             "nav": "dashboard",
             "jobs": [jobs_service.job_public(session, job) for job in jobs],
+            "job_metrics": headline_metrics(session, [job.id for job in jobs if job.id is not None]),
             "job_count": job_count,
             "datasets": datasets,
             "dataset_count": dataset_count,
@@ -637,7 +638,12 @@ def jobs_page(request: Request, session: SessionDep, owner_id: OwnerScope) -> HT
     return render(
         request,
         "jobs.html",
-        {"nav": "jobs", "jobs": [jobs_service.job_public(session, job) for job in jobs], "count": count},
+        {
+            "nav": "jobs",
+            "jobs": [jobs_service.job_public(session, job) for job in jobs],
+            "job_metrics": headline_metrics(session, [job.id for job in jobs if job.id is not None]),
+            "count": count,
+        },
     )
 
 
