@@ -1,28 +1,101 @@
-"""The Models page: the library, what each model is and suits, and where to start when it is empty."""
+"""The Models page: the library, what each model is and suits, Hub downloads with live progress, the user's
+Hugging Face token, and where to start when the cache is empty."""
+
+from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlmodel import Session
 
 from app.auth import CurrentUser
+from app.deps import SessionDep
+from app.errors import StudioError
+from app.models import User
+from app.services import model_downloads as downloads
 from app.services import models as service
+from app.settings import get_settings
 from app.web.pages import render
 
-router = APIRouter()
+router = APIRouter(include_in_schema=False)
 
 
-@router.get("/models", response_class=HTMLResponse, include_in_schema=False)
-def models_page(request: Request, user: CurrentUser, task: str | None = None) -> HTMLResponse:
-    """Every model the studio can use, filterable by task, with the recommended starting points."""
+def _downloads_context(session: Session) -> dict[str, Any]:
+    rows = downloads.list_downloads(session, limit=20)
+    return {
+        "downloads": rows,
+        "downloading": any(d.status in downloads.ACTIVE for d in rows),
+        "downloads_enabled": get_settings().hub_downloads,
+    }
+
+
+def _page(
+    request: Request, session: Session, user: User, task: str = "", error: str | None = None, code: int = 200
+) -> HTMLResponse:
     models = service.list_models(task or None)
-    return render(
-        request,
-        "models.html",
-        {
-            "nav": "models",
-            "models": models,
-            "task": task or "",
-            "recommended": service.RECOMMENDED,
-            "hub_models": [m for m in models if m.source == "hub"],
-            "is_admin": user.is_admin,
-        },
-    )
+    context = {
+        "nav": "models",
+        "models": models,
+        "task": task,
+        "recommended": service.RECOMMENDED,
+        "hub_models": [m for m in models if m.source == "hub"],
+        "is_admin": user.is_admin,
+        "token_saved": downloads.has_hub_token(session, user.id),
+        "error": error,
+        **_downloads_context(session),
+    }
+    return render(request, "models.html", context, code)
+
+
+@router.get("/models", response_class=HTMLResponse)
+def models_page(
+    request: Request, session: SessionDep, user: CurrentUser, task: str | None = None
+) -> HTMLResponse:
+    """Every model the studio can use, filterable by task, downloads and the recommended starting points."""
+    return _page(request, session, user, task or "")
+
+
+@router.get("/models/downloads", response_class=HTMLResponse)
+def downloads_fragment(request: Request, session: SessionDep, _user: CurrentUser) -> HTMLResponse:
+    """The downloads table alone (htmx refreshes it while a download runs)."""
+    return render(request, "_model_downloads.html", _downloads_context(session))
+
+
+def _form_text(form: Any, name: str) -> str:
+    value = form.get(name)
+    return value.strip() if isinstance(value, str) else ""
+
+
+@router.post("/models/downloads", response_model=None)
+async def start_download(request: Request, session: SessionDep, user: CurrentUser) -> Response:
+    """Queue a download from the page's form."""
+    form = await request.form()
+    try:
+        downloads.start_download(session, user, _form_text(form, "model_id"), _form_text(form, "revision"))
+    except StudioError as exc:
+        return _page(request, session, user, error=exc.message, code=exc.status_code)
+    return RedirectResponse("/models", status_code=303)
+
+
+@router.post("/models/downloads/{download_id}/cancel", response_model=None)
+def cancel_download(request: Request, session: SessionDep, user: CurrentUser, download_id: int) -> Response:
+    """Cancel a download from the page."""
+    try:
+        downloads.cancel_download(session, user, download_id)
+    except StudioError as exc:
+        return _page(request, session, user, error=exc.message, code=exc.status_code)
+    return RedirectResponse("/models", status_code=303)
+
+
+@router.post("/models/hub-token", response_model=None)
+async def save_hub_token(request: Request, session: SessionDep, user: CurrentUser) -> Response:
+    """Save (or, empty, forget) your Hugging Face token; it is stored encrypted and never shown again."""
+    form = await request.form()
+    token = _form_text(form, "token")
+    try:
+        if token:
+            downloads.save_hub_token(session, user, token)
+        else:
+            downloads.delete_hub_token(session, user)
+    except StudioError as exc:
+        return _page(request, session, user, error=exc.message, code=exc.status_code)
+    return RedirectResponse("/models", status_code=303)

@@ -1,0 +1,258 @@
+"""Hub downloads against a Hub-compatible server on loopback (tests/hub_server.py): progress streamed over
+SSE, verified files in the shared cache, interruption and resume, cancel, gated repositories and the user's
+encrypted token, and the refusals (pickle-only weights, custom code unless allow-listed)."""
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests import lm, test_models_library
+from tests.conftest import Account
+from tests.hub_server import HubServer, run_hub
+from tests.sse import read_events
+
+tiny_lm = lm.tiny_lm  # the session fixture, made available to this module
+hub_cache = test_models_library.hub_cache  # and the per-test Hub cache
+
+CUSTOM_CONFIG = """from transformers import LlamaConfig
+
+
+class TinyCustomConfig(LlamaConfig):
+    model_type = "tiny-custom"
+"""
+CUSTOM_MODEL = """from transformers import LlamaForCausalLM
+
+from .configuration_tiny import TinyCustomConfig
+
+
+class TinyCustomForCausalLM(LlamaForCausalLM):
+    config_class = TinyCustomConfig
+"""
+
+
+@pytest.fixture
+def hub(
+    client: TestClient,
+    hub_cache: Path,
+    tiny_lm: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[HubServer]:
+    """A loopback Hub serving the tiny LM as acme/tiny-chat, a gated copy, one with only pickle weights and
+    one with its own code; downloads turned on for the in-process studio."""
+    from huggingface_hub import constants
+
+    from app.settings import get_settings
+
+    with run_hub() as server:
+        server.add_folder("acme/tiny-chat", tiny_lm)
+        server.add_folder("acme/gated-chat", tiny_lm, token="hf_secret_token_123")
+        pickled = {p.name: p.read_bytes() for p in tiny_lm.iterdir() if p.name != "model.safetensors"}
+        pickled["pytorch_model.bin"] = (tiny_lm / "model.safetensors").read_bytes()
+        server.add_repo("acme/pickled-chat", pickled)
+        config = json.loads((tiny_lm / "config.json").read_text())
+        config["model_type"] = "tiny-custom"
+        config["architectures"] = ["TinyCustomForCausalLM"]
+        config["auto_map"] = {
+            "AutoConfig": "configuration_tiny.TinyCustomConfig",
+            "AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM",
+        }
+        server.add_folder(
+            "acme/custom-chat",
+            tiny_lm,
+            config__json=json.dumps(config).encode(),
+            configuration_tiny__py=CUSTOM_CONFIG.encode(),
+            modeling_tiny__py=CUSTOM_MODEL.encode(),
+        )
+        # huggingface_hub writes (and resumes at) 10 MB chunks; the tiny model is smaller than one
+        monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16384)
+        # HF_ENDPOINT, as huggingface_hub reads it at import time
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setenv("PEFT_STUDIO_HUB_DOWNLOADS", "true")
+        get_settings.cache_clear()
+        yield server
+        get_settings.cache_clear()
+
+
+def start(client: TestClient, model_id: str, **options: Any) -> dict[str, Any]:
+    response = client.post("/api/v1/model-downloads", json={"model_id": model_id}, **options)
+    assert response.status_code == 202, response.text
+    return dict(response.json())
+
+
+def run(download_id: int) -> dict[str, Any]:
+    """Run the worker's download (the Celery task's body) and return the row."""
+    from app.db import session_scope
+    from app.services.model_downloads import get_download, progress
+    from worker.downloads import run_download
+
+    run_download(download_id, "test-worker")
+    with session_scope() as session:
+        return progress(get_download(session, download_id))
+
+
+def test_downloads_are_off_by_default_and_say_how_to_turn_them_on(client: TestClient) -> None:
+    response = client.post("/api/v1/model-downloads", json={"model_id": "acme/tiny-chat"})
+    assert response.status_code == 503
+    assert "PEFT_STUDIO_HUB_DOWNLOADS" in response.json()["detail"]
+    assert client.get("/api/v1/model-downloads").json()["enabled"] is False
+    assert "PEFT_STUDIO_HUB_DOWNLOADS" in client.get("/models", headers={"accept": "text/html"}).text
+
+
+def test_a_download_streams_its_progress_and_lands_verified_in_the_library(
+    client: TestClient,
+    hub: HubServer,
+    tiny_lm: Path,
+    hub_cache: Path,
+) -> None:
+    # given a slow Hub, so that progress is seen between the first byte and the last
+    size = (tiny_lm / "model.safetensors").stat().st_size
+    hub.throttle = size / 3
+    download = start(client, "acme/tiny-chat")
+    worker = threading.Thread(target=run, args=(download["id"],))
+    # when
+    worker.start()
+    events = []
+    with client.stream("GET", f"/api/v1/model-downloads/{download['id']}/stream") as stream:
+        for event in read_events(stream):
+            events.append(event)
+            if event.event == "end":
+                break
+    worker.join(timeout=120)
+    # then
+    progress = [json.loads(e.data) for e in events if e.event == "progress"]
+    assert progress[-1]["status"] == "succeeded"
+    assert progress[-1]["done_bytes"] == progress[-1]["total_bytes"] > size
+    partial = [p for p in progress if p["status"] == "running" and 0 < p["done_bytes"] < p["total_bytes"]]
+    assert partial, "progress was reported before the end"
+    assert any(p["bytes_per_second"] > 0 and p["eta_seconds"] for p in partial)
+    assert progress[-1]["done_files"] == progress[-1]["total_files"] == len(list(tiny_lm.iterdir()))
+    model = client.get("/api/v1/models/acme/tiny-chat").json()
+    assert model["source"] == "hub" and model["tasks"] == ["causal-lm"]
+    assert model["revision"] == hub.repos["acme/tiny-chat"].commit
+    from app.base_models import resolve_base_model
+
+    assert resolve_base_model("acme/tiny-chat").path.is_relative_to(hub_cache)
+
+
+def test_an_interrupted_transfer_resumes_with_a_range_request(
+    client: TestClient,
+    hub: HubServer,
+) -> None:
+    # given a Hub that cuts the weights' connection after 64 KiB once
+    hub.drop_after = 65536
+    # when
+    row = run(start(client, "acme/tiny-chat")["id"])
+    # then
+    assert row["status"] == "succeeded", row["error"]
+    ranges = [
+        r for method, path, r in hub.requests if method == "GET" and path.endswith(".safetensors") and r
+    ]
+    assert ranges and int(ranges[0].split("=")[1].rstrip("-")) >= 16384, "resumed from what it had"
+
+
+def test_cancel_stops_the_transfer_and_asking_again_fetches_only_what_is_missing(
+    client: TestClient, hub: HubServer, tiny_lm: Path, hub_cache: Path
+) -> None:
+    # given a slow download under way, past the small files and into the weights
+    weights = (tiny_lm / "model.safetensors").stat().st_size
+    hub.throttle = weights / 4
+    download = start(client, "acme/tiny-chat")
+    worker = threading.Thread(target=run, args=(download["id"],))
+    worker.start()
+    with client.stream("GET", f"/api/v1/model-downloads/{download['id']}/stream") as stream:
+        for event in read_events(stream):
+            data = json.loads(event.data)
+            started = event.event == "progress" and data["total_bytes"] > weights
+            if started and data["done_bytes"] > data["total_bytes"] - weights + 16384:
+                break
+    # when
+    cancelled = client.post(f"/api/v1/model-downloads/{download['id']}/cancel")
+    worker.join(timeout=60)
+    # then
+    assert cancelled.status_code == 200
+    row = client.get(f"/api/v1/model-downloads/{download['id']}").json()
+    assert row["status"] == "cancelled"
+    assert 0 < row["done_files"] < row["total_files"], row
+    assert not list(hub_cache.rglob("model.safetensors")), "the weights were not finished"
+    # when asked again
+    hub.throttle = None
+    hub.requests.clear()
+    again = run(start(client, "acme/tiny-chat")["id"])
+    # then: the files finished before the cancel are not fetched again
+    assert again["status"] == "succeeded", again["error"]
+    fetched = [
+        path.rsplit("/", 1)[1] for method, path, _ in hub.requests if method == "GET" and "/resolve/" in path
+    ]
+    assert "model.safetensors" in fetched
+    assert "config.json" not in fetched and "chat_template.jinja" not in fetched
+
+
+def test_a_gated_model_needs_the_users_saved_token_which_is_never_shown(
+    client: TestClient,
+    hub: HubServer,
+    other_user: Account,
+) -> None:
+    # when bob downloads without a token
+    refused = run(start(client, "acme/gated-chat", headers=other_user.headers)["id"])
+    # then
+    assert refused["status"] == "failed" and "gated" in refused["error"] and "token" in refused["error"]
+    # when he saves his token and asks again
+    saved = client.put(
+        "/api/v1/me/hub-token", json={"token": "hf_secret_token_123"}, headers=other_user.headers
+    )
+    assert saved.status_code == 204
+    row = run(start(client, "acme/gated-chat", headers=other_user.headers)["id"])
+    # then
+    assert row["status"] == "succeeded", row["error"]
+    assert client.get("/api/v1/me/hub-token", headers=other_user.headers).json() == {"saved": True}
+    assert client.get("/api/v1/me/hub-token").json() == {"saved": False}, "the admin has none of bob's"
+    from sqlmodel import select
+
+    from app.db import session_scope
+    from app.models import HubToken
+
+    with session_scope() as session:
+        stored = session.exec(select(HubToken)).one()
+        assert "hf_secret_token_123" not in stored.encrypted
+    assert "hf_secret_token_123" not in json.dumps(client.get("/api/v1/model-downloads").json())
+
+
+def test_pickle_only_weights_are_refused_before_any_weight_is_fetched(
+    client: TestClient,
+    hub: HubServer,
+) -> None:
+    row = run(start(client, "acme/pickled-chat")["id"])
+    assert row["status"] == "failed"
+    assert "pickle" in row["error"] and "safetensors" in row["error"]
+    assert not [p for _, p, _ in hub.requests if p.endswith(".bin")]
+
+
+def test_custom_code_is_refused_unless_allow_listed(
+    client: TestClient,
+    hub: HubServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from app.settings import get_settings
+
+    # when not allow-listed
+    refused = run(start(client, "acme/custom-chat")["id"])
+    # then
+    assert refused["status"] == "failed"
+    assert "PEFT_STUDIO_TRUST_REMOTE_CODE_MODELS" in refused["error"]
+    assert not [p for _, p, _ in hub.requests if p.endswith(".safetensors")]
+    # when the admin allow-lists it
+    monkeypatch.setenv("PEFT_STUDIO_TRUST_REMOTE_CODE_MODELS", json.dumps(["acme/custom-chat"]))
+    get_settings.cache_clear()
+    row = run(start(client, "acme/custom-chat")["id"])
+    # then
+    assert row["status"] == "succeeded", row["error"]
+    assert "modeling_tiny.py" in row["files"]
+    assert client.get("/api/v1/models/acme/custom-chat").json()["custom_code"] is True
