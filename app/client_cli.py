@@ -402,12 +402,36 @@ def adapters_list(url: Url = DEFAULT_URL, token: Token = None, as_json: AsJson =
             a["name"],
             a["method"],
             a["task"],
-            a["size_bytes"],
-            json.dumps(a["metrics"])[:60],
+            _size(a["size_bytes"]),
+            _headline(a["task"], a["metrics"]),
         ]
         for a in page["data"]
     ]
-    _table(f"Adapters ({page['count']})", ["id", "job", "name", "method", "task", "bytes", "metrics"], rows)
+    _table(f"Adapters ({page['count']})", ["id", "job", "name", "method", "task", "size", "eval"], rows)
+
+
+def _size(size: int | None) -> str | None:
+    """1536 -> '1.5 KB' (the web pages' units)."""
+    if size is None:
+        return None
+    value = float(size)
+    for unit in ("B", "KB", "MB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def _headline(task: str, metrics: dict[str, Any]) -> str | None:
+    """The metric a person looks at first, labelled (accuracy for classification, perplexity for a causal LM),
+    instead of the raw metrics JSON; ``--json`` still has them all."""
+    keys = ("accuracy", "f1_macro", "loss") if task == "sequence-classification" else ("perplexity", "loss")
+    shown = [
+        f"{key.replace('_', ' ')} {metrics[key]:.4g}"
+        for key in keys
+        if isinstance(metrics.get(key), int | float)
+    ]
+    return " · ".join(shown[:2]) or None
 
 
 @adapters_app.command("download")

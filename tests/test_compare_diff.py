@@ -4,7 +4,7 @@ text a person reads (no JSON escapes)."""
 import re
 from typing import Any
 
-from app.services.compare import config_diff, display_value, headline_metric
+from app.services.compare import config_diff, display_value, headline_metric, metric_rows
 from app.web.pages import templates
 
 
@@ -101,3 +101,13 @@ def test_headline_metric_per_task() -> None:
     assert headline_metric("causal-lm", {"perplexity": 3.2, "loss": 1.16}) == ("perplexity", 3.2)
     assert headline_metric("causal-lm", {"loss": 1.16}) == ("eval loss", 1.16)
     assert headline_metric("sequence-classification", {"train_loss": 0.3}) is None
+
+
+def test_adapter_metrics_read_with_labels_and_units() -> None:
+    rows = metric_rows({"runtime": 5.068, "accuracy": 0.8125, "samples_per_second": 23.68, "odd_key": 2})
+    assert rows == [
+        ("Eval accuracy", "0.812"),
+        ("Eval time", "5.1 s"),
+        ("Eval speed", "23.7 samples/s"),
+        ("Odd key", "2"),
+    ]

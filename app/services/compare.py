@@ -226,3 +226,32 @@ def headline_metrics(session: Session, job_ids: list[int]) -> dict[int, tuple[st
         if headline is not None:
             out[adapter.job_id] = headline
     return out
+
+
+# Adapter metrics (the final evaluation, keys without ``eval_``) as people read them: label and how to show it.
+METRIC_LABELS: dict[str, tuple[str, str]] = {
+    "accuracy": ("Eval accuracy", "{:.3f}"),
+    "f1_macro": ("Eval F1 (macro)", "{:.3f}"),
+    "token_accuracy": ("Eval token accuracy", "{:.3f}"),
+    "loss": ("Eval loss", "{:.4f}"),
+    "perplexity": ("Eval perplexity", "{:.2f}"),
+    "train_loss": ("Final train loss", "{:.4f}"),
+    "runtime": ("Eval time", "{:.1f} s"),
+    "samples_per_second": ("Eval speed", "{:.1f} samples/s"),
+    "steps_per_second": ("Eval steps", "{:.2f} steps/s"),
+    "epoch": ("Epochs trained", "{:.2f}"),
+}
+
+
+def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """An adapter's metrics as (label, value with unit) rows, the known ones first (``runtime 5.068`` reads
+    "Eval time 5.1 s"); a key not listed keeps its name, made readable."""
+    known = [key for key in METRIC_LABELS if key in metrics]
+    rest = sorted(key for key in metrics if key not in METRIC_LABELS)
+    rows = []
+    for key in known + rest:
+        value = metrics[key]
+        label, pattern = METRIC_LABELS.get(key, (key.replace("_", " ").capitalize(), "{:.4g}"))
+        text = pattern.format(value) if isinstance(value, int | float) else str(value)
+        rows.append((label, text))
+    return rows

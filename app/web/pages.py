@@ -30,7 +30,7 @@ from app.services import adapters as adapters_service
 from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
 from app.services.checkpoints import list_checkpoints
-from app.services.compare import display_value, headline_metrics
+from app.services.compare import display_value, headline_metrics, metric_rows
 from app.settings import BUNDLED_MODEL_ID
 from app.web import forms
 from worker.methods import registry
@@ -101,6 +101,7 @@ templates.env.filters.update(
     number=human_number,
     tojson_pretty=lambda v: json.dumps(v, indent=2, sort_keys=False),
     setting=display_value,
+    metric_rows=metric_rows,
 )
 
 
