@@ -240,7 +240,9 @@ def describe_failure(exc: BaseException, model_id: str) -> str:
     if isinstance(exc, RevisionNotFoundError):
         return f"{model_id} has no such revision (branch, tag or commit)."
     if isinstance(exc, OfflineModeIsEnabled | LocalEntryNotFoundError):
-        return "The Hub could not be reached from the worker (HF_ENDPOINT); check its network, then try again."
+        return (
+            "The Hub could not be reached from the worker (HF_ENDPOINT); check its network, then try again."
+        )
     return f"The download failed ({exc.__class__.__name__}); try again: finished files are kept, the rest resumes."
 
 

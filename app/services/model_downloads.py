@@ -144,5 +144,7 @@ def progress(download: ModelDownload) -> dict[str, object]:
     data = download.model_dump()
     for key in ("created_at", "started_at", "finished_at"):
         data[key] = data[key].isoformat() if data[key] else None
-    data["percent"] = round(100 * download.done_bytes / download.total_bytes, 1) if download.total_bytes else 0.0
+    data["percent"] = (
+        round(100 * download.done_bytes / download.total_bytes, 1) if download.total_bytes else 0.0
+    )
     return data
