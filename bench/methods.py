@@ -8,6 +8,7 @@ to a JSON-lines file as each method finishes, so partial results survive an inte
     python bench/methods.py                       # every method, full training set (6,920 rows)
     python bench/methods.py --train-rows 2000     # a documented subset
     python bench/methods.py lora ia3              # some methods
+    python bench/methods.py hadamard:train_layer_norm=false,classifier_first_fraction=0   # a variant
     python bench/methods.py --table               # print the markdown table of the results file
 
 Numbers depend on the machine and on what else runs on it; the script prints only what it measured.
@@ -30,10 +31,25 @@ SST2 = PROJECT_ROOT.parent / "shared" / "data" / "sst2"
 RESULTS = PROJECT_ROOT / "bench" / "results" / "methods.jsonl"
 
 
+def parse_variant(label: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name:key=value,key=value`` (values read as JSON: false, 0, 0.3, "text") -> name, settings."""
+    name, _, options = label.partition(":")
+    config: dict[str, Any] = {}
+    for option in filter(None, options.split(",")):
+        key, _, value = option.partition("=")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    return name, config
+
+
 def run_one(
-    name: str, train_rows: int | None, batch_size: int, max_length: int, epochs: float
+    label: str, train_rows: int | None, batch_size: int, max_length: int, epochs: float
 ) -> dict[str, Any]:
-    """Train one method in this process through worker.engine.run_job and return what was measured."""
+    """Train one method (a registered name, or a variant ``name:key=value,...``) in this process through
+    worker.engine.run_job and return what was measured."""
+    name, method_config = parse_variant(label)
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["PEFT_STUDIO_DATA_DIR"] = tempfile.mkdtemp(prefix=f"bench-{name}-")
     sys.path.insert(0, str(PROJECT_ROOT))
@@ -80,6 +96,7 @@ def run_one(
                 "dataset_id": train.id,
                 "validation_dataset_id": dev.id,
                 "method": name,
+                "method_config": method_config,
                 "training": {
                     "num_epochs": epochs,
                     "batch_size": batch_size,
@@ -103,6 +120,8 @@ def run_one(
     from worker.estimate import estimate_job
 
     estimated = estimate_job(spec, train_profile).memory
+    started_utc = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     engine.run_job(job_id)
     wall = time.perf_counter() - started
@@ -114,7 +133,9 @@ def run_one(
                 f"{name}: job ended {finished.status if finished else '?'}: {finished and finished.error}"
             )
         return {
-            "method": name,
+            "method": label,
+            "method_config": method_config,
+            "started_utc": started_utc,
             "train_rows": len(lines) - 1,
             "epochs": epochs,
             "batch_size": batch_size,
@@ -134,6 +155,7 @@ def run_one(
             "train_loss": adapter.metrics.get("train_loss"),
             "torch_threads": __import__("torch").get_num_threads(),
             "cpu_count": os.cpu_count(),
+            "load_average_before": load_before,
             "load_average_after": os.getloadavg()[0],
         }
 

@@ -9,6 +9,7 @@ Causal LM, at the method level on a tiny random Llama: build, a few Trainer step
 
 import importlib.util
 import json
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -468,3 +469,293 @@ def copy_state(state: Any) -> Any:
     duplicate = copy.copy(state)
     duplicate.absmax = state.absmax.clone()
     return duplicate
+
+
+# --- placement, parameter counts and variants, against the papers, on a tiny BERT (no training data) -------
+
+D, FF, LAYERS, LABELS = 32, 64, 2, 2  # hidden size, feed-forward size, layers, labels of the tiny BERT
+CLASSIFIER = D * LABELS + LABELS  # the new head: Linear(d, labels)
+LAYER_NORMS = 2 * D + LAYERS * 2 * (2 * D)  # embeddings' LayerNorm, and two per layer (weight and bias each)
+
+
+def tiny_bert(folder: Path | None = None) -> Any:
+    """A 2-layer BERT classifier (hidden 32, feed-forward 64), random weights; saved to ``folder`` if given."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=D,
+        intermediate_size=FF,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        num_labels=LABELS,
+    )
+    model = BertForSequenceClassification(config)
+    if folder is not None:
+        model.save_pretrained(folder)
+    return model
+
+
+def build_on_tiny_bert(name: str, method_config: dict[str, Any], model: Any = None) -> Any:
+    method = registry()[name]
+    settings = method.config.model_validate(method_config)
+    context = BuildContext(task=CLASSIFICATION, num_labels=LABELS, total_steps=10)
+    return method.build(model if model is not None else tiny_bert(), settings, context)
+
+
+def layer_modules(suffix: str) -> set[str]:
+    """``suffix`` (e.g. ``attention.self.key``) in every layer of the tiny BERT, by qualified name."""
+    return {f"bert.encoder.layer.{i}.{suffix}" for i in range(LAYERS)}
+
+
+def modules_with(model: Any, child: str) -> set[str]:
+    """Qualified names (peft's ``base_model.model.`` prefix removed) of the modules that have ``child``."""
+    found = set()
+    for name, module in model.named_modules():
+        if hasattr(module, child) and not name.endswith(child):
+            found.add(name.removeprefix("base_model.model."))
+    return found
+
+
+def adapter_sites(model: Any) -> set[str]:
+    from worker.methods._adapter_layers import CHILD
+
+    return {name for name, module in model.named_modules() if hasattr(module, CHILD) and CHILD not in name}
+
+
+def trainable_names(model: Any) -> set[str]:
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def bottleneck(d: int, reduction: int = 16) -> int:
+    """Houlsby et al.'s count for one adapter: down (d*m + m) and up (m*d + d), m = d / reduction."""
+    m = d // reduction
+    return 2 * d * m + d + m
+
+
+# name, settings, where the paper puts the method, trainable count by the paper's formula
+PLACEMENTS: list[tuple[str, dict[str, Any], set[str], int]] = [
+    # LoRA: B·A (r×in, out×r) beside each targeted linear layer; the head trains in full
+    (
+        "lora",
+        {"r": 4, "target_modules": ["query", "value"]},
+        layer_modules("attention.self.query") | layer_modules("attention.self.value"),
+        LAYERS * 2 * 4 * (D + D) + CLASSIFIER,
+    ),
+    # DoRA: LoRA plus one magnitude per output feature of each adapted layer
+    (
+        "lora",
+        {"r": 4, "target_modules": ["query", "value"], "use_dora": True},
+        layer_modules("attention.self.query") | layer_modules("attention.self.value"),
+        LAYERS * 2 * (4 * (D + D) + D) + CLASSIFIER,
+    ),
+    # Houlsby: after the attention block and after the FFN of every layer; layer norms train (the paper's)
+    (
+        "houlsby",
+        {},
+        layer_modules("attention.output.dense") | layer_modules("output.dense"),
+        LAYERS * 2 * bottleneck(D) + LAYER_NORMS + CLASSIFIER,
+    ),
+    (
+        "houlsby",
+        {"train_layer_norm": False},
+        layer_modules("attention.output.dense") | layer_modules("output.dense"),
+        LAYERS * 2 * bottleneck(D) + CLASSIFIER,
+    ),
+    # Pfeiffer: after the FFN only; only adapters (and head) train
+    ("pfeiffer", {}, layer_modules("output.dense"), LAYERS * bottleneck(D) + CLASSIFIER),
+    # Hadamard: w ⊙ x + b after the attention output, norms and head train (the paper's)
+    ("hadamard", {}, layer_modules("attention.output.dense"), LAYERS * 2 * D + LAYER_NORMS + CLASSIFIER),
+    (
+        "hadamard",
+        {"train_layer_norm": False, "classifier_first_fraction": 0},
+        layer_modules("attention.output.dense"),
+        LAYERS * 2 * D + CLASSIFIER,
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "config", "sites", "count"), PLACEMENTS)
+def test_placement_and_count_follow_the_paper(name: str, config: dict, sites: set[str], count: int) -> None:
+    # given the method built on a tiny BERT
+    model = build_on_tiny_bert(name, config).model
+
+    # then its layers sit where the paper puts them, and nowhere else
+    if registry()[name].saved_as == "studio":
+        assert adapter_sites(model) == sites
+    else:
+        assert modules_with(model, "lora_A") == sites
+    # and the trainable parameters are the formula's count, made of what the paper trains
+    assert count_parameters(model)[0] == count
+    names = trainable_names(model)
+    norms = {n for n in names if "LayerNorm" in n}
+    assert bool(norms) == bool(config.get("train_layer_norm", name in ("houlsby", "hadamard")))
+    assert {n for n in names if "classifier" in n}, "the new head must train"
+
+
+def test_ia3_rescales_keys_values_and_the_feed_forward() -> None:
+    # given IA3 with peft's default targets for BERT
+    model = build_on_tiny_bert("ia3", {}).model
+
+    # then (Liu et al. 2022) keys and values are rescaled at their output, the feed-forward's output layer at its
+    # input (the intermediate activation): k + v + ff vectors per layer
+    sites = modules_with(model, "ia3_l")
+    assert layer_modules("attention.self.key") <= sites
+    assert layer_modules("attention.self.value") <= sites
+    assert layer_modules("output.dense") <= sites
+    assert not any("query" in s or "intermediate" in s for s in sites)
+    feed_forward = {s for s in sites if s.endswith("output.dense") and "attention" not in s}
+    vectors = {n: p.numel() for n, p in model.named_parameters() if "ia3_l" in n}
+    ff_sizes = {
+        n: v for n, v in vectors.items() if any(n.startswith(f"base_model.model.{s}.") for s in feed_forward)
+    }
+    assert sorted(set(ff_sizes.values())) == [FF]
+    extra = sites - layer_modules("attention.self.key") - layer_modules("attention.self.value") - feed_forward
+    # peft's default for BERT also matches "output.dense" in the attention block (docs/methods.md says so)
+    assert extra <= layer_modules("attention.output.dense")
+    expected = LAYERS * (D + D + FF) + D * len(extra) + CLASSIFIER
+    assert count_parameters(model)[0] == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "count"),
+    [
+        # prompt tuning: n virtual token embeddings at the input
+        ("prompt", {"num_virtual_tokens": 4}, 4 * D + CLASSIFIER),
+        # prefix tuning (no reparametrization): n key and n value vectors in every layer
+        ("prefix", {"num_virtual_tokens": 4}, 4 * LAYERS * 2 * D + CLASSIFIER),
+    ],
+)
+def test_virtual_tokens(name: str, config: dict, count: int) -> None:
+    model = build_on_tiny_bert(name, config).model
+    assert model.peft_config["default"].num_virtual_tokens == 4
+    assert count_parameters(model)[0] == count
+    # the base stays frozen: only the virtual tokens and the head train
+    base = {n for n in trainable_names(model) if "prompt_encoder" not in n and "classifier" not in n}
+    assert not base, base
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (1, LABELS)
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank() -> None:
+    model = build_on_tiny_bert(
+        "lora", {"r": 4, "alpha": 8, "target_modules": ["query"], "use_rslora": True}
+    ).model
+    scalings = {
+        m.scaling["default"] for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")
+    }
+    assert scalings and all(s == pytest.approx(8 / 4**0.5) for s in scalings)  # 4.0, where LoRA's is 8 / 4
+
+
+VARIANT_LR = 1e-2  # one learning rate for every variant below (no per-method tuning)
+
+
+def train_briefly(model: Any, steps: int = 6) -> list[float]:
+    """``steps`` AdamW steps on one fixed batch; the losses."""
+    torch.manual_seed(1)
+    ids = torch.randint(5, 100, (8, 12))
+    labels = torch.tensor([0, 1] * 4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=VARIANT_LR)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [
+        ("lora", {"r": 4, "target_modules": ["query", "value"], "use_dora": True}),
+        ("lora", {"r": 4, "target_modules": ["query", "value"], "use_rslora": True}),
+        ("houlsby", {"train_layer_norm": False}),
+        ("pfeiffer", {"train_layer_norm": True}),
+        ("hadamard", {"train_layer_norm": False, "classifier_first_fraction": 0}),
+    ],
+)
+def test_variant_trains(name: str, config: dict) -> None:
+    # given a variant built on the tiny BERT; when it trains six steps on one batch at the shared rate
+    model = build_on_tiny_bert(name, config).model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    losses = train_briefly(model)
+    # then the loss fell and every kind of trainable tensor moved in some layer (the method's own ones included;
+    # not each one: a tiny bottleneck's ReLU units may be dead on this batch in one layer)
+    assert losses[-1] < losses[0], losses
+    moved = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
+    kinds = {re.sub(r"\.\d+\.", ".N.", n) for n in before}
+    assert kinds == {re.sub(r"\.\d+\.", ".N.", n) for n in moved}, sorted(set(before) - moved)[:5]
+
+
+def test_qlora_8bit_trains_on_cpu(tmp_path: Path) -> None:
+    # given 8-bit QLoRA (LLM.int8 base weights, bitsandbytes 0.50 on CPU) on the saved tiny BERT
+    import bitsandbytes as bnb
+    from transformers import AutoModelForSequenceClassification
+
+    tiny_bert(tmp_path)
+    method = registry()["qlora"]
+    settings = method.config.model_validate({"r": 4, "bits": 8, "target_modules": ["query", "value"]})
+    context = BuildContext(task=CLASSIFICATION, num_labels=LABELS, total_steps=10)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, **method.load_kwargs(settings, context)
+    )
+    model = method.build(base, settings, context).model
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()), "the base must be 8-bit"
+    # when it trains; then the loss falls at the shared rate
+    losses = train_briefly(model)
+    assert losses[-1] < losses[0], losses
+
+
+def test_hadamard_trains_the_head_alone_first() -> None:
+    # given the paper's recipe: 30% of 10 steps train only the head
+    built = build_on_tiny_bert("hadamard", {})
+    model, (callback,) = built.model, built.callbacks
+    head = {n for n in trainable_names(model) if "classifier" in n}
+    state = type("State", (), {"global_step": 0, "max_steps": 10})()
+    ids = torch.tensor([[5, 6, 7, 8]])
+
+    def grads_in_step(step: int) -> set[str]:
+        state.global_step = step
+        callback.on_step_begin(None, state, None, model=model)
+        model(input_ids=ids, labels=torch.tensor([1])).loss.backward()
+        with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+        callback.on_step_end(None, state, None, model=model)
+        model.zero_grad(set_to_none=True)
+        return with_grad
+
+    trainable = trainable_names(model)
+    # then in steps 0-2 only the head gets gradients (the optimizer skips the rest), from step 3 everything
+    assert grads_in_step(0) == head
+    assert grads_in_step(2) == head
+    assert trainable_names(model) == trainable  # between steps: the same set, for checkpoints and counts
+    assert grads_in_step(3) == trainable
+
+
+def test_studio_adapter_missing_tensors_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from worker.methods._adapter_layers import WEIGHTS_FILE, load_adapter
+
+    # given a saved Houlsby adapter, and copies of it missing one adapter tensor / the trained head
+    built = build_on_tiny_bert("houlsby", {})
+    registry()["houlsby"].save(built.model, str(tmp_path / "whole"))
+    tensors = load_file(str(tmp_path / "whole" / WEIGHTS_FILE))
+    assert load_adapter(tiny_bert(), tmp_path / "whole")  # the whole one loads
+    for missing in (
+        "bert.encoder.layer.1.output.dense.studio_adapter.up.weight",
+        "classifier.weight",
+    ):
+        folder = tmp_path / missing
+        folder.mkdir()
+        (folder / "adapter_config.json").write_bytes(
+            (tmp_path / "whole" / "adapter_config.json").read_bytes()
+        )
+        save_file({k: v for k, v in tensors.items() if k != missing}, str(folder / WEIGHTS_FILE))
+        # then loading it is refused, naming the tensor, instead of leaving an identity adapter / random head
+        with pytest.raises(ValueError, match="lacks 1 tensor"):
+            load_adapter(tiny_bert(), folder)

@@ -176,7 +176,8 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     """Attach a saved adapter to a freshly loaded base model, load its weights (and head); returns the model.
 
     The base must be the one the adapter was trained on (same architecture and, for classification, the same
-    number of labels). Every tensor in the file must match a parameter of the model, or this raises.
+    number of labels). Every tensor in the file must match a parameter of the model, and every adapter layer
+    and listed tensor must be in the file, or this raises.
     """
     from safetensors.torch import load_file
 
@@ -190,6 +191,15 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     unknown = sorted(set(tensors) - set(params))
     if unknown:
         raise ValueError(f"the adapter has tensors the model lacks (another base model?): {unknown[:5]}")
+    # Every adapter layer just added, and every tensor the config lists, must come from the file: a missing
+    # one would silently stay at its initial value (an identity adapter, an untrained head).
+    needed = {name for name in params if f".{CHILD}." in name} | set(config.get("tensors") or ())
+    missing = sorted(needed - set(tensors))
+    if missing:
+        raise ValueError(
+            f"{folder / WEIGHTS_FILE} lacks {len(missing)} tensor(s) the adapter needs (an incomplete or edited "
+            f"file?): {missing[:5]}"
+        )
     with torch.no_grad():
         for name, tensor in tensors.items():
             if params[name].shape != tensor.shape:

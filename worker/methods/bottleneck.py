@@ -1,7 +1,8 @@
 """Bottleneck adapters: Houlsby et al. 2019 (after attention and FFN) and Pfeiffer et al. 2020 (after FFN).
 
 A bottleneck (down-projection, non-linearity, up-projection, residual) on a sub-block's output; the base stays
-frozen. peft has no such method, hence our own (see ``_adapter_layers``, shipped with each adapter).
+frozen but for its layer norms, which Houlsby et al. train too (Houlsby's default; Pfeiffer's keeps them frozen,
+as AdapterFusion does). peft has no such method, hence our own (see ``_adapter_layers``, shipped with each adapter).
 """
 
 from typing import Any, Literal
@@ -27,6 +28,30 @@ class BottleneckSettings(BaseModel):
     non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field(
         default="relu", description="Activation between the down- and up-projection."
     )
+    train_layer_norm: bool = Field(
+        default=False,
+        description="Train the base model's normalization layers (LayerNorm) with the adapters.",
+    )
+
+
+class HoulsbySettings(BottleneckSettings):
+    """Houlsby et al. train the layer norms with the adapters: on by default."""
+
+    train_layer_norm: bool = Field(
+        default=True,
+        description="Train the base model's normalization layers (LayerNorm) with the adapters, as Houlsby "
+        "et al. do. Off: only the adapters and the classification head train.",
+    )
+
+
+class PfeifferSettings(BottleneckSettings):
+    """Pfeiffer et al. train only the adapters (and the head): the layer norms stay frozen by default."""
+
+    train_layer_norm: bool = Field(
+        default=False,
+        description="Train the base model's normalization layers (LayerNorm) with the adapter. Pfeiffer et al. "
+        "keep them frozen (the default); on, it trains them as Houlsby et al. do.",
+    )
 
 
 def _builder(positions: list[str]) -> Any:
@@ -36,7 +61,7 @@ def _builder(positions: list[str]) -> Any:
 
         assert isinstance(config, BottleneckSettings)
         description = adapter_config("bottleneck", positions, config.reduction_factor, config.non_linearity)
-        return build_studio_adapter(model, description, context)
+        return build_studio_adapter(model, description, context, train_norms=config.train_layer_norm)
 
     return build
 
@@ -45,7 +70,7 @@ HOULSBY = MethodInfo(
     name="houlsby",
     title="Houlsby adapter",
     summary="Bottleneck adapters after both the attention and the feed-forward block of every layer.",
-    config=BottleneckSettings,
+    config=HoulsbySettings,
     build=_builder(["attention", "ffn"]),
     save=save_studio_adapter,
     load=load_studio_adapter,
@@ -58,7 +83,7 @@ PFEIFFER = MethodInfo(
     name="pfeiffer",
     title="Pfeiffer adapter",
     summary="One bottleneck adapter per layer, after the feed-forward block: half of Houlsby's parameters.",
-    config=BottleneckSettings,
+    config=PfeifferSettings,
     build=_builder(["ffn"]),
     save=save_studio_adapter,
     load=load_studio_adapter,
