@@ -43,9 +43,11 @@ def test_api_counts_come_from_the_method_and_the_profiles_label_count(client: Te
     two = upload(client, CSV_2, "two.csv")
     three = upload(client, CSV_3, "three.csv")
 
-    # when full fine-tuning is estimated on each
+    # when full fine-tuning is estimated on each, for one epoch (auto would pick more steps for so few rows)
     answers = [
-        client.post("/api/v1/jobs/estimate", json={"dataset_id": d, "method": "full"}).json()
+        client.post(
+            "/api/v1/jobs/estimate", json={"dataset_id": d, "method": "full", "training": {"num_epochs": 1}}
+        ).json()
         for d in (two, three)
     ]
 
@@ -79,7 +81,12 @@ def test_api_lora_estimate_equals_the_direct_one(client: TestClient) -> None:
 def test_api_reports_a_method_that_cannot_run_as_a_422(client: TestClient) -> None:
     dataset = upload(client, CSV_2, "two.csv")
     # AdaLoRA needs steps between its warm-up and final phase; this job has one step in all.
-    body = {"dataset_id": dataset, "method": "adalora", "method_config": {"tinit": 5}}
+    body = {
+        "dataset_id": dataset,
+        "method": "adalora",
+        "method_config": {"tinit": 5},
+        "training": {"num_epochs": 1},
+    }
 
     answer = client.post("/api/v1/jobs/estimate", json=body)
 
