@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import CHROMIUM_ARGS
-from tests.studio import run_studio
+from tests.studio import run_studio, sst2_slice, wait_for_job
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -52,5 +52,101 @@ def test_api_docs_render_offline_from_static_assets(tmp_path: Path, chromium_pat
             expect(page.locator(".opblock-summary-path", has_text="/api/v1/jobs").first).to_be_visible()
             assert outside == []
             assert problems == []
+        finally:
+            browser.close()
+
+
+# Measures what scrolls sideways: the document wider than the window, and the element sticking out furthest.
+OVERFLOW = """
+() => {
+  const width = document.documentElement.clientWidth;
+  let widest = null, right = 0;
+  for (const element of document.querySelectorAll("body *")) {
+    const box = element.getBoundingClientRect();
+    if (box.width && box.right > right && getComputedStyle(element).position !== "fixed") {
+      right = box.right; widest = element.tagName + "." + element.className + "#" + element.id;
+    }
+  }
+  return {scroll: document.documentElement.scrollWidth, width, right, widest};
+}
+"""
+
+
+@pytest.mark.timeout(900)  # one small training job on a loaded machine
+def test_no_page_logs_a_console_error_or_scrolls_sideways(tmp_path: Path, chromium_path: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with run_studio(tmp_path / "data") as studio, studio.client() as api, sync_playwright() as playwright:
+        # given: a dataset, a finished job and its adapter
+        csv_path = sst2_slice(tmp_path / "sst2.csv", 40)
+        files = {"file": (csv_path.name, csv_path.read_bytes(), "text/csv")}
+        dataset = api.post("/api/v1/datasets", files=files).json()
+        spec = {
+            "dataset_id": dataset["id"],
+            "method": "lora",
+            "training": {"num_epochs": 1, "batch_size": 8, "logging_steps": 1, "max_length": 32},
+        }
+        job_id = api.post("/api/v1/jobs", json=spec).json()["id"]
+        assert wait_for_job(api, job_id, timeout=600)["status"] == "succeeded", studio.log()[-3000:]
+        adapter_id = api.get("/api/v1/adapters").json()["data"][0]["id"]
+        pages = [
+            "/",
+            "/datasets",
+            f"/datasets/{dataset['id']}",
+            f"/jobs/new?dataset_id={dataset['id']}",
+            "/jobs",
+            f"/jobs/{job_id}",
+            f"/compare?jobs={job_id}",
+            "/adapters",
+            f"/adapters/{adapter_id}",
+            "/tokens",
+            "/webhooks",
+            "/workers",
+            "/account",
+            "/models",
+            "/sweeps",
+        ]
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1024, "height": 768})
+            problems = _watch_console(page)
+            studio.open_page(page, "/")
+            expect(page.get_by_test_id("nav-toggle")).to_be_attached(timeout=60_000)
+            # when: every main page opens at 1024 px
+            for path in pages:
+                page.goto(f"{studio.url}{path}")
+                page.wait_for_load_state("networkidle", timeout=60_000)
+                # then: nothing is wider than the window, and the console stayed clean
+                measured = page.evaluate(OVERFLOW)
+                assert measured["scroll"] <= measured["width"] + OVERFLOW_SLACK_PX, (path, measured)
+                assert problems == [], (path, problems)
+
+            # then: at 1024 px the nav is a menu, and every link in it can be reached
+            assert not page.get_by_test_id("nav-panel").is_visible()
+            page.locator("label.nav-toggle-button").click()
+            expect(page.get_by_test_id("nav-panel")).to_be_visible()
+            page.get_by_test_id("nav-panel").get_by_role("link", name="Webhooks").click()
+            page.wait_for_url(f"{studio.url}/webhooks")
+
+            # then: at 1366 px the whole nav is one line, without the menu button
+            page.set_viewport_size({"width": 1366, "height": 900})
+            page.goto(f"{studio.url}/jobs/new?dataset_id={dataset['id']}")
+            expect(page.get_by_test_id("logout")).to_be_visible()
+            assert not page.locator("label.nav-toggle-button").is_visible()
+            heights = page.evaluate(
+                "[...document.querySelectorAll('.topbar nav a')].map(a => a.getBoundingClientRect().top)"
+            )
+            assert max(heights) - min(heights) < 4, heights  # every link on the same line
+
+            # then: a submit of the job form (its <select name="method"> shadows form.method) logs no error
+            page.get_by_test_id("launch-job").click()
+            page.wait_for_load_state("networkidle", timeout=60_000)
+            assert problems == []
+
+            # then: signed out, the sign-in page shows no app nav
+            signed_out = browser.new_page(viewport={"width": 1024, "height": 768})
+            signed_out.goto(f"{studio.url}/login")
+            expect(signed_out.get_by_test_id("login-form")).to_be_visible(timeout=60_000)
+            assert signed_out.locator(".topbar nav").count() == 0
         finally:
             browser.close()
