@@ -256,3 +256,32 @@ def test_custom_code_is_refused_unless_allow_listed(
     assert row["status"] == "succeeded", row["error"]
     assert "modeling_tiny.py" in row["files"]
     assert client.get("/api/v1/models/acme/custom-chat").json()["custom_code"] is True
+
+
+def test_an_allow_listed_custom_code_model_loads_with_its_own_code_and_others_are_refused(
+    client: TestClient, hub: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.base_models import resolve_base_model
+    from app.errors import InvalidSpec
+    from app.settings import get_settings
+    from worker.estimate import meta_model
+    from worker.recipes.causal_lm import load_base
+
+    # given the custom-code model in the cache, allow-listed
+    monkeypatch.setenv("PEFT_STUDIO_TRUST_REMOTE_CODE_MODELS", json.dumps(["acme/custom-chat"]))
+    get_settings.cache_clear()
+    assert run(start(client, "acme/custom-chat")["id"])["status"] == "succeeded"
+    # when the worker loads it (training and inference share load_base's kwargs) and estimates it
+    base = resolve_base_model("acme/custom-chat")
+    model = load_base(base, {}, {})
+    # then its own class ran (trust_remote_code=True was passed)
+    assert type(model).__name__ == "TinyCustomForCausalLM"
+    assert type(meta_model(base, "causal-lm", None)).__name__ == "TinyCustomForCausalLM"
+    # when the admin takes it off the list
+    monkeypatch.setenv("PEFT_STUDIO_TRUST_REMOTE_CODE_MODELS", "[]")
+    get_settings.cache_clear()
+    # then it is refused before loading, and the loader itself would not run its code
+    with pytest.raises(InvalidSpec, match="PEFT_STUDIO_TRUST_REMOTE_CODE_MODELS"):
+        resolve_base_model("acme/custom-chat")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_base(base, {}, {})

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from app.autoconfig import needs_resolution, resolve_training, rule_inputs_for
 from app.base_models import ResolvedModel, resolve_base_model
 from app.errors import InvalidSpec
+from app.safety import remote_code_allowed
 from app.spec import JobSpec
 from worker.methods import CAUSAL_LM, CLASSIFICATION, BuildContext, MethodInfo, count_parameters, get_method
 
@@ -59,16 +60,19 @@ def meta_model(base: ResolvedModel, task: str, num_labels: int | None) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    trust = remote_code_allowed(base.model_id)  # only allow-listed models run their own code
     if task == CLASSIFICATION:
-        config = AutoConfig.from_pretrained(str(base.path), num_labels=num_labels or 2)
+        config = AutoConfig.from_pretrained(
+            str(base.path), num_labels=num_labels or 2, trust_remote_code=trust
+        )
         auto: Any = AutoModelForSequenceClassification
     elif task == CAUSAL_LM:
-        config = AutoConfig.from_pretrained(str(base.path))
+        config = AutoConfig.from_pretrained(str(base.path), trust_remote_code=trust)
         auto = AutoModelForCausalLM
     else:
         raise ValueError(f"no estimate for task {task!r}")
     with torch.device("meta"):
-        return auto.from_config(config)
+        return auto.from_config(config, trust_remote_code=trust)
 
 
 def _bytes_per_element(dtype: Any) -> int:

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Se
 
 from app.base_models import ResolvedModel
 from app.models import Dataset
+from app.safety import model_load_kwargs, remote_code_allowed
 from app.spec import JobSpec
 from worker.recipes import Prepared, Recipe
 from worker.recipes.causal_lm_data import (
@@ -61,8 +62,9 @@ def causal_lm_metrics(prediction: EvalPrediction) -> dict[str, float]:
     }
 
 
-def _load_kwargs(load_kwargs: dict[str, Any]) -> dict[str, Any]:
-    kwargs = dict(load_kwargs)
+def _load_kwargs(load_kwargs: dict[str, Any], base: ResolvedModel) -> dict[str, Any]:
+    # safetensors only; trust_remote_code only for models the admin allow-listed (app/safety.py)
+    kwargs = {**model_load_kwargs(base.model_id), **load_kwargs}
     if not torch.cuda.is_available():
         kwargs.setdefault("dtype", torch.float32)  # bf16 is ~5x slower than fp32 on this kind of CPU
     return kwargs
@@ -79,12 +81,14 @@ def prepare(
     tokenizer = load_tokenizer(str(base.path))
     encoder, template_name = job_encoder(spec, tokenizer)
     data = causal_data(spec, train, validation, encoder)
-    config = AutoConfig.from_pretrained(str(base.path))
+    config = AutoConfig.from_pretrained(str(base.path), trust_remote_code=remote_code_allowed(base.model_id))
     if spec.training.disable_dropout:
         config = without_dropout(config)
     # No KV cache while training: it is not needed, and with it transformers ignores packed position ids.
     config.use_cache = False
-    model = AutoModelForCausalLM.from_pretrained(str(base.path), config=config, **_load_kwargs(load_kwargs))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base.path), config=config, **_load_kwargs(load_kwargs, base)
+    )
     padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
     train_dataset: list[dict[str, Any]]
     if spec.causal_lm.packing:
@@ -131,7 +135,7 @@ class _TrainOrEvalCollator:
 
 def load_base(base: ResolvedModel, studio: dict[str, Any], load_kwargs: dict[str, Any]) -> Any:
     """The base model for inference (with its KV cache)."""
-    return AutoModelForCausalLM.from_pretrained(str(base.path), **_load_kwargs(load_kwargs))
+    return AutoModelForCausalLM.from_pretrained(str(base.path), **_load_kwargs(load_kwargs, base))
 
 
 RECIPE = Recipe(task="causal-lm", prepare=prepare, load_base=load_base)

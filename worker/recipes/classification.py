@@ -13,6 +13,7 @@ from transformers import (
 
 from app.base_models import ResolvedModel
 from app.models import Dataset
+from app.safety import model_load_kwargs, remote_code_allowed
 from app.spec import JobSpec
 from worker.recipes import Prepared, Recipe
 from worker.recipes.classification_data import classification_data, tokenize
@@ -79,6 +80,7 @@ def without_dropout(config: Any) -> Any:
 def _model_config(base: ResolvedModel, labels: list[str]) -> Any:
     return AutoConfig.from_pretrained(
         str(base.path),
+        trust_remote_code=remote_code_allowed(base.model_id),
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
@@ -98,7 +100,9 @@ def prepare(
     config = _model_config(base, data.labels)
     if spec.training.disable_dropout:
         config = without_dropout(config)
-    model = AutoModelForSequenceClassification.from_pretrained(str(base.path), config=config, **load_kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base.path), config=config, **{**model_load_kwargs(base.model_id), **load_kwargs}
+    )
     max_length = spec.training.max_length
     return Prepared(
         tokenizer=tokenizer,
@@ -114,7 +118,9 @@ def prepare(
 def load_base(base: ResolvedModel, studio: dict[str, Any], load_kwargs: dict[str, Any]) -> Any:
     """The base model with a head of the adapter's label count, for inference."""
     return AutoModelForSequenceClassification.from_pretrained(
-        str(base.path), config=_model_config(base, list(studio["labels"])), **load_kwargs
+        str(base.path),
+        config=_model_config(base, list(studio["labels"])),
+        **{**model_load_kwargs(base.model_id), **load_kwargs},
     )
 
 
