@@ -32,6 +32,26 @@ def generate_page(
     return render(request, "generate.html", {"nav": "adapters", "adapter": adapter})
 
 
+@router.get("/adapters/{adapter_id}/chat", response_class=HTMLResponse)
+def chat_page(request: Request, session: SessionDep, owner_id: OwnerScope, adapter_id: int) -> HTMLResponse:
+    """The chat playground: a multi-turn conversation with the adapter and its base model side by side, streamed
+    from the OpenAI-compatible ``POST /v1/chat/completions`` (static/chat.js), with a system prompt and sampling."""
+    from app.models import Job
+    from app.services.openai_compat import fine_tuned_model_name
+
+    row = adapters_service.get_adapter(session, adapter_id, owner_id)
+    adapter = adapters_service.adapter_public(row)
+    if adapter.task != causal_service.CAUSAL_LM:
+        raise InvalidSpec(f"Adapter {adapter_id} is a {adapter.task} adapter; try it on its own page.")
+    job = session.get(Job, row.job_id)
+    if job is None:
+        raise InvalidSpec(
+            f"Adapter {adapter_id} has lost its job; chat needs the job's fine-tuned model name."
+        )
+    models = {"adapter": fine_tuned_model_name(session, job), "base": row.base_model}
+    return render(request, "chat.html", {"nav": "adapters", "adapter": adapter, "models": models})
+
+
 @router.post("/jobs/preview", response_class=HTMLResponse)
 async def preview_fragment(request: Request, session: SessionDep, owner_id: OwnerScope) -> HTMLResponse:
     """The job form posted as it stands: its first training examples, with the masked part shown apart."""
