@@ -285,3 +285,55 @@ def test_an_allow_listed_custom_code_model_loads_with_its_own_code_and_others_ar
         resolve_base_model("acme/custom-chat")
     with pytest.raises(ValueError, match="trust_remote_code"):
         load_base(base, {}, {})
+
+
+def test_a_model_downloaded_by_the_real_worker_trains_a_job(tmp_path: Path, tiny_lm: Path) -> None:
+    """Through ``serve``: the Celery worker fetches the model from the loopback Hub into its cache (HF_ENDPOINT,
+    HF_HUB_CACHE), the web lists it, and a causal-LM job on it trains."""
+    from tests.lm import ALPACA_DEMO
+    from tests.studio import run_studio, wait_for_job
+
+    cache = tmp_path / "hub-cache"
+    with run_hub() as server:
+        server.add_folder("acme/tiny-chat", tiny_lm)
+        with (
+            run_studio(
+                tmp_path / "data",
+                HF_ENDPOINT=server.url,
+                HF_HUB_CACHE=str(cache),
+                PEFT_STUDIO_HUB_DOWNLOADS="true",
+                PEFT_STUDIO_TORCH_THREADS="1",
+            ) as studio,
+            studio.client(timeout=120) as client,
+        ):
+            # when
+            created = client.post("/api/v1/model-downloads", json={"model_id": "acme/tiny-chat"})
+            assert created.status_code == 202, created.text
+            events = []
+            with client.stream("GET", f"/api/v1/model-downloads/{created.json()['id']}/stream") as stream:
+                for event in read_events(stream):
+                    events.append(json.loads(event.data))
+                    if event.event == "end":
+                        break
+            # then
+            assert events[-1]["status"] == "succeeded", events[-2]
+            assert events[-2]["worker"] and events[-2]["done_files"] == events[-2]["total_files"]
+            listed = client.get("/api/v1/models", params={"task": "causal-lm"}).json()["data"]
+            assert "acme/tiny-chat" in [m["model_id"] for m in listed]
+            # when a job trains on it
+            upload = client.post(
+                "/api/v1/datasets",
+                files={"file": ("alpaca_en_demo.json", ALPACA_DEMO.read_bytes(), "application/json")},
+            )
+            assert upload.status_code == 201, upload.text
+            spec = {
+                "task": "causal-lm",
+                "base_model": "acme/tiny-chat",
+                "dataset_id": upload.json()["id"],
+                "training": {"max_steps": 2, "batch_size": 4, "max_length": 128, "logging_steps": 1},
+            }
+            job = client.post("/api/v1/jobs", json=spec)
+            assert job.status_code == 201, job.text
+            finished = wait_for_job(client, job.json()["id"])
+            # then
+            assert finished["status"] == "succeeded", finished.get("error")
