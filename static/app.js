@@ -47,11 +47,14 @@
     var gap = Infinity;
     for (var i = 1; i < finite.length; i++) gap = Math.min(gap, Math.abs(finite[i] - finite[i - 1]));
     var decimals = isFinite(gap) && gap > 0 ? Math.max(0, Math.ceil(-Math.log10(gap))) : 0;
+    // Enough decimals that every tick is shown as it is (0.25, not 0.3) and no two read the same.
+    var tolerance = (isFinite(gap) && gap > 0 ? gap : largest || 1) * 1e-6;
     for (; decimals < 10; decimals++) {
       var fixed = splits.map(function (v) {
         return largest >= 1e4 && decimals === 0 ? Math.round(v).toLocaleString("en") : v.toFixed(decimals);
       });
-      if (distinct(fixed)) return fixed;
+      var exact = splits.every(function (v) { return Math.abs(Number(v.toFixed(decimals)) - v) <= tolerance; });
+      if (exact && distinct(fixed)) return fixed;
     }
     return splits.map(String);
   }
