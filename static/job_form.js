@@ -9,11 +9,44 @@
       section.hidden = section.dataset.onlyForTask !== task.value;
     });
   }
+  // The base model's suggestions are the library's models for the chosen task (GET /api/v1/models?task=);
+  // a base model that does not suit the new task is replaced by the first one that does.
+  function syncBaseModels() {
+    var task = document.getElementById("f-task");
+    var input = document.getElementById("f-base-model");
+    if (!task || !input) return;
+    fetch("/api/v1/models?task=" + encodeURIComponent(task.value), { credentials: "same-origin" })
+      .then(function (response) { return response.ok ? response.json() : null; })
+      .then(function (body) {
+        if (!body) return;
+        var ids = body.data.filter(function (m) { return !m.problems.length; }).map(function (m) { return m.model_id; });
+        var list = document.getElementById("f-base-model-options");
+        if (!list) {
+          list = document.createElement("datalist");
+          list.id = "f-base-model-options";
+          input.after(list);
+          input.setAttribute("list", list.id);
+        }
+        list.replaceChildren.apply(list, ids.map(function (id) {
+          var option = document.createElement("option");
+          option.value = id;
+          return option;
+        }));
+        var known = body.data.map(function (m) { return m.model_id; });
+        if (ids.length && known.indexOf(input.value) === -1 && input.dataset.libraryChecked) {
+          input.value = ids[0];
+        }
+        input.dataset.libraryChecked = "1";
+        input.title = ids.length ? "" : "No model for this task on this machine yet: download one on the Models page.";
+      });
+  }
   function bindTask() {
     var task = document.getElementById("f-task");
     if (task && !task.dataset.taskBound) {
       task.dataset.taskBound = "1";
       task.addEventListener("change", syncTaskSections);
+      task.addEventListener("change", syncBaseModels);
+      syncBaseModels();
     }
     syncTaskSections();
   }

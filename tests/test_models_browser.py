@@ -62,3 +62,41 @@ def test_download_from_the_models_page_shows_progress_and_lists_the_model(
                 assert not errors, errors
             finally:
                 browser.close()
+
+
+def test_the_job_form_offers_the_library_models_of_the_chosen_task(
+    tmp_path: Path, chromium_path: str, tiny_lm: Path
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.test_models_library import put_in_hub_cache
+
+    # given a Hub cache holding a causal LM
+    cache = tmp_path / "hub-cache"
+    put_in_hub_cache(cache, "acme/tiny-chat", tiny_lm)
+    with (
+        run_studio(tmp_path / "data", HF_HUB_CACHE=str(cache)) as studio,
+        sync_playwright() as playwright,
+    ):
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            studio.open_page(page, "/jobs/new")
+            options = page.locator("#f-base-model-options option")
+            # then classification offers the bundled encoder, not the causal LM
+            expect(
+                page.locator('#f-base-model-options option[value="bundled/all-MiniLM-L6-v2"]')
+            ).to_have_count(1)
+            expect(page.locator('#f-base-model-options option[value="acme/tiny-chat"]')).to_have_count(0)
+            # when the task becomes causal LM
+            page.locator("#f-task").select_option("causal-lm")
+            # then the causal LM is offered and replaces the encoder, which no longer suits
+            expect(page.locator('#f-base-model-options option[value="acme/tiny-chat"]')).to_have_count(1)
+            expect(
+                page.locator('#f-base-model-options option[value="bundled/all-MiniLM-L6-v2"]')
+            ).to_have_count(0)
+            assert options.count() >= 1
+            expect(page.locator("#f-base-model")).not_to_have_value("bundled/all-MiniLM-L6-v2")
+        finally:
+            browser.close()
