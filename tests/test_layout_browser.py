@@ -137,6 +137,9 @@ def test_no_page_logs_a_console_error_or_scrolls_sideways(tmp_path: Path, chromi
                 "[...document.querySelectorAll('.topbar nav a')].map(a => a.getBoundingClientRect().top)"
             )
             assert max(heights) - min(heights) < 4, heights  # every link on the same line
+            # and none is cut off at the right
+            logout = page.get_by_test_id("logout").bounding_box()
+            assert logout is not None and logout["x"] + logout["width"] <= 1366
 
             # then: a submit of the job form (its <select name="method"> shadows form.method) logs no error
             page.get_by_test_id("launch-job").click()
