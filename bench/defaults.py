@@ -81,6 +81,7 @@ def run_one(name: str) -> dict[str, Any]:
             {"dataset_id": train.id, "validation_dataset_id": dev.id, **RUNS[name]["spec"]}
         )
         spec, explanation = resolve_spec(session, asked)
+        train_rows, eval_rows = train.row_count, dev.row_count  # read while the rows are bound to a session
         job = Job(
             name=name,
             spec=spec.model_dump(mode="json"),
@@ -111,8 +112,8 @@ def run_one(name: str) -> dict[str, Any]:
         training = spec.training
         return {
             "run": name,
-            "train_rows": train.row_count,
-            "eval_rows": dev.row_count,
+            "train_rows": train_rows,
+            "eval_rows": eval_rows,
             "epochs": training.num_epochs,
             "steps": finished.total_steps if finished else None,
             "learning_rate": training.learning_rate,
