@@ -201,7 +201,9 @@ def run_download(download_id: int, worker_name: str = "worker") -> None:
     """Fetch the download with this id into the shared Hub cache (skipped when cancelled or finished)."""
     with session_scope() as session:
         download = session.get(ModelDownload, download_id)
-        if download is None or download.status != "queued":
+        # "running" too: a worker that died mid-download leaves its row running, and acks_late hands the task
+        # to another worker, which carries on (the files already finished stay in the cache).
+        if download is None or download.status not in ("queued", "running") or download.cancel_requested:
             return
         model_id, revision, owner_id = download.model_id, download.revision, download.owner_id
         token = hub_token_of(session, owner_id)
