@@ -1,9 +1,10 @@
 """Fetch a Hub model into the Hub cache the workers share, reporting progress to its ModelDownload row.
 
 Each file goes through ``huggingface_hub.hf_hub_download`` (which honours ``HF_ENDPOINT``, stores blobs in
-the cache layout every loader reads, and resumes a ``.incomplete`` file with an HTTP Range request). Its
+the cache layout every loader reads, and resumes a dropped transfer with an HTTP Range request). Its
 progress bar class is our hook: every chunk counts towards the row (bytes, files, speed, ETA), and a cancel
-asked for in the row stops the transfer there, leaving the partial file for the next attempt to resume.
+asked for in the row stops the transfer there. Files already finished stay in the cache, so the next
+attempt fetches only the rest (huggingface_hub 2.x discards a half-written file, so that one restarts).
 
 Refused before a byte of weights is fetched: a repository whose only weights are pickle files (unless the
 admin allows them), and one with its own Python code that the admin has not allow-listed
@@ -42,7 +43,7 @@ class DownloadRefused(Exception):
 
 
 class DownloadCancelled(Exception):
-    """Someone cancelled the download; the partial file stays in the cache to be resumed."""
+    """Someone cancelled the download; the files already finished stay in the cache."""
 
 
 def choose_files(siblings: list[Any], allow_pickle: bool) -> list[Any]:
@@ -203,18 +204,23 @@ def run_download(download_id: int, worker_name: str = "worker") -> None:
         download = session.get(ModelDownload, download_id)
         # "running" too: a worker that died mid-download leaves its row running, and acks_late hands the task
         # to another worker, which carries on (the files already finished stay in the cache).
-        if download is None or download.status not in ("queued", "running") or download.cancel_requested:
+        if download is None or download.status not in ("queued", "running"):
             return
+        cancelled = download.cancel_requested  # asked while its worker was gone
         model_id, revision, owner_id = download.model_id, download.revision, download.owner_id
         token = hub_token_of(session, owner_id)
-        _start(session, download, worker_name)
+        if not cancelled:
+            _start(session, download, worker_name)
+    if cancelled:
+        _finish(download_id, "cancelled", "Cancelled; asking again fetches what is missing.")
+        return
     try:
         if not get_settings().hub_downloads:
             raise DownloadRefused(DOWNLOADS_OFF)
         with hub_online():
             _fetch(download_id, model_id, revision, token)
     except DownloadCancelled:
-        _finish(download_id, "cancelled", "Cancelled; asking again resumes where it stopped.")
+        _finish(download_id, "cancelled", "Cancelled; asking again fetches what is missing.")
     except Exception as exc:  # every failure is recorded on the row, in words a person can act on
         log.warning("download %s of %s failed: %s", download_id, model_id, exc.__class__.__name__)
         _finish(download_id, "failed", describe_failure(exc, model_id))
@@ -245,7 +251,7 @@ def describe_failure(exc: BaseException, model_id: str) -> str:
         return (
             "The Hub could not be reached from the worker (HF_ENDPOINT); check its network, then try again."
         )
-    return f"The download failed ({exc.__class__.__name__}); try again: finished files are kept, the rest resumes."
+    return f"The download failed ({exc.__class__.__name__}); try again: finished files are kept."
 
 
 def _fetch(download_id: int, model_id: str, revision: str, token: str | None) -> None:

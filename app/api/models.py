@@ -76,7 +76,7 @@ def get_download(download_id: int, session: SessionDep, _user: CurrentUser) -> d
 
 @router.post("/api/v1/model-downloads/{download_id}/cancel")
 def cancel_download(download_id: int, session: SessionDep, user: CurrentUser) -> dict[str, Any]:
-    """Cancel a download (its owner or an admin); the partial file stays, so asking again resumes it."""
+    """Cancel a download (its owner or an admin); finished files stay, so asking again fetches the rest."""
     return downloads.progress(downloads.cancel_download(session, user, download_id))
 
 

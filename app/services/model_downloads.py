@@ -121,7 +121,7 @@ def get_download(session: Session, download_id: int) -> ModelDownload:
 
 def cancel_download(session: Session, user: User, download_id: int) -> ModelDownload:
     """Cancel a download (its owner or an admin): a queued one at once, a running one at the worker's next
-    progress report (within a second); the partial file stays in the cache, so asking again resumes it."""
+    progress report (within a second); finished files stay in the cache, so asking again fetches the rest."""
     from app.errors import Forbidden
 
     download = get_download(session, download_id)
