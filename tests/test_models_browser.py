@@ -39,7 +39,7 @@ def test_download_from_the_models_page_shows_progress_and_lists_the_model(
                 expect(page.get_by_test_id("models-table")).to_contain_text("bundled/all-MiniLM-L6-v2")
                 expect(page.get_by_test_id("recommended")).to_contain_text("Qwen/Qwen2.5-0.5B-Instruct")
                 # when a download is started from the form
-                page.locator("input[name=model_id]").fill("acme/tiny-chat")
+                page.get_by_test_id("download-form").locator("input[name=model_id]").fill("acme/tiny-chat")
                 page.get_by_test_id("download-form").locator("button[type=submit]").click()
                 # then the table shows it running with a partly filled bar, then succeeded
                 row = page.locator("[data-download]").first
