@@ -180,7 +180,8 @@ class MetricPoint(SQLModel, table=True):
     values: dict[str, float] = Field(sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
     attempt: int = Field(
-        default=0, description="The job's attempt (start) that logged it; 0: logged before attempts were kept."
+        default=0,
+        description="The job's attempt (start) that logged it; 0: logged before attempts were kept.",
     )
 
 

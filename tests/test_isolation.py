@@ -18,7 +18,16 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session
 
 from app.db import get_engine
-from app.models import Adapter, Evaluation, Job, JobStatus, Sweep, Webhook, WebhookDelivery
+from app.models import (
+    Adapter,
+    Evaluation,
+    Job,
+    JobStatus,
+    ModelDownload,
+    Sweep,
+    Webhook,
+    WebhookDelivery,
+)
 from app.spec import JobSpec
 from app.storage import get_store
 from tests.conftest import Account
@@ -36,6 +45,16 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("PATCH", "/api/v1/users/{user_id}"): {"json": {"max_concurrent_jobs": 9}},
     ("POST", "/api/v1/adapters/{adapter_id}/evaluations"): {"json": {"dataset_id": 1}},
 }
+# Studio-wide objects: the model library and its Hub downloads are shared by everyone on the server (one
+# Hub cache the workers share), so Bob may read them; only changing them is kept to their owner or an admin.
+SHARED: dict[tuple[str, str], tuple[int, ...]] = {
+    ("GET", "/api/v1/models/{model_id:path}"): (200,),
+    ("DELETE", "/api/v1/models/{model_id:path}"): (403,),
+    ("GET", "/api/v1/model-downloads/{download_id}"): (200,),
+    ("GET", "/api/v1/model-downloads/{download_id}/stream"): (200,),
+    ("POST", "/api/v1/model-downloads/{download_id}/cancel"): (403,),
+    ("POST", "/models/downloads/{download_id}/cancel"): (403,),
+}
 # Streams and downloads would hold a request open or send files; with another owner's id they end at once.
 SKIP_LIST_CHECK = re.compile(r"/stream$|/download$|/content$|^/logout$|^/login|^/register$|^/healthz$")
 
@@ -51,6 +70,7 @@ class AliceObjects:
     delivery: int
     token: int
     evaluation: int = 0
+    download: int = 0
 
 
 @pytest.fixture
@@ -108,6 +128,8 @@ def alice(client: TestClient, make_user: Any) -> AliceObjects:
         evaluation = Evaluation(owner_id=account.id, adapter_id=adapter.id or 0, dataset_id=dataset["id"],
                                 task="sequence-classification", settings={"text_column": SECRET})  # fmt: skip
         session.add(evaluation)
+        download = ModelDownload(owner_id=account.id, model_id="alice/model", status="succeeded")
+        session.add(download)
         session.commit()
         return AliceObjects(
             account,
@@ -119,6 +141,7 @@ def alice(client: TestClient, make_user: Any) -> AliceObjects:
             delivery.id or 0,
             token["id"],
             evaluation.id or 0,
+            download.id or 0,
         )
 
 
@@ -134,6 +157,8 @@ def owned_value(path: str, param: str, alice: AliceObjects) -> str | None:
         "delivery_id": str(alice.delivery),
         "token_id": str(alice.token),
         "evaluation_id": str(alice.evaluation),
+        "download_id": str(alice.download),
+        "model_id": "bundled/all-MiniLM-L6-v2",
         "user_id": str(alice.user.id),
         "step": "1",
         "file_id": f"file-{alice.dataset}",
@@ -167,6 +192,14 @@ def test_other_users_ids_are_404_on_every_route(
                 break
             url = re.sub(r"\{" + param + r"(:[^}]*)?\}", value, url)
         else:
+            if (method, path) in SHARED:
+                # when: Bob reads or changes a studio-wide object: reading works, changing is refused
+                response = client.request(method, url, headers=other_user.headers, follow_redirects=False)
+                assert response.status_code in SHARED[(method, path)], (
+                    f"{method} {url}: {response.status_code} {response.text[:300]}"
+                )
+                checked.append(f"{method} {path}")
+                continue
             # when: Bob uses Alice's id
             response = client.request(method, url, headers=other_user.headers, follow_redirects=False,
                                       **BODIES.get((method, path), {}))  # fmt: skip
