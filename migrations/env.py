@@ -33,12 +33,19 @@ def run_migrations_online() -> None:
                 broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
                 if broken:
                     raise RuntimeError(f"migrations left rows whose foreign keys point nowhere: {broken[:5]}")
+            if not sqlite:
+                connection.commit()  # Postgres: the lock statement began the transaction, so Alembic left it open
         finally:
             if sqlite:
                 connection.rollback()
                 connection.exec_driver_sql("PRAGMA foreign_keys=ON")
                 connection.commit()
             if connection.dialect.name == "postgresql":
+                # Unlock only after the commit above (or the rollback of a failed migration): a starter that got
+                # the lock while this schema was uncommitted read an empty alembic_version and created the same
+                # tables again (DuplicateTable). The advisory lock belongs to the session and outlives commits.
+                if connection.in_transaction():
+                    connection.rollback()  # only a failed migration is left uncommitted here
                 connection.exec_driver_sql("SELECT pg_advisory_unlock(727274)")
                 connection.commit()
 
