@@ -116,7 +116,9 @@ def test_killing_serve_ends_its_worker_and_a_new_serve_names_its_own(tmp_path: P
 
             (replacement,) = poll(new_worker, 120, "the new serve's worker", second.log)
             assert replacement["name"] != worker["name"]
-            assert [w["name"] for w in live_workers(second)] == [replacement["name"]]
+            # and the killed serve's worker drops off the live list once three heartbeats are missed
+            poll(lambda: [w["name"] for w in live_workers(second)] == [replacement["name"]], 60,
+                 "only the new worker to be listed", second.log)  # fmt: skip
 
 
 # ---- the supervisor on stand-in processes ------------------------------------------------------

@@ -184,6 +184,9 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 @worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
     _registration.stop.set()
+    # Wait for a heartbeat already under way, or it could write "online" over the "offline" below.
+    if _registration.thread is not None and _registration.thread is not threading.current_thread():
+        _registration.thread.join(timeout=5)
     _update(status="offline", current_job_id=None)
 
 
