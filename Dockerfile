@@ -12,7 +12,7 @@ WORKDIR /studio
 
 # Dependencies first (pinned in pyproject.toml, torch included), so a code change does not reinstall them.
 # The install is editable because the app finds alembic.ini, migrations/, templates/ and static/ beside
-# its package folders (app/db.py: PROJECT_ROOT).
+# its package folders (app/core/db.py: PROJECT_ROOT).
 COPY pyproject.toml README.md ./
 RUN mkdir app worker \
     && touch app/__init__.py worker/__init__.py \

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from app import client_cli
+from app.client import cli as client_cli
 from app.supervisor import WorkerSupervisor
 
 cli = typer.Typer(help="PEFT Studio: a web-based fine-tuning studio.", no_args_is_help=True)
@@ -27,7 +27,7 @@ def worker_command(queues: str | None = None, concurrency: int = 1, hostname: st
         "-m",
         "celery",
         "-A",
-        "app.queue:celery_app",
+        "app.core.queue:celery_app",
         "worker",
         "--pool=solo",
         f"--concurrency={concurrency}",
@@ -53,8 +53,8 @@ def serve(
     """
     import uvicorn
 
-    from app.db import run_migrations
-    from app.settings import get_settings
+    from app.core.db import run_migrations
+    from app.core.settings import get_settings
 
     settings = get_settings()
     settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
@@ -95,8 +95,8 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 def _print_login_link(host: str, port: int) -> None:
     """Like Jupyter: on this machine (or before the admin has a password) print a one-time sign-in link."""
-    from app.auth import bootstrap_accounts, create_login_token, login_link
-    from app.db import session_scope
+    from app.core.db import session_scope
+    from app.http.auth import bootstrap_accounts, create_login_token, login_link
 
     admin = bootstrap_accounts()
     if host not in LOOPBACK_HOSTS and admin.password_hash:
@@ -118,9 +118,9 @@ def login_link_command(
     """Print a one-time link that signs a browser in (for the admin, or another user)."""
     from sqlmodel import col, select
 
-    from app.auth import bootstrap_accounts, create_login_token, login_link
-    from app.db import run_migrations, session_scope
-    from app.models import User
+    from app.core.db import run_migrations, session_scope
+    from app.core.models import User
+    from app.http.auth import bootstrap_accounts, create_login_token, login_link
 
     run_migrations()
     bootstrap_accounts()
@@ -137,7 +137,7 @@ def login_link_command(
 @cli.command()
 def migrate() -> None:
     """Bring the database schema to the newest revision."""
-    from app.db import run_migrations
+    from app.core.db import run_migrations
 
     run_migrations()
     typer.echo("database is up to date")
@@ -162,7 +162,7 @@ def make_tiny_lm(
     typer.echo(f"tiny Llama written to {folder.resolve()}; use it as the base_model of a causal-lm job")
 
 
-# The REST client's command groups (datasets, jobs, adapters, tokens): app/client_cli.py.
+# The REST client's command groups (datasets, jobs, adapters, tokens): app/client/cli.py.
 client_cli.mount(cli)
 
 

@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import auth as accounts
 from app.api import adapter_import, adapters, datasets, generate, jobs, meta, openai_compat, webhooks
 from app.api import auth as auth_api
 from app.api import evaluations as evaluations_api
@@ -21,9 +20,10 @@ from app.api import models as models_api
 from app.api import sweeps as sweeps_api
 from app.api import tokens as tokens_api
 from app.api import users as users_api
-from app.db import PROJECT_ROOT, run_migrations
-from app.errors import StudioError
-from app.gate import is_openai_path
+from app.core.db import PROJECT_ROOT, run_migrations
+from app.core.errors import StudioError
+from app.http import auth as accounts
+from app.http.gate import is_openai_path
 from app.services.recovery import start_reaper
 from app.web import (
     api_docs,
@@ -81,7 +81,7 @@ def create_app(migrate: bool = True) -> FastAPI:
         if reaper is not None:
             reaper.cancel()
 
-    # Every route, including routers added later, requires a signed-in user (app/auth.py; public: /healthz, /login*).
+    # Every route, including routers added later, requires a signed-in user (app/http/auth.py; public: /healthz, /login*).
     app = FastAPI(
         title="PEFT Studio",
         version="0.1.0",

@@ -82,9 +82,9 @@ def main() -> None:
     from fastapi.testclient import TestClient
     from sqlmodel import Session
 
-    from app.db import get_engine
+    from app.core.db import get_engine
+    from app.core.models import Job, JobStatus
     from app.main import create_app
-    from app.models import Job, JobStatus
 
     results: dict[str, Any] = {"bench": "dashboard", "points": args.points}
     with TestClient(create_app(), headers={"Authorization": f"Bearer {TOKEN}"}) as client:

@@ -7,7 +7,7 @@ TREC run beside it, through the real worker path (``worker.engine.run_job``), ea
 
 SST-2: train.csv (6,920 rows) with dev.csv (872) as the validation dataset; TREC: train.csv (5,452 rows, 6
 classes) with test.csv (500) as the validation dataset. The job is resolved by the same rule as the API
-(app/autoconfig.py) and keeps its best evaluation. *train seconds* is Trainer.train minus the evaluations;
+(app/core/autoconfig.py) and keeps its best evaluation. *train seconds* is Trainer.train minus the evaluations;
 the machine's load average is recorded with each run, since this 2-core machine is shared. Results are
 appended to bench/results/defaults.jsonl.
 """
@@ -47,11 +47,11 @@ def run_one(name: str) -> dict[str, Any]:
 
     from sqlmodel import Session, select
 
-    from app.autoconfig import resolve_spec
-    from app.db import get_engine, run_migrations
-    from app.models import Adapter, Job, JobEvent
+    from app.core.autoconfig import resolve_spec
+    from app.core.db import get_engine, run_migrations
+    from app.core.models import Adapter, Job, JobEvent
+    from app.core.spec import JobSpec
     from app.services.datasets import create_dataset
-    from app.spec import JobSpec
     from worker import engine
 
     run_migrations()

@@ -323,7 +323,7 @@ class Studio:
 
         from sqlmodel import Session
 
-        from app.db import get_engine, run_migrations
+        from app.core.db import get_engine, run_migrations
         from app.services.datasets import create_dataset
 
         run_migrations()
@@ -343,9 +343,9 @@ class Studio:
     ) -> None:
         from sqlmodel import Session, select
 
-        from app.db import get_engine
-        from app.models import Adapter, Job
-        from app.spec import JobSpec
+        from app.core.db import get_engine
+        from app.core.models import Adapter, Job
+        from app.core.spec import JobSpec
         from worker import engine
 
         cuda = __import__("torch").cuda.is_available()
@@ -353,7 +353,7 @@ class Studio:
         if method == "qlora":
             method_config.update(bits=4, quant_type="nf4", double_quant=True)
             method_config["compute_dtype"] = "bfloat16" if cuda else "float32"
-        from app.spec import TrainingSettings
+        from app.core.spec import TrainingSettings
 
         training: dict[str, Any] = {
             "max_steps": cfg["warmup_steps"] + cfg["steps"],
@@ -664,7 +664,7 @@ def main() -> None:
         TOKENIZERS_PARALLELISM="false",
         HF_HUB_DISABLE_PROGRESS_BARS="1",
         PEFT_STUDIO_DATA_DIR=str(data_dir),
-        # the random model is written to a temporary folder: register it (app/base_models.py)
+        # the random model is written to a temporary folder: register it (app/core/base_models.py)
         PEFT_STUDIO_MODEL_FOLDERS=json.dumps([tempfile.gettempdir()]),
     )
     os.environ.pop("PEFT_STUDIO_DATABASE_URL", None)

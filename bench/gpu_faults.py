@@ -37,9 +37,9 @@ def _cuda_allocated_gib() -> float:
 def _job(studio: "g.Studio", model_dir: Path, cfg: dict[str, Any], **training: Any) -> int:
     from sqlmodel import Session
 
-    from app.db import get_engine
-    from app.models import Job
-    from app.spec import JobSpec
+    from app.core.db import get_engine
+    from app.core.models import Job
+    from app.core.spec import JobSpec
 
     spec = JobSpec.model_validate(
         {
@@ -72,8 +72,8 @@ def _job(studio: "g.Studio", model_dir: Path, cfg: dict[str, Any], **training: A
 def _state(job_id: int) -> dict[str, Any]:
     from sqlmodel import Session
 
-    from app.db import get_engine
-    from app.models import Job
+    from app.core.db import get_engine
+    from app.core.models import Job
 
     with Session(get_engine()) as session:
         job = session.get(Job, job_id)
@@ -111,7 +111,7 @@ def main() -> None:
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         PEFT_STUDIO_DATA_DIR=tempfile.mkdtemp(prefix="gpu-faults-studio-"),
-        # the random model is written to a temporary folder: register it (app/base_models.py)
+        # the random model is written to a temporary folder: register it (app/core/base_models.py)
         PEFT_STUDIO_MODEL_FOLDERS=json.dumps([tempfile.gettempdir()]),
     )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -143,8 +143,8 @@ def main() -> None:
     try:
         from sqlmodel import Session
 
-        from app.db import get_engine
-        from app.models import Job
+        from app.core.db import get_engine
+        from app.core.models import Job
 
         job_id = _job(studio, model_dir, cfg, max_steps=100_000, batch_size=cfg["batch_size"])
         requested: dict[str, float] = {}

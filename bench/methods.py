@@ -57,10 +57,10 @@ def run_one(
 
     from sqlmodel import Session, select
 
-    from app.db import get_engine, run_migrations
-    from app.models import Adapter, Job
+    from app.core.db import get_engine, run_migrations
+    from app.core.models import Adapter, Job
+    from app.core.spec import JobSpec
     from app.services.datasets import create_dataset
-    from app.spec import JobSpec
     from worker import engine
     from worker.methods import get_method
 

@@ -30,9 +30,9 @@ def make_adapters(root: Path, count: int, seed: int = 0) -> list[Path]:
     import torch
     from transformers import AutoTokenizer
 
-    from app.base_models import resolve_base_model
-    from app.settings import BUNDLED_MODEL_ID
-    from app.spec import JobSpec
+    from app.core.base_models import resolve_base_model
+    from app.core.settings import BUNDLED_MODEL_ID
+    from app.core.spec import JobSpec
     from worker.methods import BuildContext, get_method
     from worker.recipes import get_recipe
 
@@ -70,7 +70,7 @@ def make_adapters(root: Path, count: int, seed: int = 0) -> list[Path]:
 
 def fresh_model(folder: Path) -> Any:
     """Base + adapter loaded from disk, as without a warm cache."""
-    from app.base_models import resolve_base_model
+    from app.core.base_models import resolve_base_model
     from worker.methods import get_method
     from worker.recipes import get_recipe
 

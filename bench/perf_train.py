@@ -114,10 +114,10 @@ def run_studio(options: argparse.Namespace) -> dict[str, Any]:
 
     from sqlmodel import Session
 
-    from app.db import get_engine, run_migrations
-    from app.models import Job
+    from app.core.db import get_engine, run_migrations
+    from app.core.models import Job
+    from app.core.spec import JobSpec
     from app.services.datasets import create_dataset
-    from app.spec import JobSpec
     from worker import engine
 
     run_migrations()
@@ -185,7 +185,7 @@ def run_studio(options: argparse.Namespace) -> dict[str, Any]:
         session.refresh(job)
         job_id = job.id
     engine.run_job(job_id)
-    from app.models import Adapter
+    from app.core.models import Adapter
 
     with Session(get_engine()) as session:
         finished = session.get(Job, job_id)
@@ -214,7 +214,7 @@ def run_script(options: argparse.Namespace) -> dict[str, Any]:
         set_seed,
     )
 
-    from app.base_models import bundled_model_path
+    from app.core.base_models import bundled_model_path
 
     def read(name: str, rows: int | None) -> tuple[list[str], list[int]]:
         reader = list(csv.DictReader(io.StringIO(csv_rows(name, rows))))

@@ -3,8 +3,8 @@
 from alembic import context
 from sqlmodel import SQLModel
 
-import app.models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from app.db import get_engine
+import app.core.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from app.core.db import get_engine
 
 target_metadata = SQLModel.metadata
 

@@ -21,10 +21,10 @@ WHEELS=(
   sqlmodel==0.0.50 sqlalchemy==2.1.9 alembic==1.20.1 mako==1.4.3
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   typing-extensions==4.16.0 pydantic-settings==2.16.3 python-dotenv==1.2.4 starlette==1.10.0
-  # the queue layer, in case the engine's imports reach it (app.queue, worker.tasks)
+  # the queue layer, in case the engine's imports reach it (app.core.queue, worker.tasks)
   celery==5.7.0 kombu==5.7.0 billiard==4.3.2 vine==5.1.0 amqp==5.4.2 click-didyoumean==0.3.1
   click-repl==0.4.1 click-plugins==1.1.1.2 prompt-toolkit==3.0.53 wcwidth==0.9.4 tzlocal==5.4.5
-  # the web and auth layer, in case they do too (app.auth, app.deps)
+  # the web and auth layer, in case they do too (app.http.auth, app.http.deps)
   fastapi==0.163.2 opentelemetry-api==1.45.2 argon2-cffi==25.1.0 argon2-cffi-bindings==26.2.0 cffi==2.1.1
   pycparser==3.12
 )

@@ -1,4 +1,4 @@
-// Behaviour every page shares, kept out of the templates because the Content-Security-Policy (app/gate.py)
+// Behaviour every page shares, kept out of the templates because the Content-Security-Policy (app/http/gate.py)
 // runs no inline script, no inline event handler and no javascript: URL. Loaded at the end of <body>, before
 // the deferred scripts, so fetch() is wrapped before anything else calls it.
 // CSRF for everything a signed-in page sends: htmx gets the header from hx-headers on <body>; plain forms

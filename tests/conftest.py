@@ -97,7 +97,7 @@ def chromium_path() -> str:
 def registered_model_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Tests build tiny models in pytest's temporary folder: register it as a model folder
     (PEFT_STUDIO_MODEL_FOLDERS) for in-process and ``serve`` studios alike (tests/studio.py passes it on).
-    Each studio's own data folder lies inside it too and stays refused (app/base_models.py)."""
+    Each studio's own data folder lies inside it too and stays refused (app/core/base_models.py)."""
     import json
 
     os.environ["PEFT_STUDIO_MODEL_FOLDERS"] = json.dumps([str(tmp_path_factory.getbasetemp())])
@@ -108,9 +108,9 @@ def registered_model_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterat
 @pytest.fixture
 def studio_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """In-process settings pointed at a fresh data folder (SQLite, migrated); yields the folder."""
-    from app.db import get_engine, run_migrations
-    from app.queue import get_celery
-    from app.settings import get_settings
+    from app.core.db import get_engine, run_migrations
+    from app.core.queue import get_celery
+    from app.core.settings import get_settings
 
     data_dir = tmp_path / "data"
     monkeypatch.setenv("PEFT_STUDIO_DATA_DIR", str(data_dir))
@@ -158,8 +158,8 @@ class Account:
 @pytest.fixture
 def make_user(client: object) -> Callable[..., Account]:
     """Make a non-admin user with a password and an API token: ``make_user("bob", max_concurrent_jobs=1)``."""
-    from app.auth import create_api_token, create_user
-    from app.db import session_scope
+    from app.core.db import session_scope
+    from app.http.auth import create_api_token, create_user
 
     def make(username: str = "bob", **options: object) -> Account:
         password = f"{username}-password-123"

@@ -6,9 +6,9 @@ from typing import Any
 
 from sqlmodel import Session
 
-from app.models import Dataset, Job
+from app.core.models import Dataset, Job
+from app.core.spec import JobSpec
 from app.services.datasets import create_dataset as store_dataset
-from app.spec import JobSpec
 from tests.studio import SHARED_DATA
 
 

@@ -15,11 +15,11 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from app.auth import SESSION_COOKIE, hash_secret
-from app.db import get_engine
-from app.errors import InvalidSpec
-from app.models import ApiToken, Job, User, utcnow
-from app.safety import UnsafeArchive, check_base_model, safe_extract_zip
+from app.core.db import get_engine
+from app.core.errors import InvalidSpec
+from app.core.models import ApiToken, Job, User, utcnow
+from app.http.auth import SESSION_COOKIE, hash_secret
+from app.http.safety import UnsafeArchive, check_base_model, safe_extract_zip
 from tests.conftest import ADMIN_TOKEN, Account
 from tests.factories import sst2_bytes
 
@@ -153,7 +153,7 @@ def test_expired_token_and_deactivated_user_get_401(client: TestClient, other_us
 
 def _login_as(client: TestClient, account: Account) -> dict[str, str]:
     """Headers of a fresh token of ``account`` made straight in the database (its old one may be expired)."""
-    from app.auth import create_api_token
+    from app.http.auth import create_api_token
 
     with Session(get_engine()) as session:
         user = session.get(User, account.id)
@@ -390,7 +390,7 @@ def test_adapter_import_refuses_zip_slip_and_pickles_and_accepts_a_clean_adapter
 
 
 def test_oversized_uploads_are_refused(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     monkeypatch.setenv("PEFT_STUDIO_MAX_UPLOAD_BYTES", "2000")
     get_settings.cache_clear()
@@ -412,7 +412,7 @@ def test_oversized_uploads_are_refused(client: TestClient, monkeypatch: pytest.M
 def test_base_models_load_from_safetensors_without_remote_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

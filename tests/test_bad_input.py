@@ -35,8 +35,8 @@ GENERATORS: dict[str, Callable[[], bytes]] = {
 
 def _stored(data_dir: Path) -> dict[str, Any]:
     """Row counts and artifact files: what a failed request must leave exactly as it was."""
-    from app.db import get_engine
-    from app.models import Dataset, Job, JobEvent
+    from app.core.db import get_engine
+    from app.core.models import Dataset, Job, JobEvent
 
     with Session(get_engine()) as session:
         counts = {
@@ -69,12 +69,12 @@ def _substitute(value: Any, ids: dict[str, int]) -> Any:
 @pytest.fixture
 def no_enqueue(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No broker runs in these tests: a spec that got as far as the queue is a test failure."""
-    import app.queue
+    import app.core.queue
 
     def refuse(job_id: int) -> str:
         raise AssertionError(f"job {job_id} was sent to the queue; its spec should have been refused first")
 
-    monkeypatch.setattr(app.queue, "enqueue_training", refuse)
+    monkeypatch.setattr(app.core.queue, "enqueue_training", refuse)
     yield
 
 
@@ -116,7 +116,7 @@ def test_bad_input_is_refused_and_nothing_is_kept(
     monkeypatch: pytest.MonkeyPatch,
     no_enqueue: None,
 ) -> None:
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     # given: the case's settings, and the datasets a job case refers to (uploaded before the snapshot)
     for name, value in case.get("settings", {}).items():

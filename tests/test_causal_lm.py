@@ -16,9 +16,9 @@ import pytest
 import torch
 from sqlmodel import Session, select
 
-from app.models import Adapter, Job, JobStatus, MetricPoint
-from app.spec import JobSpec
-from app.storage import get_store
+from app.core.models import Adapter, Job, JobStatus, MetricPoint
+from app.core.spec import JobSpec
+from app.core.storage import get_store
 from tests import lm
 from tests.conftest import ADMIN_TOKEN
 from tests.factories import create_dataset, create_job
@@ -40,9 +40,9 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """conftest's studio_settings for the whole module: settings on a fresh, migrated data folder."""
-    from app.db import get_engine, run_migrations
-    from app.queue import get_celery
-    from app.settings import get_settings
+    from app.core.db import get_engine, run_migrations
+    from app.core.queue import get_celery
+    from app.core.settings import get_settings
 
     with pytest.MonkeyPatch.context() as patch:
         data_dir = tmp_path_factory.mktemp("causal-lm") / "data"
@@ -61,7 +61,7 @@ def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def session(studio: Path) -> Iterator[Session]:
-    from app.db import get_engine
+    from app.core.db import get_engine
 
     with Session(get_engine()) as db:
         yield db
@@ -129,7 +129,7 @@ def sse_events(body: str) -> list[tuple[str, dict[str, Any]]]:
 
 def test_masked_labels_are_exactly_the_prompt_tokens(tiny_lm: Path) -> None:
     # given the tokenizer's own (ChatML) template and one Alpaca row
-    from app.formats import example_from_row
+    from app.core.formats import example_from_row
 
     tokenizer = load_tokenizer(str(tiny_lm))
     encoder = Encoder(tokenizer, tokenizer.chat_template, 256, train_on_prompt=False)
@@ -155,7 +155,7 @@ def test_masked_labels_are_exactly_the_prompt_tokens(tiny_lm: Path) -> None:
 
 
 def test_train_on_prompt_and_plain_text_train_every_token_but_the_first(tiny_lm: Path) -> None:
-    from app.formats import Example
+    from app.core.formats import Example
 
     tokenizer = load_tokenizer(str(tiny_lm))
     encoder = Encoder(tokenizer, tokenizer.chat_template, 16, train_on_prompt=True)
@@ -259,7 +259,7 @@ def test_chat_rows_that_are_not_message_lists_are_refused(api: Any, session: Ses
 
 def test_packing_keeps_examples_apart(session: Session, tiny_lm: Path) -> None:
     # given five short examples packed by the recipe into rows of 512 tokens
-    from app.base_models import resolve_base_model
+    from app.core.base_models import resolve_base_model
     from worker.recipes import causal_lm
 
     rows = [row | {"output": row["output"][:150]} for row in alpaca_rows(5)]
@@ -346,7 +346,7 @@ def test_the_same_spec_trains_the_same_adapter(session: Session, tiny_lm: Path, 
 
 
 def test_lora_memorises_responses_and_generation_stops_at_eos(session: Session, memorised: Adapter) -> None:
-    from app.formats import GenerationSettings
+    from app.core.formats import GenerationSettings
     from worker.generation import generate
 
     folder = get_store().path(memorised.storage_key)
@@ -476,7 +476,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(
 
 
 def test_prompt_based_adapters_cannot_be_merged(tmp_path: Path) -> None:
-    from app.errors import InvalidSpec
+    from app.core.errors import InvalidSpec
     from worker.merge import check_mergeable
 
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')

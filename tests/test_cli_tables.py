@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from app import client_cli
+from app.client import cli as client_cli
 
 ADAPTERS = {
     "count": 2,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from app.client_cli import build_spec
+from app.client.cli import build_spec
 from tests import lm
 from tests.lm import MEMORISE, json_bytes
 from tests.studio import PROJECT_ROOT, RunningStudio, free_port, run_studio

@@ -60,8 +60,8 @@ def test_the_compare_page_shows_quotes_unescaped() -> None:
 def test_jobs_list_and_dashboard_show_each_jobs_headline_metric(client: Any) -> None:
     from sqlmodel import Session
 
-    from app.db import get_engine
-    from app.models import Adapter, JobStatus
+    from app.core.db import get_engine
+    from app.core.models import Adapter, JobStatus
     from tests.factories import create_job, sst2_bytes
 
     # given: a finished classification job whose adapter kept accuracy 0.8125, and a job still queued

@@ -81,7 +81,7 @@ def test_config_diff_lists_only_the_fields_that_differ() -> None:
 def _fake_finished_job(session: Any, dataset_id: int, lr: float, accuracies: list[float], rss: float) -> int:
     from datetime import timedelta
 
-    from app.models import Adapter, JobStatus, MetricPoint, utcnow
+    from app.core.models import Adapter, JobStatus, MetricPoint, utcnow
 
     job = create_job(session, dataset_id=dataset_id, training={"learning_rate": lr, "max_steps": 10})
     job.status = JobStatus.succeeded
@@ -123,7 +123,7 @@ def _fake_finished_job(session: Any, dataset_id: int, lr: float, accuracies: lis
 def test_compare_view_summary_and_diff(client: Any) -> None:
     from sqlmodel import Session
 
-    from app.db import get_engine
+    from app.core.db import get_engine
 
     # given: two finished jobs that differ only in learning rate
     dataset_id = client.post("/api/v1/datasets", files={"file": ("d.csv", sst2_bytes(40))}).json()["id"]
@@ -205,8 +205,8 @@ def test_a_run_serves_what_the_trainer_logged_and_reports_to_trackers(
 ) -> None:
     from sqlmodel import Session
 
-    from app.db import get_engine
-    from app.models import Job, JobStatus
+    from app.core.db import get_engine
+    from app.core.models import Job, JobStatus
     from worker.engine import run_job
 
     # given: a tiny LoRA job with TensorBoard and MLflow (a local SQLite store) switched on
@@ -287,7 +287,7 @@ def test_a_run_serves_what_the_trainer_logged_and_reports_to_trackers(
 def test_tensorboard_download_without_tracking_is_a_clear_404(client: Any) -> None:
     from sqlmodel import Session
 
-    from app.db import get_engine
+    from app.core.db import get_engine
 
     dataset_id = client.post("/api/v1/datasets", files={"file": ("d.csv", sst2_bytes(40))}).json()["id"]
     with Session(get_engine()) as session:

@@ -7,8 +7,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from app.db import get_engine
-from app.models import Dataset, Job, JobStatus
+from app.core.db import get_engine
+from app.core.models import Dataset, Job, JobStatus
 
 CSV = b"text,label\ngood movie,pos\nbad movie,neg\nlovely film,pos\nawful film,neg\n"
 
@@ -35,7 +35,7 @@ def _insert_job(dataset_id: int, status: JobStatus, **spec: Any) -> int:
 
 
 def _stored_file(data_dir: Path, dataset_id: int) -> Path:
-    from app.storage import get_store
+    from app.core.storage import get_store
 
     with Session(get_engine()) as session:
         dataset = session.get(Dataset, dataset_id)

@@ -1,10 +1,10 @@
-"""Parsing and profiling of dataset files (app.datasets_io): small, fast, no database."""
+"""Parsing and profiling of dataset files (app.core.datasets_io): small, fast, no database."""
 
 import json
 
 import pytest
 
-from app.datasets_io import (
+from app.core.datasets_io import (
     MAX_CSV_FIELD_CHARS,
     PREVIEW_ROWS,
     detect_format,
@@ -12,7 +12,7 @@ from app.datasets_io import (
     profile_rows,
     read_dataset,
 )
-from app.errors import InvalidDataset
+from app.core.errors import InvalidDataset
 
 
 def _profile(data: bytes, fmt: str) -> dict:

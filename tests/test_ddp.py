@@ -8,9 +8,9 @@ import pytest
 from safetensors import safe_open
 from sqlmodel import Session, select
 
-from app.db import get_engine
-from app.models import Adapter, Job, JobEvent, JobStatus, MetricPoint
-from app.storage import get_store
+from app.core.db import get_engine
+from app.core.models import Adapter, Job, JobEvent, JobStatus, MetricPoint
+from app.core.storage import get_store
 from tests.factories import create_dataset, create_job, sst2_bytes
 
 pytestmark = pytest.mark.timeout(300)
@@ -29,7 +29,7 @@ TRAINING = {
 @pytest.fixture
 def session(studio_settings: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("PEFT_STUDIO_TORCH_THREADS", "1")
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     get_settings.cache_clear()
     with Session(get_engine()) as db:

@@ -1,4 +1,4 @@
-"""Defaults that learn: the ``auto`` rule (app/autoconfig.py), the stored resolved spec, the best evaluation kept,
+"""Defaults that learn: the ``auto`` rule (app/core/autoconfig.py), the stored resolved spec, the best evaluation kept,
 and the demo job with every default learning (through the real engine)."""
 
 import json
@@ -7,13 +7,19 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from app.autoconfig import MIN_STEPS, RuleInputs, estimate_parameters, learning_rate_for, resolve_training
-from app.base_models import resolve_base_model
-from app.db import get_engine
-from app.models import Adapter, Job, JobEvent, JobStatus
-from app.settings import BUNDLED_MODEL_ID
-from app.spec import JobSpec, TrainingSettings
-from app.storage import get_store
+from app.core.autoconfig import (
+    MIN_STEPS,
+    RuleInputs,
+    estimate_parameters,
+    learning_rate_for,
+    resolve_training,
+)
+from app.core.base_models import resolve_base_model
+from app.core.db import get_engine
+from app.core.models import Adapter, Job, JobEvent, JobStatus
+from app.core.settings import BUNDLED_MODEL_ID
+from app.core.spec import JobSpec, TrainingSettings
+from app.core.storage import get_store
 
 MINILM_PARAMS = estimate_parameters(resolve_base_model(BUNDLED_MODEL_ID).config)
 
@@ -141,7 +147,7 @@ def test_demo_job_with_every_default_learns(session: Session) -> None:
 
     # given the demo dataset and a job with every default (resolved as the API does)
     dataset, _ = load_demo_dataset(session)
-    from app.autoconfig import resolve_spec
+    from app.core.autoconfig import resolve_spec
 
     spec, _ = resolve_spec(session, JobSpec(dataset_id=dataset.id))
     job = Job(name="demo", spec=spec.model_dump(mode="json"), method="lora", base_model=spec.base_model)

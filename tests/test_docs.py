@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fastapi.routing import iter_route_contexts
 
-from app.settings import Settings
+from app.core.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DOCS = PROJECT_ROOT / "docs"
@@ -163,7 +163,9 @@ def test_compose_sets_only_real_settings() -> None:
         - known
     )
 
-    assert not unknown, f"docker-compose.yml sets variables that app/settings.py does not read: {unknown}"
+    assert not unknown, (
+        f"docker-compose.yml sets variables that app/core/settings.py does not read: {unknown}"
+    )
 
 
 def test_dockerfile_installs_the_project_on_python_slim() -> None:

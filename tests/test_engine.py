@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from app.db import get_engine
-from app.models import Adapter, Job, JobStatus, MetricPoint
-from app.storage import get_store
+from app.core.db import get_engine
+from app.core.models import Adapter, Job, JobStatus, MetricPoint
+from app.core.storage import get_store
 from tests.factories import create_dataset, create_job, sst2_bytes
 
 

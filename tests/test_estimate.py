@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.settings import BUNDLED_MODEL_ID
-from app.spec import JobSpec
+from app.core.settings import BUNDLED_MODEL_ID
+from app.core.spec import JobSpec
 from worker.methods import CLASSIFICATION, get_method
 
 MINILM_PARAMS = 22_713_216  # the bundled MiniLM without a head: BERT body and pooler
@@ -101,7 +101,7 @@ def test_api_unknown_dataset_is_a_422(client: TestClient) -> None:
 
 
 def test_the_base_model_is_built_on_the_meta_device() -> None:
-    from app.base_models import resolve_base_model
+    from app.core.base_models import resolve_base_model
     from worker.estimate import meta_model
 
     model = meta_model(resolve_base_model(BUNDLED_MODEL_ID), CLASSIFICATION, 2)

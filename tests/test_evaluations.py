@@ -16,9 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from app.db import get_engine
-from app.models import Adapter, AuditEvent, Evaluation, EvaluationStatus, Job, JobStatus, MetricPoint
-from app.spec import JobSpec
+from app.core.db import get_engine
+from app.core.models import Adapter, AuditEvent, Evaluation, EvaluationStatus, Job, JobStatus, MetricPoint
+from app.core.spec import JobSpec
 from tests import lm
 from tests.conftest import Account
 from tests.factories import sst2_bytes

@@ -6,8 +6,9 @@ from typing import Any
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from app.errors import InvalidDataset
-from app.formats import (
+from app.core.chat_templates import ALPACA, CHATML, NAMED_TEMPLATES, resolve_template, tokenizer_chat_template
+from app.core.errors import InvalidDataset
+from app.core.formats import (
     Example,
     Message,
     Render,
@@ -17,8 +18,7 @@ from app.formats import (
     render_segments,
     required_columns,
 )
-from app.spec import CausalLMSettings
-from app.templates_chat import ALPACA, CHATML, NAMED_TEMPLATES, resolve_template, tokenizer_chat_template
+from app.core.spec import CausalLMSettings
 from worker.tiny_lm import CHAT_TEMPLATE as TINY_TEMPLATE
 
 

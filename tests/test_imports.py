@@ -277,9 +277,9 @@ def test_share_of_distinct_labels_over_half_is_refused(client: TestClient, tmp_p
 def test_joined_text_columns_are_validated_and_read_joined(client: TestClient, tmp_path: Path) -> None:
     from sqlmodel import Session
 
-    from app.db import get_engine
-    from app.models import Dataset
-    from app.spec import JobSpec
+    from app.core.db import get_engine
+    from app.core.models import Dataset
+    from app.core.spec import JobSpec
     from worker.recipes.classification_data import classification_data
 
     dataset = _upload(client, fixtures.headerless_news(tmp_path / "news.csv", 120))
@@ -403,7 +403,7 @@ def test_token_lengths_do_not_import_torch() -> None:
     import sys
 
     code = (
-        "import sys; from app.token_lengths import tokenizer_for; "
+        "import sys; from app.core.token_lengths import tokenizer_for; "
         "tok, positions = tokenizer_for('bundled/all-MiniLM-L6-v2'); "
         "assert len(tok.encode('a fine film').ids) > 2 and positions == 512; "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'"

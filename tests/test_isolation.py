@@ -17,8 +17,8 @@ from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from app.db import get_engine
-from app.models import (
+from app.core.db import get_engine
+from app.core.models import (
     Adapter,
     Evaluation,
     Job,
@@ -28,8 +28,8 @@ from app.models import (
     Webhook,
     WebhookDelivery,
 )
-from app.spec import JobSpec
-from app.storage import get_store
+from app.core.spec import JobSpec
+from app.core.storage import get_store
 from tests.conftest import Account
 from tests.factories import sst2_bytes
 

@@ -7,8 +7,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session
 
-from app.db import get_engine
-from app.models import JobStatus
+from app.core.db import get_engine
+from app.core.models import JobStatus
 from app.web.pages import clone_values, ordinal
 from tests.factories import create_dataset, create_job, sst2_bytes
 
@@ -72,7 +72,7 @@ def test_queue_position_counts_earlier_queued_jobs_of_the_same_queue(client: Tes
     assert "no worker is connected" in page
     # when the first one starts, the others move up
     with Session(get_engine()) as session:
-        from app.models import Job
+        from app.core.models import Job
 
         job = session.get(Job, first)
         assert job is not None
@@ -121,7 +121,7 @@ def test_ordinal(number: int, text: str) -> None:
 
 
 def test_cli_watch_shows_the_queue_position_of_a_queued_job(capsys: pytest.CaptureFixture[str]) -> None:
-    from app.client_cli import EXIT_TIMEOUT, watch_job
+    from app.client.cli import EXIT_TIMEOUT, watch_job
 
     class QueuedStudio:
         """A studio whose job stays queued, second in its queue."""
@@ -149,8 +149,8 @@ def test_estimate_time_is_measured_from_a_finished_job_of_the_same_model_and_met
 ) -> None:
     from datetime import timedelta
 
-    from app.presets import estimate_seconds
-    from app.spec import JobSpec
+    from app.core.presets import estimate_seconds
+    from app.core.spec import JobSpec
 
     with Session(get_engine()) as session:
         dataset = create_dataset(session, sst2_bytes(42))

@@ -13,9 +13,9 @@ import pytest
 from pydantic import ValidationError
 from sqlmodel import Session, func, select
 
-from app.errors import InvalidSpec, ServiceUnavailable
-from app.models import Dataset, Job, JobEvent, Worker
-from app.spec import JobSpec
+from app.core.errors import InvalidSpec, ServiceUnavailable
+from app.core.models import Dataset, Job, JobEvent, Worker
+from app.core.spec import JobSpec
 
 CSV = b"text,label\ngood movie,pos\nbad movie,neg\nlovely film,pos\nawful film,neg\ngreat,pos\npoor,neg\n"
 
@@ -23,7 +23,7 @@ CSV = b"text,label\ngood movie,pos\nbad movie,neg\nlovely film,pos\nawful film,n
 @pytest.fixture
 def session(studio_settings: Path) -> Iterator[Session]:
     """A session on a fresh, migrated SQLite database."""
-    from app.db import get_engine
+    from app.core.db import get_engine
 
     with Session(get_engine()) as db_session:
         yield db_session
@@ -121,7 +121,7 @@ def _counts(session: Session) -> tuple[int, int]:
 
 
 def test_refused_spec_never_reaches_the_queue(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.queue
+    import app.core.queue
     from app.services.jobs import create_job
 
     dataset = _dataset(session)
@@ -131,7 +131,7 @@ def test_refused_spec_never_reaches_the_queue(session: Session, monkeypatch: pyt
         sent.append(job_id)
         return f"task-{job_id}"
 
-    monkeypatch.setattr(app.queue, "enqueue_training", record)
+    monkeypatch.setattr(app.core.queue, "enqueue_training", record)
 
     with pytest.raises(InvalidSpec):
         create_job(session, JobSpec(dataset_id=dataset.id or 0, label_column="missing"))
@@ -142,7 +142,7 @@ def test_refused_spec_never_reaches_the_queue(session: Session, monkeypatch: pyt
 def test_unreachable_queue_leaves_no_job_and_no_event(
     session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import app.queue
+    import app.core.queue
     from app.services.jobs import create_job
 
     dataset = _dataset(session)
@@ -150,7 +150,7 @@ def test_unreachable_queue_leaves_no_job_and_no_event(
     def broker_down(job_id: int, *args: object, **kwargs: object) -> str:
         raise ConnectionError("broker is down")
 
-    monkeypatch.setattr(app.queue, "enqueue_training", broker_down)
+    monkeypatch.setattr(app.core.queue, "enqueue_training", broker_down)
 
     with pytest.raises(ServiceUnavailable, match="broker is down"):
         create_job(session, JobSpec(dataset_id=dataset.id or 0))
@@ -158,7 +158,7 @@ def test_unreachable_queue_leaves_no_job_and_no_event(
 
 
 def test_valid_spec_is_queued_once(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.queue
+    import app.core.queue
     from app.services.jobs import create_job
 
     dataset = _dataset(session)
@@ -168,7 +168,7 @@ def test_valid_spec_is_queued_once(session: Session, monkeypatch: pytest.MonkeyP
         sent.append(job_id)
         return f"task-{job_id}"
 
-    monkeypatch.setattr(app.queue, "enqueue_training", record)
+    monkeypatch.setattr(app.core.queue, "enqueue_training", record)
     # a connected worker (without one the job also gets a "waiting" event: tests/test_security_network.py)
     session.add(Worker(name="w1@host", hostname="host", queues=["training", "training.cpu"]))
     session.commit()

@@ -19,11 +19,11 @@ import pytest
 import torch
 from sqlmodel import Session, select
 
-from app.base_models import resolve_base_model
-from app.db import get_engine
-from app.models import Adapter, Job, JobStatus, MetricPoint
-from app.settings import BUNDLED_MODEL_ID
-from app.spec import JobSpec
+from app.core.base_models import resolve_base_model
+from app.core.db import get_engine
+from app.core.models import Adapter, Job, JobStatus, MetricPoint
+from app.core.settings import BUNDLED_MODEL_ID
+from app.core.spec import JobSpec
 from tests.bnb_paths import CPU_PATHS, FUSED, force_cpu_path, method_params
 from tests.factories import create_dataset, create_job, sst2_bytes
 from worker.methods import CAUSAL_LM, CLASSIFICATION, BuildContext, MethodInfo, count_parameters, registry

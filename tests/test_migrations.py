@@ -9,9 +9,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 from sqlmodel import SQLModel
 
-import app.models  # noqa: F401  (registers every table on SQLModel.metadata)
-from app.db import PROJECT_ROOT, get_engine, run_migrations
-from app.settings import get_settings
+import app.core.models  # noqa: F401  (registers every table on SQLModel.metadata)
+from app.core.db import PROJECT_ROOT, get_engine, run_migrations
+from app.core.settings import get_settings
 
 
 def _schema_differences(url: str) -> list[object]:

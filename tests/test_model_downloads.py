@@ -46,7 +46,7 @@ def hub(
     one with its own code; downloads turned on for the in-process studio."""
     from huggingface_hub import constants
 
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     with run_hub() as server:
         server.add_folder("acme/tiny-chat", tiny_lm)
@@ -89,7 +89,7 @@ def start(client: TestClient, model_id: str, **options: Any) -> dict[str, Any]:
 
 def run(download_id: int) -> dict[str, Any]:
     """Run the worker's download (the Celery task's body) and return the row."""
-    from app.db import session_scope
+    from app.core.db import session_scope
     from app.services.model_downloads import get_download, progress
     from worker.downloads import run_download
 
@@ -137,7 +137,7 @@ def test_a_download_streams_its_progress_and_lands_verified_in_the_library(
     model = client.get("/api/v1/models/acme/tiny-chat").json()
     assert model["source"] == "hub" and model["tasks"] == ["causal-lm"]
     assert model["revision"] == hub.repos["acme/tiny-chat"].commit
-    from app.base_models import resolve_base_model
+    from app.core.base_models import resolve_base_model
 
     assert resolve_base_model("acme/tiny-chat").path.is_relative_to(hub_cache)
 
@@ -216,8 +216,8 @@ def test_a_gated_model_needs_the_users_saved_token_which_is_never_shown(
     assert client.get("/api/v1/me/hub-token").json() == {"saved": False}, "the admin has none of bob's"
     from sqlmodel import select
 
-    from app.db import session_scope
-    from app.models import HubToken
+    from app.core.db import session_scope
+    from app.core.models import HubToken
 
     with session_scope() as session:
         stored = session.exec(select(HubToken)).one()
@@ -240,7 +240,7 @@ def test_custom_code_is_refused_unless_allow_listed(
     hub: HubServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     # when not allow-listed
     refused = run(start(client, "acme/custom-chat")["id"])
@@ -261,9 +261,9 @@ def test_custom_code_is_refused_unless_allow_listed(
 def test_an_allow_listed_custom_code_model_loads_with_its_own_code_and_others_are_refused(
     client: TestClient, hub: HubServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.base_models import resolve_base_model
-    from app.errors import InvalidSpec
-    from app.settings import get_settings
+    from app.core.base_models import resolve_base_model
+    from app.core.errors import InvalidSpec
+    from app.core.settings import get_settings
     from worker.estimate import meta_model
     from worker.recipes.causal_lm import load_base
 

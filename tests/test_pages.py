@@ -12,10 +12,10 @@ from markupsafe import escape
 from pydantic import BaseModel
 from sqlmodel import Session
 
-from app.db import get_engine
-from app.models import Adapter
+from app.core.db import get_engine
+from app.core.models import Adapter
+from app.core.spec import JobSpec, Scheduler, TrainingSettings
 from app.services.datasets import DEMO_DATASET_PATH
-from app.spec import JobSpec, Scheduler, TrainingSettings
 from app.web import forms
 from tests.studio import PROJECT_ROOT
 from worker.methods import registry

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from transformers import DataCollatorWithPadding, Trainer
 
-from app.base_models import bundled_model_path
-from app.spec import JobSpec
+from app.core.base_models import bundled_model_path
+from app.core.spec import JobSpec
 from worker.engine import _training_arguments
 from worker.recipes.classification_data import tokenize
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.settings import get_settings
+from app.core.settings import get_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 

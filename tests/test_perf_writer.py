@@ -9,8 +9,8 @@ import pytest
 from sqlmodel import Session, col, select
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from app.db import get_engine
-from app.models import Job, MetricPoint
+from app.core.db import get_engine
+from app.core.models import Job, MetricPoint
 from tests.factories import create_dataset, create_job, sst2_bytes
 
 
@@ -86,8 +86,8 @@ def test_cancel_is_seen_by_the_writer_and_nothing_is_lost(studio_settings: Path)
 
 
 def test_redis_news_arrive_in_order(studio_settings: Path, redis_url: str, monkeypatch: Any) -> None:
-    from app.events import Subscription
-    from app.settings import get_settings
+    from app.core.events import Subscription
+    from app.core.settings import get_settings
     from worker.engine import MetricWriter
 
     with Session(get_engine()) as session:
@@ -119,7 +119,7 @@ def test_redis_news_arrive_in_order(studio_settings: Path, redis_url: str, monke
 
 
 def test_without_redis_nothing_is_published(studio_settings: Path) -> None:
-    from app.events import Subscription, publish, redis_url
+    from app.core.events import Subscription, publish, redis_url
 
     assert redis_url() is None
     assert publish(1, 5) is False
@@ -136,8 +136,8 @@ def test_without_redis_nothing_is_published(studio_settings: Path) -> None:
 def test_unreachable_redis_falls_back_to_polling(
     studio_settings: Path, monkeypatch: Any, broken: str
 ) -> None:
-    from app.events import Subscription, publish
-    from app.settings import get_settings
+    from app.core.events import Subscription, publish
+    from app.core.settings import get_settings
 
     monkeypatch.setenv("PEFT_STUDIO_BROKER_URL", broken)
     get_settings.cache_clear()

@@ -12,11 +12,11 @@ import torch
 from sqlmodel import Session, col, select
 from transformers import TrainerCallback
 
-from app.db import get_engine
-from app.errors import InvalidSpec
-from app.models import Adapter, Checkpoint, Dataset, Job, JobEvent, JobStatus, MetricPoint, utcnow
-from app.spec import JobSpec
-from app.storage import get_store
+from app.core.db import get_engine
+from app.core.errors import InvalidSpec
+from app.core.models import Adapter, Checkpoint, Dataset, Job, JobEvent, JobStatus, MetricPoint, utcnow
+from app.core.spec import JobSpec
+from app.core.storage import get_store
 from tests.factories import create_dataset, create_job, sst2_bytes
 from worker.methods import count_parameters, registry
 
@@ -45,7 +45,7 @@ def no_broker(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str | None]]:
         sent.append((job_id, token))
         return f"task-{job_id}-{len(sent)}"
 
-    monkeypatch.setattr("app.queue.enqueue_training", enqueue)
+    monkeypatch.setattr("app.core.queue.enqueue_training", enqueue)
     return sent
 
 
@@ -405,8 +405,8 @@ def test_claim_runs_a_delivery_once(session: Session) -> None:
 
 
 def test_reaper_requeues_then_gives_up(session: Session, no_broker) -> None:
+    from app.core.settings import get_settings
     from app.services import recovery
-    from app.settings import get_settings
 
     sent = no_broker
     job = _job(session, steps=1)

@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy
 from alembic.script import ScriptDirectory
 
-from app.queue import queue_for, suggest_gpu_class, worker_queues
-from app.spec import ResourceSettings
+from app.core.queue import queue_for, suggest_gpu_class, worker_queues
+from app.core.spec import ResourceSettings
 from tests.studio import PROJECT_ROOT, RunningStudio, run_studio, sst2_slice, studio_env, wait_for_job
 
 JOBS = 6

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.settings import BUNDLED_MODEL_ID
+from app.core.settings import BUNDLED_MODEL_ID
 from tests import lm
 from tests.conftest import Account
 
@@ -55,7 +55,7 @@ def _adapter_zip(base_model: str, **extra: bytes) -> bytes:
 
 def _model_folder(folder: Path) -> Path:
     """A real transformers model folder (the bundled MiniLM's files, linked, not copied)."""
-    from app.base_models import bundled_model_path
+    from app.core.base_models import bundled_model_path
 
     folder.mkdir(parents=True, exist_ok=True)
     for path in bundled_model_path().iterdir():
@@ -70,7 +70,7 @@ def places(
 ) -> dict[str, Path]:
     """A registered model folder (and, registered too, the data folder itself: it must stay refused), a model
     in it, a model outside it, and another user's job output folder in the artifact store."""
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     registered = tmp_path / "models"
     _model_folder(registered / "minilm")
@@ -205,8 +205,8 @@ def test_worker_refuses_a_base_model_outside_the_allowed_places(
     """Defence in depth: a job row written without validation still does not load another user's folder."""
     from sqlmodel import Session
 
-    from app.db import get_engine
-    from app.models import Job, JobStatus
+    from app.core.db import get_engine
+    from app.core.models import Job, JobStatus
     from tests.factories import create_dataset, create_job
     from worker.engine import run_job
 
@@ -230,7 +230,7 @@ def _accounts(data_dir: Path, *names: str) -> dict[str, str]:
     from sqlalchemy import create_engine
     from sqlmodel import Session
 
-    from app.auth import create_api_token, create_user
+    from app.http.auth import create_api_token, create_user
 
     engine = create_engine(f"sqlite:///{data_dir / 'studio.db'}", connect_args={"timeout": 30})
     tokens: dict[str, str] = {}
@@ -310,8 +310,8 @@ def test_migration_gives_ownerless_adapters_their_jobs_owner(
     from alembic.config import Config
     from sqlalchemy import create_engine, text
 
-    from app.db import PROJECT_ROOT
-    from app.settings import get_settings
+    from app.core.db import PROJECT_ROOT
+    from app.core.settings import get_settings
 
     # given: a database at 0007 with a user's job and an adapter the old worker left without an owner
     fresh = studio_settings.parent / "old.db"
@@ -319,7 +319,7 @@ def test_migration_gives_ownerless_adapters_their_jobs_owner(
     config = Config(str(PROJECT_ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
     monkeypatch.setenv("PEFT_STUDIO_DATABASE_URL", url)
-    from app.db import get_engine
+    from app.core.db import get_engine
 
     get_settings.cache_clear()
     get_engine.cache_clear()
@@ -381,7 +381,7 @@ def test_migration_gives_ownerless_adapters_their_jobs_owner(
 
 
 def _running_job(session: Any, attempt: int = 1, token: str = "token-1") -> Any:
-    from app.models import JobStatus
+    from app.core.models import JobStatus
     from tests.factories import create_dataset, create_job
 
     dataset = create_dataset(session, CSV)
@@ -397,8 +397,8 @@ def _write_points(job_id: int, steps: list[int], attempt: int, token: str) -> li
     """Points through the worker's own writer, fenced by the run token; their ids."""
     from sqlmodel import Session, col, select
 
-    from app.db import get_engine
-    from app.models import MetricPoint, utcnow
+    from app.core.db import get_engine
+    from app.core.models import MetricPoint, utcnow
     from worker.engine import MetricWriter
 
     writer = MetricWriter(job_id, cancel_poll=0.05, run_token=token, attempt=attempt)
@@ -436,10 +436,10 @@ def _stream(client: TestClient, job_id: int, last_event_id: int) -> list[Any]:
 def test_resumed_points_get_new_ids_and_the_stream_resets(client: TestClient, tmp_path: Path) -> None:
     from sqlmodel import Session, func, select
 
-    from app.db import get_engine
-    from app.models import Checkpoint, Job, JobStatus, MetricPoint
+    from app.core.db import get_engine
+    from app.core.models import Checkpoint, Job, JobStatus, MetricPoint
+    from app.core.storage import get_store
     from app.services import checkpoints
-    from app.storage import get_store
     from worker.resilience import prepare_resume
 
     with Session(get_engine()) as session:
@@ -495,8 +495,8 @@ def test_a_superseded_writer_writes_nothing(client: TestClient) -> None:
 
     from sqlmodel import Session, func, select
 
-    from app.db import get_engine
-    from app.models import Job, MetricPoint, utcnow
+    from app.core.db import get_engine
+    from app.core.models import Job, MetricPoint, utcnow
     from worker.engine import MetricWriter
     from worker.resilience import Heartbeat
 
@@ -550,8 +550,8 @@ def test_workers_show_a_job_only_to_its_owner_and_admins(
 ) -> None:
     from sqlmodel import Session
 
-    from app.db import get_engine
-    from app.models import Job, JobStatus, Worker
+    from app.core.db import get_engine
+    from app.core.models import Job, JobStatus, Worker
 
     alice = make_user("alice")
     with Session(get_engine()) as session:
@@ -575,7 +575,7 @@ def test_workers_show_a_job_only_to_its_owner_and_admins(
 def test_storage_quota_counts_unpacked_sizes(
     client: TestClient, other_user: Account, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     monkeypatch.setenv("PEFT_STUDIO_STORAGE_QUOTA_BYTES", str(200_000))
     get_settings.cache_clear()
@@ -648,10 +648,10 @@ def test_a_live_stream_resets_when_a_resume_replaces_what_it_sent(client: TestCl
 
     from sqlmodel import Session
 
-    from app.db import get_engine
-    from app.models import Checkpoint, Job, JobStatus
+    from app.core.db import get_engine
+    from app.core.models import Checkpoint, Job, JobStatus
+    from app.core.storage import get_store
     from app.services import checkpoints
-    from app.storage import get_store
     from tests.sse import read_events
     from worker.resilience import prepare_resume
 

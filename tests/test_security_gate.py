@@ -25,9 +25,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from app.db import get_engine
-from app.errors import TooManyJobs
-from app.models import AuditEvent, Dataset
+from app.core.db import get_engine
+from app.core.errors import TooManyJobs
+from app.core.models import AuditEvent, Dataset
 from tests.conftest import ADMIN_TOKEN
 from tests.factories import sst2_bytes
 from tests.studio import free_port
@@ -198,7 +198,7 @@ def test_chunked_upload_without_credentials_spools_nothing(
 def test_chunked_upload_over_the_limit_is_cut_off_and_nothing_is_stored(
     live: LiveStudio, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     # given: a signed-in user and an upload cap of 4 MiB
     monkeypatch.setenv("PEFT_STUDIO_MAX_UPLOAD_BYTES", str(4 * MIB))
@@ -270,8 +270,8 @@ def test_gate_answers_as_the_dependency_did(client: TestClient) -> None:
 
 def _account(username: str) -> str:
     """A non-admin account with a password; returns the password."""
-    from app.auth import create_user
-    from app.db import session_scope
+    from app.core.db import session_scope
+    from app.http.auth import create_user
 
     password = f"{username}-password-123"
     with session_scope() as session:
@@ -291,7 +291,7 @@ def _login_request(username: str, password: str) -> bytes:
 def test_healthz_answers_while_sign_ins_are_being_verified(
     live: LiveStudio, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     # given: six wrong-password sign-ins for real accounts (each an argon2 verification), throttling out of the way
     monkeypatch.setenv("PEFT_STUDIO_SIGN_IN_MAX_FAILURES", "100")
@@ -407,7 +407,7 @@ def test_templates_run_no_inline_script() -> None:
 
 
 def test_api_docs_need_sign_in_in_production(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     # given: development: the docs are public
     anonymous = TestClient(client.app, follow_redirects=False)
@@ -518,7 +518,7 @@ document.addEventListener("securitypolicyviolation", (event) => {
 def test_pages_run_under_the_csp(live: LiveStudio, chromium_path: str) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    from app.models import Job, JobStatus
+    from app.core.models import Job, JobStatus
     from tests.conftest import CHROMIUM_ARGS
     from tests.factories import create_dataset, create_job
 

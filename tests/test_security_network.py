@@ -2,7 +2,7 @@
 
 The address table goes through the API (a 422 naming the field); delivery-time checks (DNS answers that
 change, redirects) run the dispatcher in-process against loopback servers. Name resolution is replaced only
-where a test needs a name to point somewhere (``app.netguard.resolve``); everything else is real.
+where a test needs a name to point somewhere (``app.core.netguard.resolve``); everything else is real.
 Also here: the submit-time flag on a job that no connected worker can run (``waiting_reason``).
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from sqlmodel import Session
 
-from app import netguard
-from app.models import JobStatus, Worker, utcnow
+from app.core import netguard
+from app.core.models import JobStatus, Worker, utcnow
 from app.services.webhooks import dispatch_once
 from tests.factories import create_dataset, create_job, sst2_bytes
 
@@ -44,7 +44,7 @@ def allow_loopback(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def allow_hosts(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     """The admin's allow-list (PEFT_STUDIO_OUTBOUND_ALLOWED_HOSTS), in effect at once."""
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     monkeypatch.setenv("PEFT_STUDIO_OUTBOUND_ALLOWED_HOSTS", value)
     get_settings.cache_clear()
@@ -103,7 +103,7 @@ def http_server(answer: Callable[[str], tuple[int, dict[str, str], bytes]]) -> I
 
 
 def _session() -> Session:
-    from app.db import get_engine
+    from app.core.db import get_engine
 
     return Session(get_engine())
 

@@ -78,8 +78,8 @@ def test_long_series_keep_extremes_through_block_summaries_as_points_arrive(max_
 
 def _job_with_points(train_losses: list[float], eval_every: int = 0) -> int:
     """A job row with one train point per step (loss, lr) and an eval point every ``eval_every`` steps."""
-    from app.db import session_scope
-    from app.models import Job, MetricPoint
+    from app.core.db import session_scope
+    from app.core.models import Job, MetricPoint
 
     with session_scope() as session:
         job = Job(
@@ -145,8 +145,8 @@ def test_series_endpoint_downsamples_and_reports_totals(client: Any) -> None:
 def test_series_follow_new_points_and_deleted_points(client: Any) -> None:
     from sqlmodel import col, delete
 
-    from app.db import session_scope
-    from app.models import MetricPoint
+    from app.core.db import session_scope
+    from app.core.models import MetricPoint
 
     job_id = _job_with_points([3.0, 2.0, 1.0])
     first = client.get(f"/api/v1/jobs/{job_id}/series").json()

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from sqlmodel import Session, select
 
-from app.db import get_engine
-from app.models import Adapter, Job, JobStatus
+from app.core.db import get_engine
+from app.core.models import Adapter, Job, JobStatus
 from tests.factories import create_job, sst2_bytes
 
 BUCKET = "studio-artifacts"
@@ -54,7 +54,7 @@ def bucket_settings(s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("PEFT_STUDIO_S3_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
     monkeypatch.setenv("PEFT_STUDIO_S3_REGION", "us-east-1")
     monkeypatch.setenv("PEFT_STUDIO_TORCH_THREADS", "1")
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     get_settings.cache_clear()
     return prefix
@@ -69,7 +69,7 @@ def _objects(s3_client: Any, prefix: str) -> dict[str, bytes]:
 
 
 def test_store_methods_work_on_a_bucket(bucket_settings: str, studio_settings: Path, s3_client: Any) -> None:
-    from app.storage import get_store
+    from app.core.storage import get_store
 
     # given the configured store and a local folder
     store = get_store()
@@ -112,7 +112,7 @@ def test_store_methods_work_on_a_bucket(bucket_settings: str, studio_settings: P
 def test_job_reads_its_dataset_from_the_bucket_and_the_web_serves_its_adapter(
     bucket_settings: str, client: Any, studio_settings: Path, s3_client: Any
 ) -> None:
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     get_settings.cache_clear()
     # given a dataset uploaded through the API: it lands in the bucket, not on local disk

@@ -253,8 +253,8 @@ def quick_heartbeats(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def test_a_job_held_by_a_heartbeating_worker_is_not_requeued_by_a_new_worker_of_the_same_name(
     quick_heartbeats: None, studio_settings: Path
 ) -> None:
-    from app.db import get_engine
-    from app.models import Job, JobStatus, utcnow
+    from app.core.db import get_engine
+    from app.core.models import Job, JobStatus, utcnow
     from worker.resilience import Heartbeat
     from worker.tasks import _recover
 

@@ -16,7 +16,7 @@ def queued(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         sent.append(job_id)
         return f"task-{job_id}"
 
-    monkeypatch.setattr("app.queue.enqueue_training", enqueue)
+    monkeypatch.setattr("app.core.queue.enqueue_training", enqueue)
     return sent
 
 
@@ -166,7 +166,7 @@ def test_a_queue_failure_part_way_cancels_what_was_queued(
             raise ConnectionError("broker down")
         return "task"
 
-    monkeypatch.setattr("app.queue.enqueue_training", flaky)
+    monkeypatch.setattr("app.core.queue.enqueue_training", flaky)
     request = {"base": _base(dataset_id), "grid": {"training.learning_rate": [0.001, 0.002, 0.003]}}
     response = client.post("/api/v1/sweeps", json=request)
     assert response.status_code == 503

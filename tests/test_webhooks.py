@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlmodel import Session
 
-from app.models import Job, JobStatus, Webhook, utcnow
+from app.core.models import Job, JobStatus, Webhook, utcnow
 from app.services.webhooks import dispatch_once, sign, verify_signature
 from tests.factories import create_dataset, create_job, sst2_bytes
 from tests.webhook_receiver import Received, webhook_receiver
@@ -34,7 +34,7 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def _session() -> Session:
-    from app.db import get_engine
+    from app.core.db import get_engine
 
     return Session(get_engine())
 

@@ -22,11 +22,11 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.db import session_scope
-from app.models import Job, JobStatus
+from app.core.db import session_scope
+from app.core.models import Job, JobStatus
+from app.core.settings import get_settings
+from app.core.spec import JobSpec
 from app.services.jobs import add_event
-from app.settings import get_settings
-from app.spec import JobSpec
 
 if TYPE_CHECKING:
     from worker.engine import Claim
@@ -214,7 +214,7 @@ def run_rank(job_id: int, run_token: str) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    from app.storage import get_store
+    from app.core.storage import get_store
     from worker.resilience import remove_dir
 
     store = get_store()

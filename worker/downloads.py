@@ -23,12 +23,12 @@ from typing import Any
 
 from sqlmodel import Session
 
-from app.db import session_scope
-from app.models import ModelDownload, utcnow
-from app.safety import remote_code_allowed
+from app.core.db import session_scope
+from app.core.models import ModelDownload, utcnow
+from app.core.settings import get_settings
+from app.http.safety import remote_code_allowed
 from app.services.model_downloads import DOWNLOADS_OFF, hub_token_of
 from app.services.models import hub_cache_dir
-from app.settings import get_settings
 
 log = logging.getLogger(__name__)
 

@@ -25,16 +25,16 @@ from transformers import (
     set_seed,
 )
 
-from app.autoconfig import needs_resolution, resolve_spec, resolve_training, rule_inputs_for
-from app.base_models import resolve_base_model
-from app.db import session_scope
-from app.events import publish
-from app.models import Adapter, Dataset, Job, JobStatus, MetricPoint, utcnow
+from app.core.autoconfig import needs_resolution, resolve_spec, resolve_training, rule_inputs_for
+from app.core.base_models import resolve_base_model
+from app.core.db import session_scope
+from app.core.events import publish
+from app.core.models import Adapter, Dataset, Job, JobStatus, MetricPoint, utcnow
+from app.core.settings import get_settings
+from app.core.spec import JobSpec
+from app.core.storage import get_store
 from app.services import checkpoints
 from app.services.jobs import add_event
-from app.settings import get_settings
-from app.spec import JobSpec
-from app.storage import get_store
 from worker.best import BestModelCallback, metric_for
 from worker.distributed import is_main_process
 from worker.distributed import launch as launch_distributed
@@ -489,7 +489,7 @@ def total_steps(spec: JobSpec, train_examples: int | None) -> int | None:
 
 
 def resolved(spec: JobSpec) -> JobSpec:
-    """The spec with its ``auto`` training settings chosen (app/autoconfig.py); jobs queued through the API
+    """The spec with its ``auto`` training settings chosen (app/core/autoconfig.py); jobs queued through the API
     arrive resolved, specs built elsewhere (tests, benchmarks) are resolved here from the same rule."""
     if not needs_resolution(spec.training):
         return spec

@@ -14,11 +14,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from app.autoconfig import needs_resolution, resolve_training, rule_inputs_for
-from app.base_models import ResolvedModel, resolve_base_model
-from app.errors import InvalidSpec
-from app.safety import remote_code_allowed
-from app.spec import JobSpec
+from app.core.autoconfig import needs_resolution, resolve_training, rule_inputs_for
+from app.core.base_models import ResolvedModel, resolve_base_model
+from app.core.errors import InvalidSpec
+from app.core.spec import JobSpec
+from app.http.safety import remote_code_allowed
 from worker.methods import CAUSAL_LM, CLASSIFICATION, BuildContext, MethodInfo, count_parameters, get_method
 
 FP32 = 4

@@ -27,15 +27,15 @@ import torch
 from sqlalchemy import update
 from sqlmodel import col
 
-from app.datasets_io import load_rows
-from app.db import session_scope
-from app.errors import InvalidDataset, StudioError
-from app.formats import example_from_row, prompt_and_response
-from app.models import Adapter, Dataset, Evaluation, EvaluationStatus, utcnow
+from app.core.datasets_io import load_rows
+from app.core.db import session_scope
+from app.core.errors import InvalidDataset, StudioError
+from app.core.formats import example_from_row, prompt_and_response
+from app.core.models import Adapter, Dataset, Evaluation, EvaluationStatus, utcnow
+from app.core.settings import get_settings
+from app.core.spec import CausalLMSettings, JobSpec
+from app.core.storage import get_store
 from app.services.evaluations import CAUSAL_LM, predictions_key
-from app.settings import get_settings
-from app.spec import CausalLMSettings, JobSpec
-from app.storage import get_store
 from worker.failures import explain
 from worker.inference import WarmModels
 from worker.recipes.causal_lm import preprocess_logits

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
 
-from app.base_models import resolve_base_model
-from app.formats import GenerationSettings, prompt_messages
+from app.core.base_models import resolve_base_model
+from app.core.formats import GenerationSettings, prompt_messages
 from worker.inference import WARM
 from worker.recipes import get_recipe
 from worker.recipes.causal_lm_data import Encoder

@@ -1,9 +1,9 @@
 """What a worker has (CPUs, memory, GPUs) and its row on the workers page.
 
 Detection asks ``nvidia-smi`` rather than importing torch, so ``peft-studio worker`` and ``serve`` pick their
-queues (app/queue.py: ``worker_queues``) in milliseconds. The Celery signals below keep a ``Worker`` row per
+queues (app/core/queue.py: ``worker_queues``) in milliseconds. The Celery signals below keep a ``Worker`` row per
 worker process: registered when it is ready, a heartbeat from a background thread, the job it runs, offline
-when it shuts down. Celery imports this module in every worker (``include`` in app/queue.py).
+when it shuts down. Celery imports this module in every worker (``include`` in app/core/queue.py).
 """
 
 import logging
@@ -18,9 +18,9 @@ from typing import Any
 from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutdown
 from sqlmodel import select
 
-from app.models import Worker, utcnow
-from app.queue import TRAIN_TASK, worker_queues
-from app.settings import get_settings
+from app.core.models import Worker, utcnow
+from app.core.queue import TRAIN_TASK, worker_queues
+from app.core.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ _registration = _Registration()
 
 def register(name: str, queues: list[str], hardware: Hardware | None = None) -> None:
     """Write (or refresh) this worker's row and start its heartbeat thread."""
-    from app.db import session_scope
+    from app.core.db import session_scope
 
     hardware = hardware or detect()
     with session_scope() as session:
@@ -140,7 +140,7 @@ def register(name: str, queues: list[str], hardware: Hardware | None = None) -> 
 
 
 def _update(**values: Any) -> None:
-    from app.db import session_scope
+    from app.core.db import session_scope
 
     if _registration.name is None:
         return
@@ -200,7 +200,7 @@ def _on_task_start(sender: Any = None, args: Any = None, **_: Any) -> None:
 def _on_task_end(sender: Any = None, **_: Any) -> None:
     if getattr(sender, "name", None) != TRAIN_TASK or _registration.name is None:
         return
-    from app.db import session_scope
+    from app.core.db import session_scope
 
     try:
         with session_scope() as session:

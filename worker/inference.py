@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from app.base_models import resolve_base_model
-from app.settings import get_settings
+from app.core.base_models import resolve_base_model
+from app.core.settings import get_settings
 from worker.methods import BuildContext, get_method, load_peft_adapter
 from worker.recipes import get_recipe
 

@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from app.base_models import resolve_base_model
-from app.errors import InvalidSpec
+from app.core.base_models import resolve_base_model
+from app.core.errors import InvalidSpec
 
 STUDIO_FILE = "studio.json"
 # peft adapter types that merge_and_unload() folds into the base weights.

@@ -17,8 +17,8 @@ import json
 import logging
 from pathlib import Path
 
-from app.settings import get_settings
-from app.spec import JobSpec
+from app.core.settings import get_settings
+from app.core.spec import JobSpec
 from worker.best import metric_for
 
 log = logging.getLogger(__name__)

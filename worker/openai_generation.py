@@ -9,7 +9,7 @@ from pathlib import Path
 from threading import Event
 from typing import Any
 
-from app.formats import GenerationSettings, Message
+from app.core.formats import GenerationSettings, Message
 from worker.generation import Generation, generate
 from worker.recipes.causal_lm_data import Encoder
 

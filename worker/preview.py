@@ -6,12 +6,12 @@ page shows is what the model trains on: the same template, BOS/EOS handling, tru
 
 from typing import Any
 
-from app.datasets_io import load_rows
-from app.formats import example_from_row
-from app.models import Dataset
-from app.spec import JobSpec
-from app.storage import get_store
-from app.templates_chat import resolve_template
+from app.core.chat_templates import resolve_template
+from app.core.datasets_io import load_rows
+from app.core.formats import example_from_row
+from app.core.models import Dataset
+from app.core.spec import JobSpec
+from app.core.storage import get_store
 from worker.recipes.causal_lm_data import IGNORE, EncodedExample, Encoder, held_out_rows, load_tokenizer
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -95,6 +95,6 @@ def preview_examples(spec: JobSpec, dataset: Dataset, count: int) -> dict[str, A
 
 
 def _base_path(spec: JobSpec) -> Any:
-    from app.base_models import resolve_base_model
+    from app.core.base_models import resolve_base_model
 
     return resolve_base_model(spec.base_model).path

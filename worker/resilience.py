@@ -18,12 +18,12 @@ from sqlalchemy import update
 from sqlmodel import col, delete, func, select
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from app.db import session_scope
-from app.models import Job, JobStatus, MetricPoint, utcnow
+from app.core.db import session_scope
+from app.core.models import Job, JobStatus, MetricPoint, utcnow
+from app.core.settings import get_settings
+from app.core.storage import ArtifactStore
 from app.services import checkpoints
 from app.services.jobs import add_event
-from app.settings import get_settings
-from app.storage import ArtifactStore
 from worker.failures import NonFiniteLoss
 
 log = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ from typing import Any
 from celery import Task
 from celery.signals import worker_init, worker_ready
 
-from app.queue import TRAIN_TASK, get_celery
+from app.core.queue import TRAIN_TASK, get_celery
+from app.core.settings import get_settings
 from app.services.evaluations import EVALUATE_TASK
 from app.services.model_downloads import DOWNLOAD_TASK
-from app.settings import get_settings
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import psutil  # a dependency of accelerate, which transformers' Trainer needs a
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from app.db import session_scope
-from app.models import Job
+from app.core.db import session_scope
+from app.core.models import Job
 
 MIB = 1024 * 1024
 

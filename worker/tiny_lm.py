@@ -38,7 +38,7 @@ DEFAULT_CORPUS = [
 
 def corpus_from_file(path: Path) -> list[str]:
     """Every string value (and chat message content) of a dataset file, as tokenizer training texts."""
-    from app.datasets_io import detect_format, load_rows
+    from app.core.datasets_io import detect_format, load_rows
 
     _, rows = load_rows(path, detect_format(path.name))
     texts: list[str] = []

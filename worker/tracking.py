@@ -6,7 +6,7 @@
 - MLflow: the ``mlflow-skinny`` client logs the flattened spec as parameters and every logged value as a
   metric. Without a tracking URI it writes a local store, ``data_dir/mlflow.db`` (MLflow 3 refuses the old
   ``./mlruns`` file store unless ``MLFLOW_ALLOW_FILE_STORE=true``). A server must be at an allowed address
-  and local stores (``file://``, ``sqlite://``, paths) are for the admin's jobs only (app/netguard.py).
+  and local stores (``file://``, ``sqlite://``, paths) are for the admin's jobs only (app/core/netguard.py).
 - Weights & Biases: ``wandb`` when it is installed and logged in (``wandb login`` or ``WANDB_API_KEY``).
 
 A tracker that cannot start (package missing, server unreachable) adds a warning to the job's event log and
@@ -22,12 +22,12 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from app.db import session_scope
+from app.core.db import session_scope
+from app.core.settings import get_settings
+from app.core.spec import JobSpec
+from app.core.storage import get_store
 from app.services.compare import flatten
 from app.services.jobs import add_event
-from app.settings import get_settings
-from app.spec import JobSpec
-from app.storage import get_store
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ def split_logs(logs: dict[str, Any]) -> tuple[str, dict[str, float]] | None:
 
 
 def _mlflow_uri_problem(job_id: int, uri: str | None) -> str | None:
-    """Why this job may not use its MLflow URI (app/netguard.py), or None; local stores need an admin's job."""
-    from app.models import Job, User
-    from app.netguard import mlflow_uri_problem
+    """Why this job may not use its MLflow URI (app/core/netguard.py), or None; local stores need an admin's job."""
+    from app.core.models import Job, User
+    from app.core.netguard import mlflow_uri_problem
 
     if not uri:
         return None

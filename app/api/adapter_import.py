@@ -2,11 +2,11 @@
 
 from fastapi import APIRouter, Form, UploadFile, status
 
-from app import audit
-from app.auth import CurrentUser
-from app.deps import SessionDep
-from app.models import AdapterPublic
+from app.core.models import AdapterPublic
+from app.http.auth import CurrentUser
+from app.http.deps import SessionDep
 from app.services import adapters as adapters_service
+from app.services import audit
 from app.services.adapter_import import import_adapter
 
 router = APIRouter(prefix="/api/v1/adapters", tags=["adapters"])

@@ -6,11 +6,11 @@ from fastapi import APIRouter, BackgroundTasks, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from app import audit
-from app.auth import CurrentUser, OwnerScope
-from app.deps import SessionDep
-from app.models import AdapterPublic, AdaptersPublic
+from app.core.models import AdapterPublic, AdaptersPublic
+from app.http.auth import CurrentUser, OwnerScope
+from app.http.deps import SessionDep
 from app.services import adapters as service
+from app.services import audit
 
 router = APIRouter(prefix="/api/v1/adapters", tags=["adapters"])
 

@@ -3,11 +3,19 @@
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from app import audit
-from app.auth import AdminUser, CurrentUser, create_login_token, get_user, login_link, safe_next, user_public
-from app.deps import SessionDep
-from app.errors import Forbidden
-from app.models import AuditEventPublic, AuditEventsPublic, UserPublic
+from app.core.errors import Forbidden
+from app.core.models import AuditEventPublic, AuditEventsPublic, UserPublic
+from app.http.auth import (
+    AdminUser,
+    CurrentUser,
+    create_login_token,
+    get_user,
+    login_link,
+    safe_next,
+    user_public,
+)
+from app.http.deps import SessionDep
+from app.services import audit
 
 router = APIRouter(prefix="/api/v1", tags=["auth"])
 

@@ -4,12 +4,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Query, Response, UploadFile, status
 
-from app import audit
-from app.auth import CurrentUser, OwnerScope
-from app.deps import SessionDep
-from app.models import DatasetPublic, DatasetsPublic
+from app.core.models import DatasetPublic, DatasetsPublic
+from app.core.settings import BUNDLED_MODEL_ID
+from app.http.auth import CurrentUser, OwnerScope
+from app.http.deps import SessionDep
+from app.services import audit
 from app.services import datasets as service
-from app.settings import BUNDLED_MODEL_ID
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 
@@ -119,7 +119,7 @@ def token_lengths(
     ``columns`` are joined into one example (default: the proposal's text columns); the report is measured with
     the model's tokenizer.json (no torch in the web process).
     """
-    from app.token_lengths import length_report
+    from app.core.token_lengths import length_report
 
     dataset = service.get_dataset(session, dataset_id, owner_id)
     if not columns:

@@ -3,10 +3,10 @@
 from fastapi import APIRouter, status
 from fastapi.responses import StreamingResponse
 
-from app import audit
-from app.auth import CurrentUser, OwnerScope
-from app.deps import SessionDep
-from app.models import EvaluationPublic, EvaluationsPublic
+from app.core.models import EvaluationPublic, EvaluationsPublic
+from app.http.auth import CurrentUser, OwnerScope
+from app.http.deps import SessionDep
+from app.services import audit
 from app.services import evaluations as service
 from app.services.evaluations import EvaluationCreate
 

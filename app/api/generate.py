@@ -16,14 +16,14 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
-from app import audit
-from app.auth import CurrentUser, OwnerScope
-from app.deps import SessionDep
-from app.formats import GenerationSettings
+from app.core.formats import GenerationSettings
+from app.core.spec import JobSpec
+from app.http.auth import CurrentUser, OwnerScope
+from app.http.deps import SessionDep
 from app.services import adapters as adapters_service
+from app.services import audit
 from app.services import causal_lm as causal_service
 from app.services import generation as service
-from app.spec import JobSpec
 
 router = APIRouter()
 

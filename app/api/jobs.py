@@ -10,17 +10,23 @@ from fastapi.responses import FileResponse
 from sqlmodel import Session, col, func, select
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
-from app import audit
-from app.auth import CurrentUser, OwnerScope
-from app.db import get_engine
-from app.deps import SessionDep
-from app.events import Subscription
-from app.models import CheckpointPublic, JobEventPublic, JobPublic, JobsPublic, MetricPoint, MetricPointPublic
-from app.services import checkpoints
+from app.core.db import get_engine
+from app.core.events import Subscription
+from app.core.models import (
+    CheckpointPublic,
+    JobEventPublic,
+    JobPublic,
+    JobsPublic,
+    MetricPoint,
+    MetricPointPublic,
+)
+from app.core.settings import get_settings
+from app.core.spec import JobSpec
+from app.http.auth import CurrentUser, OwnerScope
+from app.http.deps import SessionDep
+from app.services import audit, checkpoints
 from app.services import jobs as service
 from app.services.datasets import get_dataset
-from app.settings import get_settings
-from app.spec import JobSpec
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
@@ -43,7 +49,7 @@ async def estimate_job(session: SessionDep, owner_id: OwnerScope, spec: JobSpec)
 
     result = await asyncio.to_thread(estimate, spec, profile)
     # Scale out: the smallest GPU class that fits the estimate (a hint for spec.resources.gpu_class).
-    from app.queue import suggest_gpu_class
+    from app.core.queue import suggest_gpu_class
 
     return {**result.model_dump(), "suggested_gpu_class": suggest_gpu_class(result.memory.total_bytes)}
 

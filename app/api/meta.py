@@ -4,8 +4,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.base_models import catalog
-from app.spec import JobSpec
+from app.core.base_models import catalog
+from app.core.spec import JobSpec
 from worker.methods import registry
 
 router = APIRouter(tags=["meta"])

@@ -16,15 +16,15 @@ from fastapi import APIRouter, BackgroundTasks, Query
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlmodel import Session, col
 
-from app.auth import OwnerScope
-from app.db import get_engine
-from app.deps import SessionDep
-from app.errors import NotFound
-from app.models import MetricPoint
+from app.core.db import get_engine
+from app.core.errors import NotFound
+from app.core.models import MetricPoint
+from app.core.storage import get_store
+from app.http.auth import OwnerScope
+from app.http.deps import SessionDep
 from app.services import compare as compare_service
 from app.services import jobs as jobs_service
 from app.services.series import DEFAULT_MAX_POINTS, get_cache, job_series
-from app.storage import get_store
 
 router = APIRouter(prefix="/api/v1", tags=["metrics"])
 

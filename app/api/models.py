@@ -10,12 +10,12 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
-from app.auth import AdminUser, CurrentUser
-from app.db import session_scope
-from app.deps import SessionDep
+from app.core.db import session_scope
+from app.core.settings import get_settings
+from app.http.auth import AdminUser, CurrentUser
+from app.http.deps import SessionDep
 from app.services import model_downloads as downloads
 from app.services import models as service
-from app.settings import get_settings
 
 router = APIRouter(tags=["models"])
 

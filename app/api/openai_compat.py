@@ -21,17 +21,17 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
-from app import audit
-from app.auth import CurrentUser, OwnerScope
-from app.deps import SessionDep
-from app.errors import InvalidSpec, StudioError
-from app.formats import GenerationSettings
-from app.gate import openai_error_body
-from app.models import Adapter
+from app.core.errors import InvalidSpec, StudioError
+from app.core.formats import GenerationSettings
+from app.core.models import Adapter
+from app.core.storage import get_store
+from app.http.auth import CurrentUser, OwnerScope
+from app.http.deps import SessionDep
+from app.http.gate import openai_error_body
 from app.services import adapters as adapters_service
+from app.services import audit
 from app.services import datasets as datasets_service
 from app.services import openai_compat as service
-from app.storage import get_store
 
 # ---- errors in OpenAI's shape -----------------------------------------------------------------
 

@@ -7,9 +7,9 @@ from fastapi import APIRouter, status
 from pydantic import BaseModel
 from sqlmodel import Session
 
-from app.auth import CurrentUser, OwnerScope
-from app.deps import SessionDep
-from app.models import JobPublic, Sweep
+from app.core.models import JobPublic, Sweep
+from app.http.auth import CurrentUser, OwnerScope
+from app.http.deps import SessionDep
 from app.services import jobs as jobs_service
 from app.services import sweeps as service
 from app.services.sweeps import SweepCreate

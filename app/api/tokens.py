@@ -3,10 +3,10 @@
 from fastapi import APIRouter, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from app import audit
-from app.auth import CurrentUser, api_token_public, create_api_token, list_api_tokens, revoke_api_token
-from app.deps import SessionDep
-from app.models import ApiTokenPublic, ApiTokensPublic
+from app.core.models import ApiTokenPublic, ApiTokensPublic
+from app.http.auth import CurrentUser, api_token_public, create_api_token, list_api_tokens, revoke_api_token
+from app.http.deps import SessionDep
+from app.services import audit
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
 

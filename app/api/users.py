@@ -6,8 +6,10 @@ from fastapi import APIRouter, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import select
 
-from app import audit
-from app.auth import (
+from app.core.errors import Conflict
+from app.core.models import BrowserSession, UserPublic, UsersPublic, utcnow
+from app.core.settings import get_settings
+from app.http.auth import (
     AdminUser,
     create_login_token,
     create_user,
@@ -17,10 +19,8 @@ from app.auth import (
     login_link,
     user_public,
 )
-from app.deps import SessionDep
-from app.errors import Conflict
-from app.models import BrowserSession, UserPublic, UsersPublic, utcnow
-from app.settings import get_settings
+from app.http.deps import SessionDep
+from app.services import audit
 
 router = APIRouter(prefix="/api/v1/users", tags=["users"])
 

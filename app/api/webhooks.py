@@ -14,11 +14,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from app import audit
-from app.auth import CurrentUser, OwnerScope
-from app.deps import SessionDep
-from app.errors import StudioError
-from app.models import Webhook, WebhookDelivery
+from app.core.errors import StudioError
+from app.core.models import Webhook, WebhookDelivery
+from app.http.auth import CurrentUser, OwnerScope
+from app.http.deps import SessionDep
+from app.services import audit
 from app.services import webhooks as service
 
 

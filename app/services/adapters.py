@@ -10,9 +10,9 @@ from typing import Any
 
 from sqlmodel import Session, col, func, select
 
-from app.errors import InvalidSpec, NotFound
-from app.models import Adapter, AdapterPublic
-from app.storage import get_store
+from app.core.errors import InvalidSpec, NotFound
+from app.core.models import Adapter, AdapterPublic
+from app.core.storage import get_store
 
 # Try-out runs in this process on one dedicated thread: the event loop never blocks, the warm base model is
 # shared by every request, and a prediction costs no queue round trip (see docs/architecture.md).

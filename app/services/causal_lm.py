@@ -11,12 +11,12 @@ from typing import Any
 
 from sqlmodel import Session
 
-from app.base_models import ResolvedModel, resolve_base_model
-from app.errors import InvalidDataset, InvalidSpec, NotFound
-from app.formats import example_from_row, required_columns
-from app.models import Dataset
+from app.core.base_models import ResolvedModel, resolve_base_model
+from app.core.errors import InvalidDataset, InvalidSpec, NotFound
+from app.core.formats import example_from_row, required_columns
+from app.core.models import Dataset
+from app.core.spec import JobSpec
 from app.services.datasets import check_validation_split, get_dataset
-from app.spec import JobSpec
 
 CAUSAL_LM = "causal-lm"
 # Architectures whose class name ends like this have a language-model head that generates text.

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from sqlmodel import Session, col, select
 
-from app.errors import NotFound
-from app.models import Checkpoint
-from app.storage import get_store
+from app.core.errors import NotFound
+from app.core.models import Checkpoint
+from app.core.storage import get_store
 
 ADAPTER_FOLDER = "adapter"
 

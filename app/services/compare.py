@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlmodel import Session, select
 
-from app.errors import InvalidSpec
-from app.models import Adapter, Job, JobStatus, utcnow
+from app.core.errors import InvalidSpec
+from app.core.models import Adapter, Job, JobStatus, utcnow
 from app.services import jobs as jobs_service
 from app.services.series import series_stats
 
@@ -39,7 +39,7 @@ def resolved_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """
     from pydantic import ValidationError
 
-    from app.spec import JobSpec
+    from app.core.spec import JobSpec
 
     try:
         return JobSpec.model_validate(spec).model_dump(mode="json")

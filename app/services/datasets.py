@@ -8,12 +8,12 @@ from typing import Any, BinaryIO
 
 from sqlmodel import Session, col, func, select
 
-from app.datasets_io import ImportResult, detect_format, profile_rows, propose, read_dataset
-from app.errors import Conflict, InvalidDataset, InvalidSpec, NotFound, PayloadTooLarge
-from app.models import Dataset, Job, JobStatus
-from app.quota import check_quota
-from app.settings import get_settings
-from app.storage import get_store
+from app.core.datasets_io import ImportResult, detect_format, profile_rows, propose, read_dataset
+from app.core.errors import Conflict, InvalidDataset, InvalidSpec, NotFound, PayloadTooLarge
+from app.core.models import Dataset, Job, JobStatus
+from app.core.settings import get_settings
+from app.core.storage import get_store
+from app.services.quota import check_quota
 
 _CHUNK = 1024 * 1024
 _UNSAFE_NAME = re.compile(r"[/\\]|^\.\.?$|\x00")
@@ -59,7 +59,7 @@ def create_dataset(
 ) -> Dataset:
     """Validate, profile and store an uploaded file; on any problem nothing is kept.
 
-    ``options`` are the import options (app.datasets_io.ImportOptions: encoding, delimiter, quotechar, header,
+    ``options`` are the import options (app.core.datasets_io.ImportOptions: encoding, delimiter, quotechar, header,
     column_names, index_column, nested, explode_column, split); what is not given is detected, and what was
     used is stored in ``profile["import"]`` so the worker reads the file the same way.
     """

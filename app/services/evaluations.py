@@ -12,8 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, col, func, select
 
-from app.errors import InvalidSpec, NotFound, ServiceUnavailable
-from app.models import (
+from app.core.errors import InvalidSpec, NotFound, ServiceUnavailable
+from app.core.models import (
     Adapter,
     Dataset,
     Evaluation,
@@ -21,10 +21,10 @@ from app.models import (
     EvaluationStatus,
     Job,
 )
+from app.core.spec import CausalLMSettings, JobSpec
+from app.core.storage import get_store
 from app.services.adapters import get_adapter
 from app.services.datasets import get_dataset
-from app.spec import CausalLMSettings, JobSpec
-from app.storage import get_store
 
 EVALUATE_TASK = "peft_studio.evaluate_adapter"
 CLASSIFICATION = "sequence-classification"
@@ -182,7 +182,7 @@ def _causal_settings(dataset: Dataset, body: EvaluationCreate, trained: JobSpec 
 
 def _queue_for(trained: JobSpec | None) -> str:
     """The queue of the adapter's training job (GPU jobs' adapters evaluate on a GPU worker), one process."""
-    from app.queue import queue_for
+    from app.core.queue import queue_for
 
     if trained is None:
         return queue_for(None)
@@ -197,7 +197,7 @@ def create_evaluation(
     The adapter and the dataset must be the caller's (NotFound otherwise, as for a missing id); the
     evaluation belongs to the adapter's owner. If the queue cannot take it, nothing is kept.
     """
-    from app.queue import get_celery
+    from app.core.queue import get_celery
 
     adapter = get_adapter(session, adapter_id, owner_id)
     dataset = get_dataset(session, body.dataset_id, owner_id)

@@ -17,9 +17,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from app.errors import InvalidSpec
-from app.formats import GenerationSettings
-from app.models import Adapter
+from app.core.errors import InvalidSpec
+from app.core.formats import GenerationSettings
+from app.core.models import Adapter
 from app.services.adapters import adapter_folder, inference_thread
 
 CAUSAL_LM = "causal-lm"

@@ -5,14 +5,14 @@ from typing import Any
 
 from sqlmodel import Session, col, func, select
 
-from app.autoconfig import resolve_spec
-from app.base_models import resolve_base_model
-from app.datasets_io import MAX_LABEL_CLASSES
-from app.errors import InvalidSpec, JobStateError, NotFound, ServiceUnavailable
-from app.models import Adapter, Dataset, Job, JobEvent, JobPublic, JobStatus, MetricPoint, Worker, utcnow
-from app.netguard import check_mlflow_uri
+from app.core.autoconfig import resolve_spec
+from app.core.base_models import resolve_base_model
+from app.core.datasets_io import MAX_LABEL_CLASSES
+from app.core.errors import InvalidSpec, JobStateError, NotFound, ServiceUnavailable
+from app.core.models import Adapter, Dataset, Job, JobEvent, JobPublic, JobStatus, MetricPoint, Worker, utcnow
+from app.core.netguard import check_mlflow_uri
+from app.core.spec import JobSpec
 from app.services.datasets import check_validation_split, get_dataset
-from app.spec import JobSpec
 
 # A label column may have at most this share of the rows as distinct classes (one class per two rows).
 MAX_CLASS_SHARE = 0.5
@@ -242,8 +242,8 @@ def add_event(session: Session, job_id: int, kind: str, message: str) -> None:
 
 def create_job(session: Session, spec: JobSpec, owner_id: int | None = None) -> Job:
     """Validate and queue a job; if the queue cannot take it, nothing is kept."""
-    from app.auth import check_job_cap, scope_for
-    from app.queue import enqueue_training
+    from app.core.queue import enqueue_training
+    from app.http.auth import check_job_cap, scope_for
     from app.services.recovery import new_run_token
 
     scope = scope_for(session, owner_id)
@@ -315,9 +315,9 @@ def waiting_reason(session: Session, job: Job) -> str | None:
     """
     if job.status != JobStatus.queued:
         return None
-    from app.queue import queue_for
+    from app.core.queue import queue_for
+    from app.core.spec import ResourceSettings
     from app.services.workers import is_alive
-    from app.spec import ResourceSettings
 
     try:
         resources = ResourceSettings.model_validate(job.spec.get("resources") or {})
@@ -340,8 +340,8 @@ def waiting_reason(session: Session, job: Job) -> str | None:
 
 
 def _queue_of(spec: dict[str, Any]) -> str:
-    from app.queue import queue_for
-    from app.spec import ResourceSettings
+    from app.core.queue import queue_for
+    from app.core.spec import ResourceSettings
 
     try:
         return queue_for(ResourceSettings.model_validate(spec.get("resources") or {}))
@@ -352,7 +352,7 @@ def _queue_of(spec: dict[str, Any]) -> str:
 def queue_position(session: Session, job: Job) -> int | None:
     """For a queued job: 1 when it is next in its queue, 2 when one job waits before it, ...; else None.
 
-    Jobs wait in the queue their resources send them to (app/queue.py: CPU, any, GPU of a class), and workers
+    Jobs wait in the queue their resources send them to (app/core/queue.py: CPU, any, GPU of a class), and workers
     take them oldest first, so the position counts the queued jobs of the same queue with a smaller id. A
     resumed job keeps its id, so it counts as older than it is: the position is a lower bound then.
     """
@@ -423,13 +423,13 @@ def list_events(session: Session, job_id: int, owner_id: int | None = None) -> l
 
 def _revoke(task_id: str | None) -> None:
     """Best effort: tell Redis-connected workers to drop the task (the run token already makes them skip it)."""
-    from app.settings import get_settings
+    from app.core.settings import get_settings
 
     if not task_id or not get_settings().resolved_broker_url.startswith("redis"):
         return  # the embedded SQLite broker has no broadcast; the worker skips the job by its token
 
     def send() -> None:
-        from app.queue import get_celery
+        from app.core.queue import get_celery
 
         try:
             get_celery().control.revoke(task_id)
@@ -443,7 +443,7 @@ def _revoke(task_id: str | None) -> None:
 
 def resume_job(session: Session, job_id: int, owner_id: int | None = None) -> Job:
     """Queue a failed or cancelled job again; the worker continues from its last checkpoint."""
-    from app.queue import enqueue_training
+    from app.core.queue import enqueue_training
     from app.services.checkpoints import latest_checkpoint
     from app.services.recovery import new_run_token
 

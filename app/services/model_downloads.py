@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 from sqlmodel import Session, col, select
 
-from app.errors import Conflict, InvalidSpec, NotFound, ServiceUnavailable
-from app.models import HubToken, ModelDownload, User, utcnow
-from app.queue import get_celery
+from app.core.errors import Conflict, InvalidSpec, NotFound, ServiceUnavailable
+from app.core.models import HubToken, ModelDownload, User, utcnow
+from app.core.queue import get_celery
+from app.core.settings import get_settings
 from app.services.models import check_model_id
-from app.settings import get_settings
 
 if TYPE_CHECKING:
     from cryptography.fernet import Fernet
@@ -122,7 +122,7 @@ def get_download(session: Session, download_id: int) -> ModelDownload:
 def cancel_download(session: Session, user: User, download_id: int) -> ModelDownload:
     """Cancel a download (its owner or an admin): a queued one at once, a running one at the worker's next
     progress report (within a second); finished files stay in the cache, so asking again fetches the rest."""
-    from app.errors import Forbidden
+    from app.core.errors import Forbidden
 
     download = get_download(session, download_id)
     if download.owner_id != user.id and not user.is_admin:

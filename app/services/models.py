@@ -17,8 +17,8 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from app.base_models import BUNDLED_MODEL_ID, bundled_model_path, registered_folders
-from app.errors import Forbidden, InvalidSpec, NotFound
+from app.core.base_models import BUNDLED_MODEL_ID, bundled_model_path, registered_folders
+from app.core.errors import Forbidden, InvalidSpec, NotFound
 
 # The largest safetensors header we read: real ones are a few hundred KiB even for 70B models.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -249,7 +249,7 @@ def _hub_cache_models() -> list[LibraryModel]:
 
 def _folder_models() -> list[LibraryModel]:
     """Model folders (holding a config.json) directly inside, or one level below, the registered folders."""
-    from app.base_models import _forbidden_roots, _inside
+    from app.core.base_models import _forbidden_roots, _inside
 
     forbidden = _forbidden_roots()
     models = []
@@ -304,7 +304,7 @@ def delete_model(model_id: str) -> int:
 
 def check_model_id(model_id: str) -> str:
     """A Hub id as typed (``owner/name``), or InvalidSpec naming the expected shape."""
-    from app.base_models import _HUB_ID
+    from app.core.base_models import _HUB_ID
 
     model_id = model_id.strip()
     if "/" not in model_id or not _HUB_ID.fullmatch(model_id):

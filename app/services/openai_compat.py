@@ -23,20 +23,20 @@ from typing import Any, BinaryIO, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlmodel import Session, col, select
 
-from app import autoconfig, models
-from app.datasets_io import detect_format, parse_rows
-from app.errors import InvalidDataset, InvalidSpec, NotFound, PayloadTooLarge
-from app.formats import example_from_row
-from app.models import Adapter, Dataset, FineTuningJobLink, Job, JobEvent, JobStatus, MetricPoint
+from app.core import autoconfig, models
+from app.core.datasets_io import detect_format, parse_rows
+from app.core.errors import InvalidDataset, InvalidSpec, NotFound, PayloadTooLarge
+from app.core.formats import example_from_row
+from app.core.models import Adapter, Dataset, FineTuningJobLink, Job, JobEvent, JobStatus, MetricPoint
+from app.core.settings import get_settings
+from app.core.spec import CausalLMSettings, JobSpec, TrainingSettings
 from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
-from app.settings import get_settings
-from app.spec import CausalLMSettings, JobSpec, TrainingSettings
 
 FILE_PREFIX = "file-"
 JOB_PREFIX = "ftjob-"
 ORGANIZATION = "peft-studio"
-# learning_rate_multiplier 1.0 is the rate the studio's auto rule picks for the job (app/autoconfig.py); this
+# learning_rate_multiplier 1.0 is the rate the studio's auto rule picks for the job (app/core/autoconfig.py); this
 # is only the reference for jobs created before that rule, whose hyperparameters were not recorded.
 BASE_LEARNING_RATE = 5e-4
 _SUFFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -668,7 +668,7 @@ def list_checkpoints(
 
 def list_models(session: Session, owner_id: int | None = None) -> list[dict[str, Any]]:
     """Base models (the catalog and every base an adapter was trained on) and fine-tuned models."""
-    from app.base_models import catalog
+    from app.core.base_models import catalog
 
     statement = select(Adapter).order_by(col(Adapter.id).desc())
     if owner_id is not None:

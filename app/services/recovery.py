@@ -21,11 +21,11 @@ from datetime import datetime, timedelta
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from app.db import session_scope
-from app.models import Job, JobStatus, utcnow
+from app.core.db import session_scope
+from app.core.models import Job, JobStatus, utcnow
+from app.core.settings import get_settings
 from app.services.checkpoints import latest_checkpoint
 from app.services.jobs import add_event
-from app.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def requeue_or_fail(session: Session, job: Job, reason: str) -> str | None:
 
     Returns "requeued", "failed", or None when another process changed the job first (nothing done).
     """
-    from app.queue import enqueue_training
+    from app.core.queue import enqueue_training
 
     settings = get_settings()
     assert job.id is not None

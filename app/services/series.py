@@ -23,7 +23,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
-from app.models import MetricPoint
+from app.core.models import MetricPoint
 
 DEFAULT_MAX_POINTS = 2000
 MIN_MAX_POINTS = 10

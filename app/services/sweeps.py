@@ -15,10 +15,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlmodel import Session, col, func, select
 
-from app.errors import InvalidSpec, NotFound, StudioError
-from app.models import Job, JobStatus, Sweep, utcnow
+from app.core.errors import InvalidSpec, NotFound, StudioError
+from app.core.models import Job, JobStatus, Sweep, utcnow
+from app.core.spec import JobSpec
 from app.services import jobs as jobs_service
-from app.spec import JobSpec
 from worker.methods import registry
 
 MAX_SWEEP_JOBS = 64

@@ -20,7 +20,7 @@ Signatures: ``X-PeftStudio-Signature: sha256=<hex>``, the HMAC-SHA256 with the w
 at most an hour) up to ``webhook_max_attempts``; the schedule is stored on the row rather than kept by a retry
 library, because it must outlive the process that made the attempt.
 
-Addresses (app/netguard.py): a URL whose host is or resolves to a loopback, private, link-local or metadata
+Addresses (app/core/netguard.py): a URL whose host is or resolves to a loopback, private, link-local or metadata
 address is refused when the webhook is created and again at every attempt (each redirect too), and the request
 goes to the address that was checked. The delivery log shows status codes and a generic error class, never
 the receiver's answer.
@@ -44,11 +44,11 @@ from sqlalchemy import and_, exists, or_, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from app.db import session_scope
-from app.errors import InvalidSpec, NotFound
-from app.models import Adapter, Job, JobStatus, Webhook, WebhookDelivery, utcnow
-from app.netguard import BlockedAddress, Unresolvable, check_user_url, pinned_request
-from app.settings import get_settings
+from app.core.db import session_scope
+from app.core.errors import InvalidSpec, NotFound
+from app.core.models import Adapter, Job, JobStatus, Webhook, WebhookDelivery, utcnow
+from app.core.netguard import BlockedAddress, Unresolvable, check_user_url, pinned_request
+from app.core.settings import get_settings
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from datetime import UTC, datetime, timedelta
 
 from sqlmodel import Session, col, select
 
-from app.models import Job, Worker, WorkerPublic
-from app.settings import get_settings
+from app.core.models import Job, Worker, WorkerPublic
+from app.core.settings import get_settings
 
 MISSED_HEARTBEATS = 3
 

@@ -1,7 +1,7 @@
 """The interactive API docs at ``/docs``: Swagger UI served from ``static/vendor/swagger-ui`` so it works offline.
 
 FastAPI's own page loads Swagger UI from a CDN and starts it with an inline script; the studio runs on closed
-networks and its Content-Security-Policy runs no inline script (app/gate.py), so the page here loads the vendored
+networks and its Content-Security-Policy runs no inline script (app/http/gate.py), so the page here loads the vendored
 bundle and a static start-up file (static/api_docs.js) instead.
 """
 
@@ -28,6 +28,6 @@ DOCS_PAGE = """<!doctype html>
 
 async def api_docs_page(request: Request) -> HTMLResponse:
     """Swagger UI for ``/openapi.json``, every asset from /static (added with ``app.add_route``: like FastAPI's
-    own docs route it is outside the routers' sign-in dependency; app/gate.py decides who may see it)."""
+    own docs route it is outside the routers' sign-in dependency; app/http/gate.py decides who may see it)."""
     openapi_url = request.app.openapi_url or "/openapi.json"
     return HTMLResponse(DOCS_PAGE.replace("{openapi_url}", openapi_url))

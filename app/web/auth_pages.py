@@ -12,8 +12,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from app import audit, ratelimit
-from app.auth import (
+from app.core.errors import Conflict, StudioError
+from app.core.models import User
+from app.core.settings import get_settings
+from app.http import ratelimit
+from app.http.auth import (
     SESSION_COOKIE,
     AdminUser,
     CurrentUser,
@@ -39,10 +42,8 @@ from app.auth import (
     user_public,
     verify_password,
 )
-from app.deps import SessionDep
-from app.errors import Conflict, StudioError
-from app.models import User
-from app.settings import get_settings
+from app.http.deps import SessionDep
+from app.services import audit
 from app.web.pages import render
 
 router = APIRouter(include_in_schema=False)
@@ -86,7 +87,7 @@ async def login(request: Request, session: SessionDep) -> Response:
     """Check the user name and password; on success a session cookie, then the page asked for.
 
     argon2 takes a third of a second of CPU: it runs in a thread, so the event loop (every other request)
-    goes on meanwhile. Failed sign-ins are throttled per account and per address (app/ratelimit.py).
+    goes on meanwhile. Failed sign-ins are throttled per account and per address (app/http/ratelimit.py).
     """
     form = await request.form()
     username, password = _form_text(form, "username"), form.get("password")

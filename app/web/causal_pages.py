@@ -8,9 +8,9 @@ by ``POST /jobs/preview`` into the job form (``hx-post="/jobs/preview" hx-includ
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from app.auth import OwnerScope
-from app.deps import SessionDep
-from app.errors import InvalidSpec, StudioError
+from app.core.errors import InvalidSpec, StudioError
+from app.http.auth import OwnerScope
+from app.http.deps import SessionDep
 from app.services import adapters as adapters_service
 from app.services import causal_lm as causal_service
 from app.web import forms
@@ -36,7 +36,7 @@ def generate_page(
 def chat_page(request: Request, session: SessionDep, owner_id: OwnerScope, adapter_id: int) -> HTMLResponse:
     """The chat playground: a multi-turn conversation with the adapter and its base model side by side, streamed
     from the OpenAI-compatible ``POST /v1/chat/completions`` (static/chat.js), with a system prompt and sampling."""
-    from app.models import Job
+    from app.core.models import Job
     from app.services.openai_compat import fine_tuned_model_name
 
     row = adapters_service.get_adapter(session, adapter_id, owner_id)

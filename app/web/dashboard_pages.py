@@ -12,9 +12,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.auth import CurrentUser, OwnerScope
-from app.deps import SessionDep
-from app.errors import InvalidSpec, StudioError
+from app.core.errors import InvalidSpec, StudioError
+from app.http.auth import CurrentUser, OwnerScope
+from app.http.deps import SessionDep
 from app.services import compare as compare_service
 from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service

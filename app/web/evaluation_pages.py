@@ -10,21 +10,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
 
-from app import audit
-from app.auth import CurrentUser, OwnerScope
-from app.deps import SessionDep
-from app.errors import InvalidSpec, StudioError
+from app.core.errors import InvalidSpec, StudioError
+from app.core.spec import CausalLMSettings, DataFormat, JobSpec
+from app.http.auth import CurrentUser, OwnerScope
+from app.http.deps import SessionDep
 from app.services import adapters as adapters_service
+from app.services import audit
 from app.services import datasets as datasets_service
 from app.services import evaluations as service
 from app.services.evaluations import CLASSIFICATION, EvaluationCreate
-from app.spec import CausalLMSettings, DataFormat, JobSpec
 from app.web.pages import _is_htmx, _redirect, error_page, render
 
 router = APIRouter(include_in_schema=False)
 
 DATASET_CHOICES = 200
-# The causal-LM column fields the form offers (each format reads some of them; see app/formats.py).
+# The causal-LM column fields the form offers (each format reads some of them; see app/core/formats.py).
 CAUSAL_COLUMN_FIELDS = (
     "instruction_column",
     "input_column",

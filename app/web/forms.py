@@ -16,7 +16,7 @@ import annotated_types
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from app.spec import JobSpec
+from app.core.spec import JobSpec
 from worker.methods import registry
 
 InputKind = Literal["number", "checkbox", "select", "multiselect", "text", "list"]

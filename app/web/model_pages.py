@@ -7,13 +7,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlmodel import Session
 
-from app.auth import CurrentUser
-from app.deps import SessionDep
-from app.errors import StudioError
-from app.models import User
+from app.core.errors import StudioError
+from app.core.models import User
+from app.core.settings import get_settings
+from app.http.auth import CurrentUser
+from app.http.deps import SessionDep
 from app.services import model_downloads as downloads
 from app.services import models as service
-from app.settings import get_settings
 from app.web.pages import render
 
 router = APIRouter(include_in_schema=False)

@@ -18,20 +18,20 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from app import audit
-from app.auth import CurrentUser, OwnerScope, csrf_token
-from app.base_models import catalog
-from app.db import PROJECT_ROOT
-from app.deps import SessionDep
-from app.errors import InvalidDataset, StudioError
-from app.models import Dataset
-from app.presets import PRESETS, PRESETS_BY_KEY, estimate_seconds, preset_values
+from app.core.base_models import catalog
+from app.core.db import PROJECT_ROOT
+from app.core.errors import InvalidDataset, StudioError
+from app.core.models import Dataset
+from app.core.presets import PRESETS, PRESETS_BY_KEY, estimate_seconds, preset_values
+from app.core.settings import BUNDLED_MODEL_ID
+from app.http.auth import CurrentUser, OwnerScope, csrf_token
+from app.http.deps import SessionDep
 from app.services import adapters as adapters_service
+from app.services import audit
 from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
 from app.services.checkpoints import list_checkpoints
 from app.services.compare import display_value, headline_metrics, metric_rows
-from app.settings import BUNDLED_MODEL_ID
 from app.web import forms
 from worker.methods import registry
 
@@ -305,7 +305,7 @@ async def dataset_lengths(
     base_model: str = BUNDLED_MODEL_ID,
 ) -> HTMLResponse:
     """Token lengths of the proposed text column(s) for a base model (the dataset page loads it by htmx)."""
-    from app.token_lengths import columns_for, length_report
+    from app.core.token_lengths import columns_for, length_report
 
     dataset = datasets_service.get_dataset(session, dataset_id, owner_id)
     context: dict[str, Any] = {"report": None, "error": None}
@@ -497,7 +497,7 @@ def clone_values(spec: Mapping[str, Any], name: str) -> dict[str, Any]:
 async def job_form_lengths(request: Request, session: SessionDep, owner_id: OwnerScope) -> HTMLResponse:
     """Token lengths for the form's dataset, columns and base model: the recommended max_length and the share
     of examples the chosen max_length would truncate (refreshed by htmx as the form changes)."""
-    from app.token_lengths import columns_for, length_report
+    from app.core.token_lengths import columns_for, length_report
 
     data = forms.form_to_input(_form_lists(await request.form()))
     dataset = _owned_dataset(session, data.get("dataset_id"), owner_id)
@@ -558,7 +558,7 @@ def method_fields(request: Request, method: str = "lora") -> HTMLResponse:
 async def job_form_preset(
     request: Request, session: SessionDep, owner_id: OwnerScope, preset: str = ""
 ) -> HTMLResponse:
-    """Fill the form's epochs, learning rate and method size from a preset (app/presets.py), computed with the
+    """Fill the form's epochs, learning rate and method size from a preset (app/core/presets.py), computed with the
     auto rule for the form's dataset, model and method; the changed fields are swapped out of band."""
     chosen = PRESETS_BY_KEY.get(preset)
     if chosen is None:
@@ -599,7 +599,7 @@ async def job_form_estimate(request: Request, session: SessionDep, owner_id: Own
         except StudioError as exc:
             context["errors"] = {exc.field or "form": exc.message}
         else:
-            from app.queue import suggest_gpu_class
+            from app.core.queue import suggest_gpu_class
 
             context["estimate"] = result
             context["gpu_class"] = suggest_gpu_class(result.memory.total_bytes)

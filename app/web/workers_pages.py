@@ -3,9 +3,9 @@
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from app.auth import OwnerScope
-from app.deps import SessionDep
-from app.models import WorkersPublic
+from app.core.models import WorkersPublic
+from app.http.auth import OwnerScope
+from app.http.deps import SessionDep
 from app.services import workers as service
 from app.web.pages import render
 

@@ -1,16 +1,16 @@
 """Task recipes: how a task turns a spec and its datasets into a model, training data and metrics.
 
 The engine is task-agnostic; each task (sequence classification, causal LM) is one module here with a
-``RECIPE``. Adding a task touches its module and the ``Task`` literal in app/spec.py.
+``RECIPE``. Adding a task touches its module and the ``Task`` literal in app/core/spec.py.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.base_models import ResolvedModel
-from app.models import Dataset
-from app.spec import JobSpec
+from app.core.base_models import ResolvedModel
+from app.core.models import Dataset
+from app.core.spec import JobSpec
 
 
 @dataclass

@@ -7,10 +7,10 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq, EvalPrediction
 
-from app.base_models import ResolvedModel
-from app.models import Dataset
-from app.safety import model_load_kwargs, remote_code_allowed
-from app.spec import JobSpec
+from app.core.base_models import ResolvedModel
+from app.core.models import Dataset
+from app.core.spec import JobSpec
+from app.http.safety import model_load_kwargs, remote_code_allowed
 from worker.recipes import Prepared, Recipe
 from worker.recipes.causal_lm_data import (
     IGNORE,
@@ -63,7 +63,7 @@ def causal_lm_metrics(prediction: EvalPrediction) -> dict[str, float]:
 
 
 def _load_kwargs(load_kwargs: dict[str, Any], base: ResolvedModel) -> dict[str, Any]:
-    # safetensors only; trust_remote_code only for models the admin allow-listed (app/safety.py)
+    # safetensors only; trust_remote_code only for models the admin allow-listed (app/http/safety.py)
     kwargs = {**model_load_kwargs(base.model_id), **load_kwargs}
     if not torch.cuda.is_available():
         kwargs.setdefault("dtype", torch.float32)  # bf16 is ~5x slower than fp32 on this kind of CPU

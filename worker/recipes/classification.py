@@ -11,10 +11,10 @@ from transformers import (
     EvalPrediction,
 )
 
-from app.base_models import ResolvedModel
-from app.models import Dataset
-from app.safety import model_load_kwargs, remote_code_allowed
-from app.spec import JobSpec
+from app.core.base_models import ResolvedModel
+from app.core.models import Dataset
+from app.core.spec import JobSpec
+from app.http.safety import model_load_kwargs, remote_code_allowed
 from worker.recipes import Prepared, Recipe
 from worker.recipes.classification_data import classification_data, tokenize
 

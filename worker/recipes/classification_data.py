@@ -4,11 +4,11 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from app.datasets_io import load_rows
-from app.errors import InvalidDataset
-from app.models import Dataset
-from app.spec import JobSpec
-from app.storage import get_store
+from app.core.datasets_io import load_rows
+from app.core.errors import InvalidDataset
+from app.core.models import Dataset
+from app.core.spec import JobSpec
+from app.core.storage import get_store
 from worker.batching import install as install_length_grouping
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlmodel import Session
 
-from app.spec import AUTO, JobSpec, TrainingSettings
+from app.core.spec import AUTO, JobSpec, TrainingSettings
 
 # Enough optimizer steps to learn: 1,000 rows at batch 32 is 29 steps, and a LoRA classifier on MiniLM stays at
 # chance after them (DESIGN.md); with ~200 steps it reaches 0.8+ on the demo and 0.87 on SST-2 (one epoch).
@@ -160,7 +160,7 @@ def resolve_training(training: TrainingSettings, inputs: RuleInputs) -> Resoluti
 
 def rule_inputs_for(spec: JobSpec, train_rows: int, eval_rows: int) -> RuleInputs:
     """The rule's inputs for a spec with known row counts (the model size from its config.json)."""
-    from app.base_models import resolve_base_model
+    from app.core.base_models import resolve_base_model
     from worker.methods import registry
 
     try:
@@ -183,7 +183,7 @@ def rule_inputs_for(spec: JobSpec, train_rows: int, eval_rows: int) -> RuleInput
 
 def rule_inputs(session: Session, spec: JobSpec) -> RuleInputs:
     """The rule's inputs for a spec: row counts from the dataset rows, the model size from its config.json."""
-    from app.models import Dataset
+    from app.core.models import Dataset
 
     dataset = session.get(Dataset, spec.dataset_id)
     rows = dataset.row_count if dataset is not None else 0

@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from app.errors import InvalidDataset
-from app.spec import CausalLMSettings
+from app.core.errors import InvalidDataset
+from app.core.spec import CausalLMSettings
 
 Message = dict[str, str]
 # render(messages, add_generation_prompt) -> the template's text

@@ -9,9 +9,9 @@ without an owner, are not limited.
 
 from sqlmodel import Session, func, select
 
-from app.errors import PayloadTooLarge
-from app.models import Adapter, Dataset, User
-from app.settings import get_settings
+from app.core.errors import PayloadTooLarge
+from app.core.models import Adapter, Dataset, User
+from app.core.settings import get_settings
 
 
 def _gib(size: int) -> str:

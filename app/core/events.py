@@ -12,7 +12,7 @@ import logging
 from functools import lru_cache
 from typing import Any
 
-from app.settings import get_settings
+from app.core.settings import get_settings
 
 log = logging.getLogger(__name__)
 

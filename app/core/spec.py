@@ -13,8 +13,8 @@ from pydantic import (
     model_validator,
 )
 
-from app.settings import BUNDLED_MODEL_ID
-from app.templates_chat import TemplateName
+from app.core.chat_templates import TemplateName
+from app.core.settings import BUNDLED_MODEL_ID
 from worker.methods import registry
 
 Task = Literal["sequence-classification", "causal-lm"]

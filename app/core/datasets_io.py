@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from app.errors import InvalidDataset
+from app.core.errors import InvalidDataset
 
 FORMATS = ("csv", "tsv", "txt", "json", "jsonl", "parquet", "arrow", "hf-dataset")
 DELIMITED = ("csv", "tsv", "txt")

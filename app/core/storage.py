@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from app.settings import Settings, get_settings
+from app.core.settings import Settings, get_settings
 
 _CACHE_MANIFEST = ".studio-cache.json"
 

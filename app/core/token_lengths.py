@@ -16,11 +16,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from app.base_models import resolve_base_model
-from app.datasets_io import load_rows
-from app.errors import InvalidSpec
-from app.models import Dataset
-from app.storage import get_store
+from app.core.base_models import resolve_base_model
+from app.core.datasets_io import load_rows
+from app.core.errors import InvalidSpec
+from app.core.models import Dataset
+from app.core.storage import get_store
 
 # Examples tokenized for a report: a seeded sample of larger datasets (percentiles move little beyond this).
 SAMPLE_ROWS = 5000
@@ -126,8 +126,8 @@ def length_report(
 
 def columns_for(values: Mapping[str, Any], dataset: Dataset) -> list[str]:
     """The columns an example is made of, from job-spec-shaped values (task, text columns, causal_lm)."""
-    from app.formats import required_columns
-    from app.spec import CausalLMSettings
+    from app.core.formats import required_columns
+    from app.core.spec import CausalLMSettings
 
     if values.get("task") == "causal-lm":
         settings = CausalLMSettings.model_validate(values.get("causal_lm") or {})

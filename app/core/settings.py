@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     outbound_allowed_hosts: str = Field(
         default="",
         description="Comma-separated host names, addresses or CIDR networks that webhooks and MLflow tracking "
-        "URIs may reach although they are loopback, private or link-local (app/netguard.py); empty: none.",
+        "URIs may reach although they are loopback, private or link-local (app/core/netguard.py); empty: none.",
     )
     # ---- scale out ----
     artifact_url: str | None = Field(

@@ -5,6 +5,6 @@ from typing import Annotated
 from fastapi import Depends
 from sqlmodel import Session
 
-from app.db import get_session
+from app.core.db import get_session
 
 SessionDep = Annotated[Session, Depends(get_session)]

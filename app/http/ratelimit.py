@@ -14,9 +14,9 @@ from datetime import timedelta
 
 from sqlmodel import Session, col, delete, select
 
-from app import audit
-from app.models import SignInFailure, utcnow
-from app.settings import get_settings
+from app.core.models import SignInFailure, utcnow
+from app.core.settings import get_settings
+from app.services import audit
 
 
 def _keys(username: str, address: str) -> list[str]:

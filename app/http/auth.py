@@ -34,9 +34,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session, SQLModel, col, func, select
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import SessionDep
-from app.errors import Conflict, Forbidden, NotFound, StudioError, TooManyJobs, Unauthorized
-from app.models import (
+from app.core.errors import Conflict, Forbidden, NotFound, StudioError, TooManyJobs, Unauthorized
+from app.core.models import (
     Adapter,
     ApiToken,
     ApiTokenPublic,
@@ -49,7 +48,8 @@ from app.models import (
     UserPublic,
     utcnow,
 )
-from app.settings import Settings, get_settings
+from app.core.settings import Settings, get_settings
+from app.http.deps import SessionDep
 
 TOKEN_PREFIX = "pst_"
 SESSION_COOKIE = "peft_studio_session"
@@ -567,7 +567,7 @@ async def _unauthorized(request: Request, exc: Exception) -> Response:
 def unauthorized_response(request: Request, message: str) -> Response:
     """The answer to a request without valid credentials: 401 for the APIs (OpenAI's error shape on /v1), a
     redirect to /login for pages. Reads only the request's headers (the request gate sends it before any body)."""
-    from app.gate import error_json
+    from app.http.gate import error_json
 
     path = request.url.path
     if is_api_path(path):
@@ -585,14 +585,14 @@ def install(app: FastAPI) -> None:
     """Accounts in the app: the login redirect for pages, start-up bootstrap, the request gate and body cap.
 
     ``authenticate`` itself is an app-wide dependency (``FastAPI(dependencies=AUTH_DEPENDENCIES)``), so routers
-    added by anyone later are covered without doing anything. In front of it, ``RequestGate`` (app/gate.py)
+    added by anyone later are covered without doing anything. In front of it, ``RequestGate`` (app/http/gate.py)
     refuses requests without valid credentials before their body is read, and ``BodySizeLimit``
-    (app/safety.py) stops a body at its limit while it arrives.
+    (app/http/safety.py) stops a body at its limit while it arrives.
     """
     from sqlalchemy.exc import DataError
 
-    from app.gate import FiniteJsonNumbers, RequestGate
-    from app.safety import BodySizeLimit
+    from app.http.gate import FiniteJsonNumbers, RequestGate
+    from app.http.safety import BodySizeLimit
 
     app.add_exception_handler(Unauthorized, _unauthorized)
     # Backstop for numbers in queries that overflow the database's integers (SQLite raises OverflowError).
@@ -608,7 +608,7 @@ AUTH_DEPENDENCIES: list[Any] = [Depends(authenticate)]
 
 def bootstrap_accounts() -> User:
     """At start: the admin exists and PEFT_STUDIO_ADMIN_TOKEN is registered (see ``ensure_admin``)."""
-    from app.db import session_scope
+    from app.core.db import session_scope
 
     with session_scope() as session:
         admin = ensure_admin(session)

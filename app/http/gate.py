@@ -1,13 +1,13 @@
 """The request gate in front of every route: security headers on every response, and sign-in checked before
 any of the request body is read.
 
-Why an ASGI middleware and not only the app-wide dependency (``app.auth.authenticate``): FastAPI reads and
+Why an ASGI middleware and not only the app-wide dependency (``app.http.auth.authenticate``): FastAPI reads and
 parses a request's body (a multipart upload spooled to a temporary file, a JSON body parsed into memory) before
 it runs the route's dependencies, so a dependency alone let anyone without credentials make the server write
 or hold a gigabyte before answering 401. Here the credential is checked from the headers only (a bearer token
 or the session cookie, looked up with the same functions the dependency uses, in a worker thread) and a request
 without a valid one is answered at once; the dependency still runs afterwards (CSRF, ``request.state.user``).
-The body-size cap that counts bytes as they arrive is ``app.safety.BodySizeLimit``, the next layer in.
+The body-size cap that counts bytes as they arrive is ``app.http.safety.BodySizeLimit``, the next layer in.
 
 The answer to a refused request is the one the dependency gives: 401 JSON on ``/api/``, 401 in OpenAI's error
 shape on ``/v1/``, a redirect to /login for pages (``HX-Redirect`` for htmx).
@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.settings import get_settings
+from app.core.settings import get_settings
 
 # Our pages load scripts and styles from /static only. Inline style attributes carry computed widths (progress
 # bars, histograms), so styles allow them; scripts never run inline (no eval, no inline handlers).
@@ -106,7 +106,7 @@ def error_json(
 def needs_sign_in(path: str) -> bool:
     """True for every path but the public ones: sign-in pages, /healthz, /static, and the API docs outside
     production."""
-    from app.auth import is_public
+    from app.http.auth import is_public
 
     if is_public(path) or path.startswith("/static/"):
         return False
@@ -117,7 +117,7 @@ def needs_sign_in(path: str) -> bool:
 
 def _credentials(scope: Scope) -> tuple[str | None, str | None]:
     """The bearer token and the session cookie of a request, read from its headers only."""
-    from app.auth import SESSION_COOKIE
+    from app.http.auth import SESSION_COOKIE
 
     request = Request(scope)
     bearer = None
@@ -132,8 +132,8 @@ def credential_is_valid(bearer: str | None, cookie: str | None) -> bool:
 
     Blocking database work: call it in a thread.
     """
-    from app.auth import user_for_api_token, user_for_session
-    from app.db import session_scope
+    from app.core.db import session_scope
+    from app.http.auth import user_for_api_token, user_for_session
 
     with session_scope() as session:
         if bearer is not None:
@@ -178,7 +178,7 @@ async def _no_body() -> Message:
 
 async def refusal(scope: Scope, had_token: bool) -> Response:
     """The 401 (or sign-in redirect) for a request without valid credentials, as ``authenticate`` gives it."""
-    from app.auth import INVALID_TOKEN_MESSAGE, SIGN_IN_MESSAGE, unauthorized_response
+    from app.http.auth import INVALID_TOKEN_MESSAGE, SIGN_IN_MESSAGE, unauthorized_response
 
     response = unauthorized_response(Request(scope), INVALID_TOKEN_MESSAGE if had_token else SIGN_IN_MESSAGE)
     # The body of this request is never read: tell the client not to reuse the connection.

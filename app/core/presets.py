@@ -1,6 +1,6 @@
 """Job-form presets (quick try, balanced, best quality) and a rough training-time estimate.
 
-A preset fills the form with numbers from the same rule that resolves ``auto`` (app/autoconfig.py), so what it
+A preset fills the form with numbers from the same rule that resolves ``auto`` (app/core/autoconfig.py), so what it
 writes is what auto would choose, scaled: *balanced* is the rule itself; *quick try* runs a third of its
 epochs (a look at whether the data and settings train at all, in a third of the time); *best quality* runs
 twice its epochs with a larger LoRA rank and early stopping after three evaluations without a better best
@@ -14,9 +14,9 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from app.autoconfig import MAX_EPOCHS, resolve_training, rule_inputs
-from app.models import Job, JobStatus
-from app.spec import AUTO, JobSpec
+from app.core.autoconfig import MAX_EPOCHS, resolve_training, rule_inputs
+from app.core.models import Job, JobStatus
+from app.core.spec import AUTO, JobSpec
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
-from app.settings import get_settings
+from app.core.settings import get_settings
 
 if TYPE_CHECKING:
-    from app.spec import ResourceSettings
+    from app.core.spec import ResourceSettings
 
 TRAIN_TASK = "peft_studio.train_job"
 
@@ -60,7 +60,7 @@ def get_celery() -> Celery:
 
 
 def __getattr__(name: str) -> Any:
-    # ``celery -A app.queue:celery_app`` and ``from app.queue import celery_app`` get the configured app lazily.
+    # ``celery -A app.core.queue:celery_app`` and ``from app.core.queue import celery_app`` get the configured app lazily.
     if name == "celery_app":
         return get_celery()
     raise AttributeError(name)
@@ -94,7 +94,7 @@ def queue_for(resources: "ResourceSettings | None", base: str | None = None) -> 
 
 def worker_queues(gpu_count: int, gpu_memory_bytes: int | None, base: str | None = None) -> list[str]:
     """The queues a worker with this hardware consumes (``gpu_memory_bytes``: its smallest GPU's memory)."""
-    from app.spec import GPU_CLASS_BYTES
+    from app.core.spec import GPU_CLASS_BYTES
 
     base = base or get_settings().queue_name
     if gpu_count <= 0:
@@ -109,7 +109,7 @@ def worker_queues(gpu_count: int, gpu_memory_bytes: int | None, base: str | None
 
 def suggest_gpu_class(total_bytes: int) -> str | None:
     """The smallest GPU class whose memory holds an estimated training footprint (None: none is enough)."""
-    from app.spec import GPU_CLASS_BYTES
+    from app.core.spec import GPU_CLASS_BYTES
 
     needed = total_bytes * GPU_HEADROOM + GPU_OVERHEAD_BYTES
     return next((name for name, size in GPU_CLASS_BYTES.items() if size >= needed), None)
@@ -117,9 +117,9 @@ def suggest_gpu_class(total_bytes: int) -> str | None:
 
 def _job_resources(job_id: int) -> "ResourceSettings | None":
     """The resources section of a stored job's spec (None when the job is gone)."""
-    from app.db import session_scope
-    from app.models import Job
-    from app.spec import ResourceSettings
+    from app.core.db import session_scope
+    from app.core.models import Job
+    from app.core.spec import ResourceSettings
 
     with session_scope() as session:
         job = session.get(Job, job_id)

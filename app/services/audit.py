@@ -6,7 +6,7 @@ reads the trail with ``GET /api/v1/audit``.
 
 from sqlmodel import Session, col, func, select
 
-from app.models import AuditEvent, User
+from app.core.models import AuditEvent, User
 
 
 def record(

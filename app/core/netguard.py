@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from app.errors import InvalidSpec
-from app.settings import get_settings
+from app.core.errors import InvalidSpec
+from app.core.settings import get_settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 METADATA_ADDRESSES = frozenset(
