@@ -5,8 +5,8 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.core.base_models import catalog
+from app.core.method_registry import registry
 from app.core.spec import JobSpec
-from worker.methods import registry
 
 router = APIRouter(tags=["meta"])
 

@@ -161,7 +161,7 @@ def resolve_training(training: TrainingSettings, inputs: RuleInputs) -> Resoluti
 def rule_inputs_for(spec: JobSpec, train_rows: int, eval_rows: int) -> RuleInputs:
     """The rule's inputs for a spec with known row counts (the model size from its config.json)."""
     from app.core.base_models import resolve_base_model
-    from worker.methods import registry
+    from app.core.method_registry import registry
 
     try:
         params = estimate_parameters(resolve_base_model(spec.base_model).config)

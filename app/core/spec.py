@@ -14,8 +14,8 @@ from pydantic import (
 )
 
 from app.core.chat_templates import TemplateName
+from app.core.method_registry import registry
 from app.core.settings import BUNDLED_MODEL_ID
-from worker.methods import registry
 
 Task = Literal["sequence-classification", "causal-lm"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]

@@ -96,7 +96,7 @@ def _read_studio(root: Path) -> dict[str, Any]:
     for key in ("method", "task", "base_model"):
         if not isinstance(studio.get(key), str) or not studio[key]:
             raise InvalidSpec(f"{STUDIO_FILE} in the archive has no {key!r}.", field="file")
-    from worker.methods import registry
+    from app.core.method_registry import registry
 
     if studio["method"] not in registry():
         raise InvalidSpec(

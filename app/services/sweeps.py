@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlmodel import Session, col, func, select
 
 from app.core.errors import InvalidSpec, NotFound, StudioError
+from app.core.method_registry import registry
 from app.core.models import Job, JobStatus, Sweep, utcnow
 from app.core.spec import JobSpec
 from app.services import jobs as jobs_service
-from worker.methods import registry
 
 MAX_SWEEP_JOBS = 64
 MAX_VALUES_PER_FIELD = 32

@@ -13,6 +13,7 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import InvalidSpec, StudioError
+from app.core.method_registry import registry
 from app.http.auth import CurrentUser, OwnerScope
 from app.http.deps import SessionDep
 from app.services import compare as compare_service
@@ -21,7 +22,6 @@ from app.services import jobs as jobs_service
 from app.services import sweeps as sweeps_service
 from app.services.sweeps import SweepCreate
 from app.web.pages import error_page, render
-from worker.methods import registry
 
 router = APIRouter(include_in_schema=False)
 

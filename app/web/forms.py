@@ -16,8 +16,8 @@ import annotated_types
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from app.core.method_registry import registry
 from app.core.spec import JobSpec
-from worker.methods import registry
 
 InputKind = Literal["number", "checkbox", "select", "multiselect", "text", "list"]
 TRUE_VALUES = ("true", "on", "1", "yes")

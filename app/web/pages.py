@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 from app.core.base_models import catalog
 from app.core.db import PROJECT_ROOT
 from app.core.errors import InvalidDataset, StudioError
+from app.core.method_registry import registry
 from app.core.models import Dataset
 from app.core.presets import PRESETS, PRESETS_BY_KEY, estimate_seconds, preset_values
 from app.core.settings import BUNDLED_MODEL_ID
@@ -33,7 +34,6 @@ from app.services import jobs as jobs_service
 from app.services.checkpoints import list_checkpoints
 from app.services.compare import display_value, headline_metrics, metric_rows
 from app.web import forms
-from worker.methods import registry
 
 templates = Jinja2Templates(directory=str(PROJECT_ROOT / "templates"))
 router = APIRouter(include_in_schema=False)
