@@ -399,3 +399,16 @@ def test_web_app_does_not_import_torch() -> None:
     code = "import app.main, sys; assert not {'torch', 'transformers', 'peft'} & set(sys.modules)"
 
     subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, check=True, timeout=60)
+
+    # and the web app loads nothing of the worker at start-up (its lazy imports: tests/test_layout.py)
+    code = "import app.main, sys; loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'worker'); assert not loaded, loaded"
+    subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, check=True, timeout=60)
+
+    # the shared core loads no web framework and no torch, so the worker imports it as cheaply as the web does
+    core = sorted(p.stem for p in (PROJECT_ROOT / "app" / "core").glob("*.py") if p.stem != "__init__")
+    heavy = {"fastapi", "starlette", "sse_starlette", "torch", "transformers", "peft", "bitsandbytes", "trl"}
+    code = (
+        f"import importlib, sys; [importlib.import_module('app.core.' + m) for m in {core!r}]; "
+        f"loaded = sorted({heavy!r} & set(sys.modules)); assert not loaded, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, check=True, timeout=60)
