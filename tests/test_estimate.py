@@ -9,7 +9,8 @@ from fastapi.testclient import TestClient
 
 from app.core.settings import BUNDLED_MODEL_ID
 from app.core.spec import JobSpec
-from worker.methods import CLASSIFICATION, get_method
+from app.core.tasks import CLASSIFICATION
+from worker.methods import get_method
 
 MINILM_PARAMS = 22_713_216  # the bundled MiniLM without a head: BERT body and pooler
 CSV_2 = b"text,label\na fine film,1\na dull film,0\nlovely,1\nawful,0\nsplendid,1\ntedious,0\n"

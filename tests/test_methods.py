@@ -24,9 +24,10 @@ from app.core.db import get_engine
 from app.core.models import Adapter, Job, JobStatus, MetricPoint
 from app.core.settings import BUNDLED_MODEL_ID
 from app.core.spec import JobSpec
+from app.core.tasks import CAUSAL_LM, CLASSIFICATION
 from tests.bnb_paths import CPU_PATHS, FUSED, force_cpu_path, method_params
 from tests.factories import create_dataset, create_job, sst2_bytes
-from worker.methods import CAUSAL_LM, CLASSIFICATION, BuildContext, MethodInfo, count_parameters, registry
+from worker.methods import BuildContext, MethodInfo, count_parameters, registry
 
 ROWS = 8  # one batch of 8, repeated every step: the loss must fall on it
 STEPS = 6

@@ -14,6 +14,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from app.core.tasks import find_task
+
 log = logging.getLogger(__name__)
 
 # Above this many bytes of trainable weights (full fine-tuning of a large model) no copy is kept: the adapter
@@ -26,7 +28,8 @@ def metric_for(best_metric: str, task: str) -> str | None:
     if best_metric == "last":
         return None
     if best_metric == "auto":
-        return "f1_macro" if task == "sequence-classification" else "loss"
+        info = find_task(task)
+        return info.best_metric if info else "loss"
     return best_metric
 
 

@@ -18,8 +18,9 @@ from app.core.autoconfig import needs_resolution, resolve_training, rule_inputs_
 from app.core.base_models import ResolvedModel, resolve_base_model
 from app.core.errors import InvalidSpec
 from app.core.spec import JobSpec
+from app.core.tasks import CAUSAL_LM, CLASSIFICATION
 from app.http.safety import remote_code_allowed
-from worker.methods import CAUSAL_LM, CLASSIFICATION, BuildContext, MethodInfo, count_parameters, get_method
+from worker.methods import BuildContext, MethodInfo, count_parameters, get_method
 
 FP32 = 4
 ADAM_STATES = 2  # AdamW keeps two fp32 moments per trainable parameter

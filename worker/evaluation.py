@@ -35,7 +35,8 @@ from app.core.models import Adapter, Dataset, Evaluation, EvaluationStatus, utcn
 from app.core.settings import get_settings
 from app.core.spec import CausalLMSettings, JobSpec
 from app.core.storage import get_store
-from app.services.evaluations import CAUSAL_LM, predictions_key
+from app.core.tasks import CAUSAL_LM
+from app.services.evaluations import predictions_key
 from worker.failures import explain
 from worker.inference import WarmModels
 from worker.recipes.causal_lm import preprocess_logits

@@ -6,6 +6,8 @@ The job's ``error`` gets the explanation; its event log keeps the full traceback
 import traceback
 from typing import Any
 
+from worker.methods import registry
+
 
 class NonFiniteLoss(Exception):
     """Training stopped because the loss became NaN or infinite."""
@@ -80,7 +82,8 @@ def oom_hint(spec: Any | None) -> str:
         f"or training.max_length (now {training.max_length}, try {shorter})",
         "use gradient checkpointing",
     ]
-    if spec.method != "qlora":
+    method = registry().get(spec.method)
+    if method is None or not method.quantized:
         hints.append("or QLoRA, which loads the base model in 4 bits")
     return "Try: " + ", ".join(hints) + "."
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from app.core.settings import get_settings
 from app.core.spec import JobSpec
+from app.core.tasks import CLASSIFICATION
 from worker.best import metric_for
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def _how_to_load(spec: JobSpec, saved_as: str, labels: list[str]) -> str:
             "from studio_adapters import load_adapter  # the file next to this card\n\n"
             "model = load_adapter(base_model, folder)"
         )
-    if spec.task == "sequence-classification":
+    if spec.task == CLASSIFICATION:
         return (
             "from peft import AutoPeftModelForSequenceClassification\n\n"
             "model = AutoPeftModelForSequenceClassification.from_pretrained(folder)  # labels included"

@@ -49,6 +49,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from app.core.errors import InvalidDataset
+from app.core.tasks import CAUSAL_LM, CLASSIFICATION
 
 FORMATS = ("csv", "tsv", "txt", "json", "jsonl", "parquet", "arrow", "hf-dataset")
 DELIMITED = ("csv", "tsv", "txt")
@@ -1289,7 +1290,7 @@ def propose(columns: list[str], profile: dict[str, Any]) -> dict[str, Any]:
     )
     if chat is not None:
         return {
-            "task": "causal-lm",
+            "task": CAUSAL_LM,
             "format": "chat",
             "causal_lm": {"format": "chat", "messages_column": chat},
             "reason": f"column {chat!r} holds chat messages",
@@ -1304,7 +1305,7 @@ def propose(columns: list[str], profile: dict[str, Any]) -> dict[str, Any]:
             "input_column": leaf.get("input"),
         }
         return {
-            "task": "causal-lm",
+            "task": CAUSAL_LM,
             "format": "alpaca",
             "causal_lm": settings,
             "reason": f"{instruction}/{output}",
@@ -1318,7 +1319,7 @@ def propose(columns: list[str], profile: dict[str, Any]) -> dict[str, Any]:
             "completion_column": completion,
         }
         return {
-            "task": "causal-lm",
+            "task": CAUSAL_LM,
             "format": "prompt-completion",
             "causal_lm": settings,
             "reason": f"{prompt}/{completion}",
@@ -1346,7 +1347,7 @@ def propose(columns: list[str], profile: dict[str, Any]) -> dict[str, Any]:
             c for c in columns if c in texts and infos[c]["length"]["mean"] >= max(_JOIN_SHARE * longest, 10)
         ]
         proposal: dict[str, Any] = {
-            "task": "sequence-classification",
+            "task": CLASSIFICATION,
             "format": "classification",
             "text_column": texts[0],
             "label_column": label,
@@ -1357,7 +1358,7 @@ def propose(columns: list[str], profile: dict[str, Any]) -> dict[str, Any]:
         return proposal
     if texts:
         return {
-            "task": "causal-lm",
+            "task": CAUSAL_LM,
             "format": "text",
             "text_column": texts[0],
             "causal_lm": {"format": "text"},

@@ -1,6 +1,6 @@
 """The job spec: the one contract between the API, the job form and the worker."""
 
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -16,8 +16,12 @@ from pydantic import (
 from app.core.chat_templates import TemplateName
 from app.core.method_registry import registry
 from app.core.settings import BUNDLED_MODEL_ID
+from app.core.tasks import CLASSIFICATION, task_names
 
-Task = Literal["sequence-classification", "causal-lm"]
+if TYPE_CHECKING:
+    Task = str
+else:  # the registered tasks, in form order: the schema's enum and the form's choices
+    Task = Literal[task_names()]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 
 
@@ -279,7 +283,7 @@ class JobSpec(BaseModel):
         max_length=500,
         description="The bundled model, a local folder with a transformers model, or a hub id already cached.",
     )
-    task: Task = Field(default="sequence-classification", description="What the model learns to do.")
+    task: Task = Field(default=CLASSIFICATION, description="What the model learns to do.")
     dataset_id: int = Field(ge=1, description="The training dataset.")
     text_column: str = Field(
         default="text",

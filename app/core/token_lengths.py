@@ -21,6 +21,7 @@ from app.core.datasets_io import load_rows
 from app.core.errors import InvalidSpec
 from app.core.models import Dataset
 from app.core.storage import get_store
+from app.core.tasks import CAUSAL_LM
 
 # Examples tokenized for a report: a seeded sample of larger datasets (percentiles move little beyond this).
 SAMPLE_ROWS = 5000
@@ -129,7 +130,7 @@ def columns_for(values: Mapping[str, Any], dataset: Dataset) -> list[str]:
     from app.core.formats import required_columns
     from app.core.spec import CausalLMSettings
 
-    if values.get("task") == "causal-lm":
+    if values.get("task") == CAUSAL_LM:
         settings = CausalLMSettings.model_validate(values.get("causal_lm") or {})
         columns = list(required_columns(settings, str(values.get("text_column") or "text")).values())
         return [column for column in columns if column in dataset.columns] or columns

@@ -13,6 +13,7 @@ from sqlmodel import Session, col, func, select
 from app.core.errors import InvalidSpec, NotFound
 from app.core.models import Adapter, AdapterPublic
 from app.core.storage import get_store
+from app.core.tasks import CLASSIFICATION
 
 # Try-out runs in this process on one dedicated thread: the event loop never blocks, the warm base model is
 # shared by every request, and a prediction costs no queue round trip (see docs/architecture.md).
@@ -100,7 +101,7 @@ async def predict(adapter: Adapter, texts: list[str]) -> list[dict[str, Any]]:
         raise InvalidSpec("Send at least one text.", field="texts")
     if len(texts) > MAX_PREDICT_TEXTS:
         raise InvalidSpec(f"Send at most {MAX_PREDICT_TEXTS} texts per request.", field="texts")
-    if adapter.task != "sequence-classification":
+    if adapter.task != CLASSIFICATION:
         raise InvalidSpec(f"Adapter {adapter.id} is a {adapter.task} adapter; use generate.", field="adapter")
     folder = adapter_folder(adapter)
 

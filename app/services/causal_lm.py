@@ -14,16 +14,15 @@ from sqlmodel import Session
 from app.core.base_models import ResolvedModel, resolve_base_model
 from app.core.errors import InvalidDataset, InvalidSpec, NotFound
 from app.core.formats import example_from_row, required_columns
+from app.core.method_registry import registry as method_registry
 from app.core.models import Dataset
 from app.core.spec import JobSpec
+from app.core.tasks import CAUSAL_LM
 from app.services.datasets import check_validation_split, get_dataset
 
-CAUSAL_LM = "causal-lm"
 # Architectures whose class name ends like this have a language-model head that generates text.
 _GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 MAX_PREVIEW_EXAMPLES = 20
-# Methods that add virtual tokens or prefix key/values to every sequence: packed examples would share them.
-VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt", "ptuning"})
 
 
 def _dataset(
@@ -95,6 +94,11 @@ def _check_model(model: ResolvedModel, spec: JobSpec) -> None:
         )
 
 
+def _adds_virtual_tokens(method: str) -> bool:
+    info = method_registry().get(method)
+    return info is not None and info.virtual_tokens
+
+
 def validate_causal_lm_spec(session: Session, spec: JobSpec, owner_id: int | None = None) -> None:
     """Everything a causal-LM spec refers to: datasets and their columns, the split, the base model.
 
@@ -109,7 +113,8 @@ def validate_causal_lm_spec(session: Session, spec: JobSpec, owner_id: int | Non
         _check_columns(validation, spec, "validation ")
     else:
         check_validation_split(dataset, spec.validation_fraction)
-    if spec.causal_lm.packing and spec.method in VIRTUAL_TOKEN_METHODS:
+    # A method's virtual tokens (or prefix key/values) join every sequence: packed examples would share them.
+    if spec.causal_lm.packing and _adds_virtual_tokens(spec.method):
         raise InvalidSpec(
             f"Packing cannot be used with {spec.method}: its virtual tokens (or prefix key/values) would be "
             "shared by every example packed in a row. Turn packing off for this method.",

@@ -9,14 +9,13 @@ from sqlmodel import Session, select
 
 from app.core.errors import InvalidSpec
 from app.core.models import Adapter, Job, JobStatus, utcnow
+from app.core.tasks import CLASSIFICATION, find_task
 from app.services import jobs as jobs_service
 from app.services.series import series_stats
 
 MAX_COMPARED_JOBS = 50
 # The spec's ``name`` always differs between jobs and already heads each column, so the diff leaves it out.
 IGNORED_FIELDS = frozenset({"name"})
-# Per task: the eval metric that decides which job is better, and whether higher is better.
-PRIMARY_METRIC = {"sequence-classification": ("accuracy", True), "causal-lm": ("token_accuracy", True)}
 MISSING = object()
 
 
@@ -142,8 +141,9 @@ def summary_row(session: Session, job: Job) -> SummaryRow:
     assert job.id is not None
     adapter = session.exec(select(Adapter).where(Adapter.job_id == job.id)).first()
     stats = series_stats(session, job.id)
-    task = str(job.spec.get("task", "sequence-classification"))
-    metric, higher_is_better = PRIMARY_METRIC.get(task, ("loss", False))
+    task = str(job.spec.get("task", CLASSIFICATION))
+    info = find_task(task)  # the task's eval metric decides which job is better; else the loss, lower better
+    metric, higher_is_better = (info.primary_metric, info.higher_is_better) if info else ("loss", False)
     scores = stats.get(f"eval.{metric}")
     losses = stats.get("eval.loss")
     rss = stats.get("train.peak_rss_mb")
@@ -197,17 +197,11 @@ def compare_jobs(session: Session, job_ids: list[int], owner_id: int | None = No
     )
 
 
-# The one number a jobs list shows per job, by task: (key in the adapter's final metrics, label), first found wins.
-HEADLINE_METRICS = {
-    "sequence-classification": (("accuracy", "accuracy"), ("loss", "eval loss")),
-    "causal-lm": (("perplexity", "perplexity"), ("loss", "eval loss")),
-}
-
-
 def headline_metric(task: str, metrics: dict[str, float]) -> tuple[str, float] | None:
     """The label and value a jobs list shows for a finished job: accuracy for classification, eval perplexity
     (or eval loss) for a causal LM; None when the job logged no evaluation."""
-    for key, label in HEADLINE_METRICS.get(task, (("loss", "eval loss"),)):
+    info = find_task(task)  # (key in the adapter's final metrics, label) pairs, first found wins
+    for key, label in info.headline_metrics if info else (("loss", "eval loss"),):
         value = metrics.get(key)
         if isinstance(value, int | float):
             return label, float(value)

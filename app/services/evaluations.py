@@ -23,12 +23,11 @@ from app.core.models import (
 )
 from app.core.spec import CausalLMSettings, JobSpec
 from app.core.storage import get_store
+from app.core.tasks import CAUSAL_LM, CLASSIFICATION
 from app.services.adapters import get_adapter
 from app.services.datasets import get_dataset
 
 EVALUATE_TASK = "peft_studio.evaluate_adapter"
-CLASSIFICATION = "sequence-classification"
-CAUSAL_LM = "causal-lm"
 PREDICTIONS_FILE = "predictions.csv"
 CHUNK_BYTES = 256 * 1024
 

@@ -20,13 +20,13 @@ from typing import Any
 from app.core.errors import InvalidSpec
 from app.core.formats import GenerationSettings
 from app.core.models import Adapter
+from app.core.tasks import find_task
 from app.services.adapters import adapter_folder, inference_thread
-
-CAUSAL_LM = "causal-lm"
 
 
 def _check_causal(adapter: Adapter) -> None:
-    if adapter.task != CAUSAL_LM:
+    info = find_task(adapter.task)
+    if info is None or not info.generates_text:
         raise InvalidSpec(
             f"Adapter {adapter.id} is a {adapter.task} adapter; generate is for causal-lm adapters (use predict).",
             field="adapter",

@@ -19,6 +19,7 @@ from typing import Any
 
 from app.core.base_models import BUNDLED_MODEL_ID, bundled_model_path, registered_folders
 from app.core.errors import Forbidden, InvalidSpec, NotFound
+from app.core.tasks import CAUSAL_LM, CLASSIFICATION
 
 # The largest safetensors header we read: real ones are a few hundred KiB even for 70B models.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -44,31 +45,31 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
 # Where to start when the library is empty: ids that exist on the Hub and why each is a good first choice.
 RECOMMENDED: list[dict[str, str]] = [
     {
-        "task": "sequence-classification",
+        "task": CLASSIFICATION,
         "size": "small",
         "model_id": "answerdotai/ModernBERT-base",
         "why": "149M-parameter encoder with an 8k context; a strong modern default for text classification.",
     },
     {
-        "task": "sequence-classification",
+        "task": CLASSIFICATION,
         "size": "medium",
         "model_id": "microsoft/deberta-v3-base",
         "why": "184M parameters; tops classification benchmarks among base-size encoders.",
     },
     {
-        "task": "causal-lm",
+        "task": CAUSAL_LM,
         "size": "small",
         "model_id": "Qwen/Qwen2.5-0.5B-Instruct",
         "why": "0.5B parameters with a chat template; LoRA trains on a CPU or any GPU.",
     },
     {
-        "task": "causal-lm",
+        "task": CAUSAL_LM,
         "size": "medium",
         "model_id": "meta-llama/Llama-3.2-3B-Instruct",
         "why": "3B parameters, gated (save a Hub token on your account page); QLoRA fits a 24 GB GPU.",
     },
     {
-        "task": "causal-lm",
+        "task": CAUSAL_LM,
         "size": "large",
         "model_id": "mistralai/Mistral-7B-Instruct-v0.3",
         "why": "7B parameters, Apache-2.0; QLoRA fits a 24 GB GPU, LoRA in bfloat16 needs about 40 GB.",
@@ -138,9 +139,9 @@ def tasks_for(config: dict[str, Any]) -> list[str]:
     architectures = [str(a) for a in config.get("architectures") or []]
     model_type = str(config.get("model_type") or "")
     if any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures):
-        return ["causal-lm"]
+        return [CAUSAL_LM]
     if model_type in _ENCODER_TYPES or any(a.endswith("ForSequenceClassification") for a in architectures):
-        return ["sequence-classification"]
+        return [CLASSIFICATION]
     return []
 
 

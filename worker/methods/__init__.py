@@ -16,8 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-CLASSIFICATION = "sequence-classification"
-CAUSAL_LM = "causal-lm"
+from app.core.tasks import CAUSAL_LM, CLASSIFICATION
 
 # How a method's output folder loads outside the studio (shown on the adapter page and in docs/methods.md).
 SavedAs = Literal["peft", "transformers", "studio"]
@@ -77,6 +76,9 @@ class MethodInfo:
     ``save`` writes the trained model to a folder; ``load`` puts a saved adapter onto a fresh base model.
     ``saved_as`` says what that folder is: a peft adapter, a complete transformers model, or one of the
     studio's own adapters (loaded with the ``studio_adapters.py`` file saved next to it).
+    ``virtual_tokens``: the method adds virtual tokens or prefix key/values to every sequence (so packed
+    examples would share them); ``quantized``: it loads the base model with low-bit weights (QLoRA), so
+    "use a quantized method" is no advice for its out-of-memory failures.
     ``paper`` cites the method; ``learning_rate`` is a typical peak learning rate for it (a hint for the form
     and the benchmark, not applied automatically).
     """
@@ -91,6 +93,8 @@ class MethodInfo:
     save: Callable[[Any, str], None] = save_with_save_pretrained
     load: Callable[[Any, str, str], Any] = load_peft_adapter
     saved_as: SavedAs = "peft"
+    virtual_tokens: bool = False
+    quantized: bool = False
     paper: str = ""
     learning_rate: float = 5e-4
     extra: dict[str, Any] = field(default_factory=dict)

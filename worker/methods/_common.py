@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.methods import CLASSIFICATION
+from app.core.tasks import CLASSIFICATION
 
 
 def peft_task_type(task: str) -> Any:

@@ -43,6 +43,7 @@ def build(model: Any, config: BaseModel, context: BuildContext) -> BuiltModel:
 
 METHOD = MethodInfo(
     name="prefix",
+    virtual_tokens=True,
     title="Prefix tuning",
     summary="Learned key/value vectors prepended in every attention layer; the base stays untouched.",
     config=PrefixSettings,

@@ -61,6 +61,7 @@ def build(model: Any, config: BaseModel, context: BuildContext) -> BuiltModel:
 
 METHOD = MethodInfo(
     name="prompt",
+    virtual_tokens=True,
     title="Prompt tuning",
     summary="A learned soft prompt prepended to the input embeddings: the fewest parameters, a high lr.",
     config=PromptSettings,

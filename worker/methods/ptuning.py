@@ -50,6 +50,7 @@ def build(model: Any, config: BaseModel, context: BuildContext) -> BuiltModel:
 
 METHOD = MethodInfo(
     name="ptuning",
+    virtual_tokens=True,
     title="P-tuning",
     summary="A soft prompt produced by a small MLP/LSTM encoder; only the resulting prompt is saved.",
     config=PTuningSettings,

@@ -153,6 +153,7 @@ def load(base_model: Any, folder: str, adapter_name: str) -> Any:
 
 METHOD = MethodInfo(
     name="qlora",
+    quantized=True,
     title="QLoRA",
     summary="LoRA on a 4-bit (NF4/FP4, double-quant) or 8-bit frozen base: the least memory for big models.",
     config=QLoraSettings,

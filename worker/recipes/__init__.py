@@ -1,11 +1,16 @@
 """Task recipes: how a task turns a spec and its datasets into a model, training data and metrics.
 
 The engine is task-agnostic; each task (sequence classification, causal LM) is one module here with a
-``RECIPE``. Adding a task touches its module and the ``Task`` literal in app/core/spec.py.
+``RECIPE`` keyed by the task's name, found by ``pkgutil`` like the methods; its declarative side (name, metrics,
+spec check) is one module under ``app/core/task_defs/``. Modules without a ``RECIPE`` (the ``*_data`` helpers)
+and modules whose name starts with ``_`` are not recipes.
 """
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from app.core.base_models import ResolvedModel
@@ -37,15 +42,21 @@ class Recipe:
     load_base: Callable[[ResolvedModel, dict[str, Any], dict[str, Any]], Any]
 
 
+@lru_cache
+def recipes() -> dict[str, Recipe]:
+    """Every recipe found in this package, by task name."""
+    found: dict[str, Recipe] = {}
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if module_info.name.startswith("_"):
+            continue
+        recipe = getattr(importlib.import_module(f"{__name__}.{module_info.name}"), "RECIPE", None)
+        if isinstance(recipe, Recipe):
+            if recipe.task in found:
+                raise RuntimeError(f"two recipes are registered for task {recipe.task!r}")
+            found[recipe.task] = recipe
+    return found
+
+
 def get_recipe(task: str) -> Recipe:
-    """The recipe for a task."""
-    from worker.recipes import classification
-
-    recipes = {classification.RECIPE.task: classification.RECIPE}
-    try:
-        from worker.recipes import causal_lm  # type: ignore[attr-defined]
-
-        recipes[causal_lm.RECIPE.task] = causal_lm.RECIPE
-    except ImportError:
-        pass
-    return recipes[task]
+    """The recipe for a task; KeyError if there is none."""
+    return recipes()[task]

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Se
 from app.core.base_models import ResolvedModel
 from app.core.models import Dataset
 from app.core.spec import JobSpec
+from app.core.tasks import CAUSAL_LM
 from app.http.safety import model_load_kwargs, remote_code_allowed
 from worker.recipes import Prepared, Recipe
 from worker.recipes.causal_lm_data import (
@@ -138,4 +139,4 @@ def load_base(base: ResolvedModel, studio: dict[str, Any], load_kwargs: dict[str
     return AutoModelForCausalLM.from_pretrained(str(base.path), **_load_kwargs(load_kwargs, base))
 
 
-RECIPE = Recipe(task="causal-lm", prepare=prepare, load_base=load_base)
+RECIPE = Recipe(task=CAUSAL_LM, prepare=prepare, load_base=load_base)

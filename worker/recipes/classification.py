@@ -14,6 +14,7 @@ from transformers import (
 from app.core.base_models import ResolvedModel
 from app.core.models import Dataset
 from app.core.spec import JobSpec
+from app.core.tasks import CLASSIFICATION
 from app.http.safety import model_load_kwargs, remote_code_allowed
 from worker.recipes import Prepared, Recipe
 from worker.recipes.classification_data import classification_data, tokenize
@@ -124,4 +125,4 @@ def load_base(base: ResolvedModel, studio: dict[str, Any], load_kwargs: dict[str
     )
 
 
-RECIPE = Recipe(task="sequence-classification", prepare=prepare, load_base=load_base)
+RECIPE = Recipe(task=CLASSIFICATION, prepare=prepare, load_base=load_base)
