@@ -71,7 +71,7 @@ ALLOWED_LAZY_WORKER_IMPORTS: dict[str, tuple[frozenset[str], str]] = {
     "app.api.jobs": (frozenset({"worker.estimate"}), "the memory/time estimate loads torch on first use"),
     "app.web.pages": (frozenset({"worker.estimate"}), "the same estimate, shown on the job form"),
     "app.api.openai_compat": (
-        frozenset({"worker.generation", "worker.openai_generation"}),
+        frozenset({"worker.openai_generation"}),
         "try-out chat completions run in the web process with the base model kept warm",
     ),
     "app.services.generation": (

@@ -18,7 +18,6 @@ from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile,
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
 from app.core.errors import InvalidSpec, StudioError
@@ -31,7 +30,23 @@ from app.http.gate import openai_error_body
 from app.services import adapters as adapters_service
 from app.services import audit
 from app.services import datasets as datasets_service
-from app.services import openai_compat as service
+from app.services import generation as generation_service
+from app.services.openai_compat import completions as completions_service
+from app.services.openai_compat import errors as errors_service
+from app.services.openai_compat import files as files_service
+from app.services.openai_compat import fine_tuning as fine_tuning_service
+from app.services.openai_compat import models as models_service
+from app.services.openai_compat import progress as progress_service
+from app.services.openai_compat.completions import (
+    ChatCompletionRequest,
+    ClassificationRequest,
+    CompletionRequest,
+    chat_messages,
+    cut_at_stop,
+    finish_reason,
+    generation_settings,
+    token_usage,
+)
 
 # ---- errors in OpenAI's shape -----------------------------------------------------------------
 
@@ -49,15 +64,8 @@ def error_response(
 
 def validation_response(exc: RequestValidationError) -> JSONResponse:
     """A request validation error as OpenAI answers bad input: 400, the first problem, its parameter."""
-    errors = list(exc.errors())
-    first = errors[0] if errors else {}
-    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
-    param = ".".join(location) or None
-    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-    if first.get("type") == "json_invalid":
-        message, param = "The request body is not valid JSON.", None
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return error_response(400, f"{param + ': ' if param else ''}{message}{more}", param, "invalid_value")
+    message, param = errors_service.validation_problem(list(exc.errors()))
+    return error_response(400, message, param, "invalid_value")
 
 
 class OpenAIRoute(APIRoute):
@@ -100,9 +108,9 @@ def create_file(
     session: SessionDep, user: CurrentUser, file: UploadFile = File(...), purpose: str = Form(...)
 ) -> dict[str, Any]:
     """Upload a JSONL fine-tune file (chat `messages` or `prompt`/`completion` lines); it becomes a dataset."""
-    dataset = service.upload_file(session, file.file, file.filename, purpose, user.id)
+    dataset = files_service.upload_file(session, file.file, file.filename, purpose, user.id)
     audit.record(session, user, "create", "dataset", dataset.id, "POST /v1/files")
-    return service.file_object(dataset)
+    return files_service.file_object(dataset)
 
 
 @router.get("/files")
@@ -117,20 +125,20 @@ def list_files(
     """Files (every dataset, purpose fine-tune), newest first."""
     if purpose not in (None, "fine-tune"):
         return _list([], False)
-    rows, has_more = service.list_files(session, after, limit, order, owner_id)
-    return _list([service.file_object(row) for row in rows], has_more)
+    rows, has_more = files_service.list_files(session, after, limit, order, owner_id)
+    return _list([files_service.file_object(row) for row in rows], has_more)
 
 
 @router.get("/files/{file_id}")
 def retrieve_file(session: SessionDep, owner_id: OwnerScope, file_id: str) -> dict[str, Any]:
     """One file."""
-    return service.file_object(service.get_file(session, file_id, owner_id))
+    return files_service.file_object(files_service.get_file(session, file_id, owner_id))
 
 
 @router.delete("/files/{file_id}")
 def delete_file(session: SessionDep, user: CurrentUser, owner_id: OwnerScope, file_id: str) -> dict[str, Any]:
     """Delete a file (the dataset); refused while a queued or running job uses it."""
-    dataset = service.get_file(session, file_id, owner_id)
+    dataset = files_service.get_file(session, file_id, owner_id)
     assert dataset.id is not None
     datasets_service.delete_dataset(session, dataset.id, owner_id)
     audit.record(session, user, "delete", "dataset", dataset.id, "DELETE /v1/files")
@@ -140,7 +148,7 @@ def delete_file(session: SessionDep, user: CurrentUser, owner_id: OwnerScope, fi
 @router.get("/files/{file_id}/content")
 def file_content(session: SessionDep, owner_id: OwnerScope, file_id: str) -> FileResponse:
     """The file's bytes as uploaded."""
-    dataset = service.get_file(session, file_id, owner_id)
+    dataset = files_service.get_file(session, file_id, owner_id)
     return FileResponse(get_store().local_file(dataset.storage_key), filename=dataset.filename)
 
 
@@ -149,16 +157,16 @@ def file_content(session: SessionDep, owner_id: OwnerScope, file_id: str) -> Fil
 
 @router.post("/fine_tuning/jobs")
 def create_fine_tuning_job(
-    session: SessionDep, user: CurrentUser, body: service.FineTuningJobCreate
+    session: SessionDep, user: CurrentUser, body: fine_tuning_service.FineTuningJobCreate
 ) -> dict[str, Any]:
     """Create a supervised fine-tuning job: a causal-LM job on the studio's engine.
 
     Our method and its settings: the `peft` extension field ({method, config, training, causal_lm,
     validation_fraction, name}) or metadata keys `peft.method` and `peft.config` (JSON text).
     """
-    job = service.create_job(session, body, user.id)
+    job = fine_tuning_service.create_job(session, body, user.id)
     audit.record(session, user, "create", "job", job.id, "POST /v1/fine_tuning/jobs")
-    return service.job_object(session, job)
+    return fine_tuning_service.job_object(session, job)
 
 
 @router.get("/fine_tuning/jobs")
@@ -166,14 +174,14 @@ def list_fine_tuning_jobs(
     session: SessionDep, owner_id: OwnerScope, after: str | None = None, limit: Limit = 20
 ) -> dict[str, Any]:
     """Jobs, newest first; page with `after` (the last job id seen) and `limit`."""
-    rows, has_more = service.list_jobs(session, after, limit, owner_id)
-    return _list([service.job_object(session, row) for row in rows], has_more)
+    rows, has_more = fine_tuning_service.list_jobs(session, after, limit, owner_id)
+    return _list([fine_tuning_service.job_object(session, row) for row in rows], has_more)
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
 def retrieve_fine_tuning_job(session: SessionDep, owner_id: OwnerScope, job_id: str) -> dict[str, Any]:
     """One job."""
-    return service.job_object(session, service.get_job(session, job_id, owner_id))
+    return fine_tuning_service.job_object(session, fine_tuning_service.get_job(session, job_id, owner_id))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
@@ -181,9 +189,9 @@ def cancel_fine_tuning_job(
     session: SessionDep, user: CurrentUser, owner_id: OwnerScope, job_id: str
 ) -> dict[str, Any]:
     """Cancel a queued job at once, or stop a running one within a few seconds."""
-    job = service.cancel_job(session, job_id, owner_id)
+    job = fine_tuning_service.cancel_job(session, job_id, owner_id)
     audit.record(session, user, "cancel", "job", job.id, "POST /v1/fine_tuning/jobs/{id}/cancel")
-    return service.job_object(session, job)
+    return fine_tuning_service.job_object(session, job)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
@@ -192,7 +200,7 @@ def list_fine_tuning_events(
 ) -> dict[str, Any]:
     """Status messages (`type: message`) and logged metrics (`type: metrics`, data {step, train_loss,
     valid_loss, ...}), newest first."""
-    data, has_more = service.list_events(session, job_id, after, limit, owner_id)
+    data, has_more = progress_service.list_events(session, job_id, after, limit, owner_id)
     return _list(data, has_more)
 
 
@@ -201,7 +209,7 @@ def list_fine_tuning_checkpoints(
     session: SessionDep, owner_id: OwnerScope, job_id: str, after: str | None = None, limit: Limit = 10
 ) -> dict[str, Any]:
     """Saved checkpoints with their metrics, and the finished adapter as the last one; newest first."""
-    data, has_more = service.list_checkpoints(session, job_id, after, limit, owner_id)
+    data, has_more = progress_service.list_checkpoints(session, job_id, after, limit, owner_id)
     return _list(data, has_more)
 
 
@@ -211,121 +219,19 @@ def list_fine_tuning_checkpoints(
 @router.get("/models")
 def list_models(session: SessionDep, owner_id: OwnerScope) -> dict[str, Any]:
     """Base models and fine-tuned models (finished adapters)."""
-    return {"object": "list", "data": service.list_models(session, owner_id)}
+    return {"object": "list", "data": models_service.list_models(session, owner_id)}
 
 
 @router.get("/models/{model:path}")
 def retrieve_model(session: SessionDep, owner_id: OwnerScope, model: str) -> dict[str, Any]:
     """One model by name."""
-    for item in service.list_models(session, owner_id):
+    for item in models_service.list_models(session, owner_id):
         if item["id"] == model:
             return item
     return error_response(404, f"The model {model!r} does not exist.", "model", "model_not_found")  # type: ignore[return-value]
 
 
 # ---- inference --------------------------------------------------------------------------------
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # penalties, logit_bias, user, ...: accepted and not used
-
-    model: str = Field(min_length=1)
-    temperature: float = Field(default=1.0, ge=0, le=2, description="0 picks the likeliest token.")
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=1, description="Only one choice per request.")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0)
-
-    def stop_strings(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return [stop for stop in stops if stop][:4]
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
-    tools: list[dict[str, Any]] | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=1, le=4096)
-    echo: bool = False
-
-
-class ClassificationRequest(BaseModel):
-    model: str = Field(min_length=1)
-    input: str | list[str]
-
-
-def _text_of(message: ChatMessage, index: int) -> str:
-    if message.content is None:
-        return ""
-    if isinstance(message.content, str):
-        return message.content
-    parts = []
-    for part in message.content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise InvalidSpec(
-                f"messages[{index}].content: only text parts are supported (got {part.get('type')!r}).",
-                field=f"messages.{index}.content",
-            )
-        parts.append(part["text"])
-    return "".join(parts)
-
-
-def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
-    if body.tools:
-        raise InvalidSpec("tools are not supported by this server.", field="tools")
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": _text_of(m, i)}
-        for i, m in enumerate(body.messages)
-    ]
-    if messages[-1]["role"] != "user":
-        raise InvalidSpec("The last message must come from the user.", field="messages")
-    return messages
-
-
-def _settings(body: _Sampling, prompt: str, max_tokens: int, use_adapter: bool) -> GenerationSettings:
-    return GenerationSettings(
-        prompt=prompt,
-        max_new_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        use_adapter=use_adapter,
-        seed=body.seed,
-    )
-
-
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cuts = [text.find(stop) for stop in stops if stop in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
-
-
-def _finish(reason: str, stopped_by_string: bool) -> str:
-    return "length" if reason == "length" and not stopped_by_string else "stop"
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
 
 
 async def _generate(
@@ -346,52 +252,16 @@ async def _open_stream(
 ) -> AsyncIterator[tuple[str, Any]]:
     """Load the tokenizer now (a failure is still an error response), then yield ("text", piece) and
     finally ("done", (generation, stopped_by_string))."""
-    loop = asyncio.get_running_loop()
     folder = adapters_service.adapter_folder(adapter)
     adapter_id = adapter.id or 0
 
-    def load() -> Any:
-        from worker.generation import tokenizer_for
-
-        return tokenizer_for(adapter_id, folder)
-
-    tokenizer = await loop.run_in_executor(adapters_service.inference_thread, load)
-    from worker.generation import TokenStreamer
-
-    streamer = TokenStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    stop = threading.Event()
-
-    def run() -> Any:
-        from worker.openai_generation import generate_chat
+    def run(streamer: Any, stop: threading.Event) -> Any:
+        from worker.openai_generation import generate_chat  # heavy imports stay out of web start-up
 
         return generate_chat(adapter_id, folder, messages, settings, streamer=streamer, stop=stop)  # type: ignore[arg-type]
 
-    future = loop.run_in_executor(adapters_service.inference_thread, run)
-
-    async def pieces() -> AsyncIterator[tuple[str, Any]]:
-        hold = max((len(s) for s in stops), default=1) - 1  # keep back what could be the start of a stop
-        buffer, stopped = "", False
-        try:
-            async for text in streamer:
-                buffer += text
-                cut, stopped = _cut_at_stop(buffer, stops)
-                if stopped:
-                    if cut:
-                        yield "text", cut
-                    stop.set()
-                    break
-                ready = buffer[: len(buffer) - hold] if hold else buffer
-                if ready:
-                    yield "text", ready
-                    buffer = buffer[len(ready) :]
-            if not stopped and buffer:
-                yield "text", buffer
-            result = await future
-            yield "done", (result, stopped)
-        finally:
-            stop.set()
-
-    return pieces()
+    stream = await generation_service.start_stream(adapter_id, folder, run)
+    return completions_service.pieces_until_stop(stream, stops)
 
 
 async def _classify(adapter: Adapter, texts: list[str]) -> list[dict[str, Any]]:
@@ -414,8 +284,8 @@ async def chat_completions(session: SessionDep, owner_id: OwnerScope, body: Chat
 
     A classification adapter answers with the predicted label of the last user message.
     """
-    adapter, use_adapter = service.resolve_model(session, body.model, owner_id)
-    messages = _messages(body)
+    adapter, use_adapter = models_service.resolve_model(session, body.model, owner_id)
+    messages = chat_messages(body)
     created, completion_id = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
     max_tokens = body.max_completion_tokens or body.max_tokens or 256
     stops = body.stop_strings()
@@ -430,9 +300,9 @@ async def chat_completions(session: SessionDep, owner_id: OwnerScope, body: Chat
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
 
-    if adapter.task != "causal-lm":
+    if not models_service.generates_text(adapter):
         label = (await _classify(adapter, [messages[-1]["content"]]))[0]["label"]
-        text, finish, usage = label, "stop", _usage(0, 1)
+        text, finish, usage = label, "stop", token_usage(0, 1)
         if body.stream:
 
             async def label_events() -> AsyncIterator[dict[str, Any] | str]:
@@ -445,7 +315,7 @@ async def chat_completions(session: SessionDep, owner_id: OwnerScope, body: Chat
 
             return _sse(label_events())
     else:
-        settings = _settings(body, messages[-1]["content"], max_tokens, use_adapter)
+        settings = generation_settings(body, messages[-1]["content"], max_tokens, use_adapter)
         if body.stream:
             stream = await _open_stream(adapter, messages, settings, stops)
 
@@ -456,18 +326,18 @@ async def chat_completions(session: SessionDep, owner_id: OwnerScope, body: Chat
                         yield chunk({"content": value}, None)
                     else:
                         result, stopped = value
-                        yield chunk({}, _finish(result.finish_reason, stopped))
+                        yield chunk({}, finish_reason(result.finish_reason, stopped))
                         if body.stream_options and body.stream_options.include_usage:
-                            usage = _usage(result.prompt_tokens, len(result.token_ids))
+                            usage = token_usage(result.prompt_tokens, len(result.token_ids))
                             yield {**chunk({}, None), "choices": [], "usage": usage}
                 yield "[DONE]"
 
             return _sse(events())
         result = await _generate(adapter, messages, settings)
-        text, stopped = _cut_at_stop(result["text"], stops)
+        text, stopped = cut_at_stop(result["text"], stops)
         finish, usage = (
-            _finish(result["finish_reason"], stopped),
-            _usage(result["prompt_tokens"], len(result["token_ids"])),
+            finish_reason(result["finish_reason"], stopped),
+            token_usage(result["prompt_tokens"], len(result["token_ids"])),
         )
     return {
         "id": completion_id,
@@ -492,7 +362,7 @@ async def completions(session: SessionDep, owner_id: OwnerScope, body: Completio
     """Complete a prompt with a fine-tuned model (the prompt goes through the adapter's chat template, as in
     try-out); `stream: true` sends `text_completion` SSE events, then `[DONE]`. A classification adapter
     answers with the predicted label."""
-    adapter, use_adapter = service.resolve_model(session, body.model, owner_id)
+    adapter, use_adapter = models_service.resolve_model(session, body.model, owner_id)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1 or not prompts[0]:
         raise InvalidSpec("Send exactly one non-empty prompt per request.", field="prompt")
@@ -512,8 +382,8 @@ async def completions(session: SessionDep, owner_id: OwnerScope, body: Completio
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
         }
 
-    if adapter.task != "causal-lm":
-        text, finish, usage = (await _classify(adapter, [prompt]))[0]["label"], "stop", _usage(0, 1)
+    if not models_service.generates_text(adapter):
+        text, finish, usage = (await _classify(adapter, [prompt]))[0]["label"], "stop", token_usage(0, 1)
         if body.stream:
 
             async def label_events() -> AsyncIterator[dict[str, Any] | str]:
@@ -523,7 +393,7 @@ async def completions(session: SessionDep, owner_id: OwnerScope, body: Completio
 
             return _sse(label_events())
     else:
-        settings = _settings(body, prompt, body.max_tokens or 16, use_adapter)
+        settings = generation_settings(body, prompt, body.max_tokens or 16, use_adapter)
         if body.stream:
             stream = await _open_stream(adapter, None, settings, stops)
 
@@ -533,18 +403,18 @@ async def completions(session: SessionDep, owner_id: OwnerScope, body: Completio
                         yield choice(value, None)
                     else:
                         result, stopped = value
-                        yield choice("", _finish(result.finish_reason, stopped))
+                        yield choice("", finish_reason(result.finish_reason, stopped))
                         if body.stream_options and body.stream_options.include_usage:
-                            usage = _usage(result.prompt_tokens, len(result.token_ids))
+                            usage = token_usage(result.prompt_tokens, len(result.token_ids))
                             yield {**choice("", None), "choices": [], "usage": usage}
                 yield "[DONE]"
 
             return _sse(events())
         result = await _generate(adapter, None, settings)
-        text, stopped = _cut_at_stop(result["text"], stops)
+        text, stopped = cut_at_stop(result["text"], stops)
         finish, usage = (
-            _finish(result["finish_reason"], stopped),
-            _usage(result["prompt_tokens"], len(result["token_ids"])),
+            finish_reason(result["finish_reason"], stopped),
+            token_usage(result["prompt_tokens"], len(result["token_ids"])),
         )
     return {**choice(text, finish), "usage": usage}
 
@@ -554,8 +424,8 @@ async def classifications(
     session: SessionDep, owner_id: OwnerScope, body: ClassificationRequest
 ) -> dict[str, Any]:
     """The studio's extension for classification adapters: labels and class probabilities for texts."""
-    adapter, _ = service.resolve_model(session, body.model, owner_id)
-    if adapter.task == "causal-lm":
+    adapter, _ = models_service.resolve_model(session, body.model, owner_id)
+    if models_service.generates_text(adapter):
         raise InvalidSpec(
             f"{body.model!r} is a causal-LM model; use /v1/chat/completions or /v1/completions.",
             field="model",

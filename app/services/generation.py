@@ -4,6 +4,8 @@ Generation runs on the one inference thread shared with classification try-out (
 so the warm base model is only ever touched from that thread. Streaming uses transformers'
 AsyncTextIteratorStreamer (emitting per token): the inference thread puts text into an asyncio queue owned
 by the event loop, and the SSE response reads it without blocking anything. A client that goes away stops the generation.
+``start_stream`` is the one streaming loop: try-out generation here and the OpenAI chat and completion streams
+(app/api/openai_compat.py) both run on it.
 """
 
 import asyncio
@@ -12,8 +14,8 @@ import shutil
 import tempfile
 import threading
 import zipfile
-from collections.abc import AsyncIterator
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,46 +57,67 @@ def stream(adapter: Adapter, settings: GenerationSettings) -> AsyncIterator[tupl
     return _stream(adapter.id or 0, adapter_folder(adapter), settings)
 
 
-async def _stream(
-    adapter_id: int, folder: Path, settings: GenerationSettings
-) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+@dataclass
+class GenerationStream:
+    """A generation running on the inference thread: its text as it comes, its result, and a stop switch.
+
+    Iterating ``pieces`` gives the decoded text piece by piece; ``result`` is the finished generation (it
+    raises what the generation raised); setting ``stop`` ends it early (a client went away, a stop string).
+    """
+
+    pieces: AsyncIterator[str]
+    result: Awaitable[Any]
+    stop: threading.Event
+
+
+async def start_stream(
+    adapter_id: int, folder: Path, run: Callable[[Any, threading.Event], Any]
+) -> GenerationStream:
+    """Load the adapter's tokenizer on the inference thread (raising when that fails), then start
+    ``run(streamer, stop)`` there, which generates into the streamer until done or stopped."""
     loop = asyncio.get_running_loop()
-    stop = threading.Event()
 
     def load() -> Any:
-        from worker.generation import tokenizer_for
+        from worker.generation import tokenizer_for  # heavy imports stay out of web start-up
 
         return tokenizer_for(adapter_id, folder)
 
-    try:
-        tokenizer = await loop.run_in_executor(inference_thread, load)
-    except Exception as exc:  # the response has started: report the failure as an event
-        yield "error", {"detail": f"{type(exc).__name__}: {exc}"}
-        return
+    tokenizer = await loop.run_in_executor(inference_thread, load)
     from worker.generation import TokenStreamer  # already imported by the inference thread
 
     streamer = TokenStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop = threading.Event()
+    future = loop.run_in_executor(inference_thread, lambda: run(streamer, stop))
+    return GenerationStream(pieces=streamer, result=future, stop=stop)
 
-    def run() -> Any:
+
+async def _stream(
+    adapter_id: int, folder: Path, settings: GenerationSettings
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    def run(streamer: Any, stop: threading.Event) -> Any:
         from worker.generation import generate as generate_text
 
         return generate_text(adapter_id, folder, settings, streamer=streamer, stop=stop)
 
-    future = loop.run_in_executor(inference_thread, run)
+    try:
+        stream = await start_stream(adapter_id, folder, run)
+    except Exception as exc:  # the response has started: report the failure as an event
+        yield "error", {"detail": f"{type(exc).__name__}: {exc}"}
+        return
     index = 0
     try:
-        async for text in streamer:
+        async for text in stream.pieces:
             if text:
                 yield "token", {"index": index, "text": text}
                 index += 1
         try:
-            result = await future
+            result = await stream.result
         except Exception as exc:  # the stream has started: report the failure as an event
             yield "error", {"detail": f"{type(exc).__name__}: {exc}"}
             return
         yield "done", {**asdict(result), "chunks": index}
     finally:
-        stop.set()
+        stream.stop.set()
 
 
 def _zip_folder(folder: Path, name: str) -> Path:

@@ -229,7 +229,7 @@ def redeliver(
 def job_event_payload(session: Session, job: Job, event_type: str, event_id: str) -> dict[str, Any]:
     """The JSON body of a job event: the job as GET /api/v1/jobs/{id} shows it, its adapter and metrics."""
     from app.services.jobs import job_public
-    from app.services.openai_compat import fine_tuned_model_name
+    from app.services.openai_compat.fine_tuning import fine_tuned_model_name
 
     adapter = session.exec(select(Adapter).where(Adapter.job_id == job.id)).first()
     public = job_public(session, job).model_dump(mode="json")

@@ -1,0 +1,119 @@
+"""OpenAI files: a fine-tune JSONL upload becomes a dataset (``file-<n>`` is dataset ``n``)."""
+
+import io
+from typing import Any, BinaryIO
+
+from sqlmodel import Session, col, select
+
+from app.core.datasets_io import detect_format, parse_rows
+from app.core.errors import InvalidDataset, InvalidSpec, NotFound, PayloadTooLarge
+from app.core.formats import example_from_row
+from app.core.models import Dataset
+from app.core.settings import get_settings
+from app.core.spec import CausalLMSettings
+from app.services import datasets as datasets_service
+from app.services.openai_compat.common import FILE_PREFIX, id_number, unix
+
+
+def data_format(columns: list[str]) -> str | None:
+    """The causal-LM format a file's columns hold: chat, prompt-completion, alpaca, text, or None."""
+    if "messages" in columns:
+        return "chat"
+    if "prompt" in columns and "completion" in columns:
+        return "prompt-completion"
+    if "instruction" in columns and "output" in columns:
+        return "alpaca"
+    if "text" in columns:
+        return "text"
+    return None
+
+
+def file_object(dataset: Dataset) -> dict[str, Any]:
+    """A dataset as an OpenAI file object."""
+    return {
+        "id": f"{FILE_PREFIX}{dataset.id}",
+        "object": "file",
+        "bytes": dataset.size_bytes,
+        "created_at": unix(dataset.created_at),
+        "filename": dataset.filename,
+        "purpose": "fine-tune",
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+    }
+
+
+def _check_fine_tune_rows(columns: list[str], rows: list[dict[str, Any]], filename: str) -> None:
+    fmt = data_format(columns)
+    if fmt not in ("chat", "prompt-completion"):
+        raise InvalidDataset(
+            f"{filename!r} holds columns {', '.join(map(repr, columns[:10]))}; a fine-tune file needs one JSON "
+            'object per line, either {"messages": [{"role": ..., "content": ...}, ...]} or '
+            '{"prompt": ..., "completion": ...}.',
+            field="file",
+        )
+    settings = CausalLMSettings(format=fmt)  # type: ignore[arg-type]
+    for number, row in enumerate(rows, start=1):
+        example_from_row(row, settings, "text", number)
+
+
+def upload_file(
+    session: Session, stream: BinaryIO, filename: str | None, purpose: str, owner_id: int | None = None
+) -> Dataset:
+    """Check a fine-tune JSONL file and store it as the owner's dataset (the same file again returns it again)."""
+    if purpose != "fine-tune":
+        raise InvalidSpec(
+            f"purpose {purpose!r} is not supported; this server stores files for fine-tuning (purpose "
+            "'fine-tune').",
+            field="purpose",
+        )
+    if not filename:
+        raise InvalidDataset("The upload has no file name; send a .jsonl file.", field="file")
+    fmt = detect_format(filename)
+    if fmt != "jsonl":
+        raise InvalidDataset(
+            f"{filename!r} is not a .jsonl file; fine-tune files are JSONL (one JSON object per line).",
+            field="file",
+        )
+    limit = get_settings().max_upload_bytes
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(
+            f"The file is larger than the upload limit of {limit:,} bytes (PEFT_STUDIO_MAX_UPLOAD_BYTES).",
+            field="file",
+        )
+    columns, rows = parse_rows(data, fmt)
+    _check_fine_tune_rows(columns, rows, filename)
+    import hashlib
+
+    digest = hashlib.sha256(data).hexdigest()
+    existing = session.exec(
+        select(Dataset).where(Dataset.sha256 == digest, Dataset.owner_id == owner_id)
+    ).first()
+    if existing is not None:
+        return existing
+    return datasets_service.create_dataset(session, io.BytesIO(data), filename, owner_id=owner_id)
+
+
+def get_file(session: Session, file_id: str, owner_id: int | None = None, field: str = "file_id") -> Dataset:
+    """The dataset behind ``file-<n>`` (NotFound for another owner's)."""
+    number = id_number(FILE_PREFIX, file_id, field, "file")
+    try:
+        return datasets_service.get_dataset(session, number, owner_id)
+    except NotFound:
+        raise NotFound(f"No such file: {file_id!r}.", field=field) from None
+
+
+def list_files(
+    session: Session, after: str | None, limit: int, order: str = "desc", owner_id: int | None = None
+) -> tuple[list[Dataset], bool]:
+    """Files (datasets) after a cursor, newest first by default, and whether there are more."""
+    statement = select(Dataset)
+    if owner_id is not None:
+        statement = statement.where(Dataset.owner_id == owner_id)
+    if after:
+        cursor = id_number(FILE_PREFIX, after, "after", "file")
+        statement = statement.where(col(Dataset.id) < cursor if order == "desc" else col(Dataset.id) > cursor)
+    statement = statement.order_by(col(Dataset.id).desc() if order == "desc" else col(Dataset.id))
+    rows = list(session.exec(statement.limit(limit + 1)).all())
+    return rows[:limit], len(rows) > limit
