@@ -39,6 +39,7 @@ class _Sampling(BaseModel):
     seed: int | None = Field(default=None, ge=0)
 
     def stop_strings(self) -> list[str]:
+        """The non-empty stop strings asked for, at most four."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [stop for stop in stops if stop][:4]
 
@@ -78,6 +79,7 @@ def _text_of(message: ChatMessage, index: int) -> str:
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The conversation as role/content text (developer becomes system); the last message must be the user's."""
     if body.tools:
         raise InvalidSpec("tools are not supported by this server.", field="tools")
     messages = [
@@ -92,6 +94,7 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
 def generation_settings(
     body: _Sampling, prompt: str, max_tokens: int, use_adapter: bool
 ) -> GenerationSettings:
+    """The studio's generation settings for one prompt of an OpenAI request."""
     return GenerationSettings(
         prompt=prompt,
         max_new_tokens=max_tokens,
@@ -103,15 +106,18 @@ def generation_settings(
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text up to the first stop string, and whether one was found."""
     cuts = [text.find(stop) for stop in stops if stop in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def finish_reason(reason: str, stopped_by_string: bool) -> str:
+    """OpenAI's finish_reason: ``length`` when the token limit ended it, else ``stop``."""
     return "length" if reason == "length" and not stopped_by_string else "stop"
 
 
 def token_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """The ``usage`` object of a response."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
