@@ -145,12 +145,6 @@ def validation_items(
     return [_validation_item(error, default_field) for error in errors]
 
 
-def validation_message(errors: Iterable[Mapping[str, Any]], default_field: str = "body") -> str:
-    """The validation errors as one line: ``field: message; field: message``."""
-    items = validation_items(errors, default_field)
-    return "; ".join(f"{item['field']}: {item['message']}" for item in items) or "invalid request"
-
-
 def _validation_item(error: Mapping[str, Any], default_field: str) -> dict[str, str]:
     if error.get("type") == "json_invalid":
         # FastAPI puts the character offset where the field name would be.

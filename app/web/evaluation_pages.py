@@ -14,6 +14,7 @@ from app.core.errors import InvalidSpec
 from app.core.spec import CausalLMSettings, DataFormat, JobSpec
 from app.http.auth import CurrentUser, OwnerScope
 from app.http.deps import SessionDep
+from app.http.errors import validation_items
 from app.services import adapters as adapters_service
 from app.services import audit
 from app.services import datasets as datasets_service
@@ -95,9 +96,8 @@ def _request_from_form(form: Any, task: str, trained: JobSpec | None = None) -> 
     try:
         return EvaluationCreate.model_validate(values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first.get("loc", ())) or "form"
-        raise InvalidSpec(f"{field}: {first.get('msg', 'invalid')}", field=field) from None
+        first = validation_items(exc.errors(), default_field="form")[0]
+        raise InvalidSpec(f"{first['field']}: {first['message']}", field=first["field"]) from None
 
 
 @router.post("/adapters/{adapter_id}/evaluations")
