@@ -96,7 +96,7 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 def _print_login_link(host: str, port: int) -> None:
     """Like Jupyter: on this machine (or before the admin has a password) print a one-time sign-in link."""
     from app.core.db import session_scope
-    from app.http.auth import bootstrap_accounts, create_login_token, login_link
+    from app.services.accounts import bootstrap_accounts, create_login_token, login_link
 
     admin = bootstrap_accounts()
     if host not in LOOPBACK_HOSTS and admin.password_hash:
@@ -120,7 +120,7 @@ def login_link_command(
 
     from app.core.db import run_migrations, session_scope
     from app.core.models import User
-    from app.http.auth import bootstrap_accounts, create_login_token, login_link
+    from app.services.accounts import bootstrap_accounts, create_login_token, login_link
 
     run_migrations()
     bootstrap_accounts()

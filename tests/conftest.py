@@ -159,7 +159,7 @@ class Account:
 def make_user(client: object) -> Callable[..., Account]:
     """Make a non-admin user with a password and an API token: ``make_user("bob", max_concurrent_jobs=1)``."""
     from app.core.db import session_scope
-    from app.http.auth import create_api_token, create_user
+    from app.services.accounts import create_api_token, create_user
 
     def make(username: str = "bob", **options: object) -> Account:
         password = f"{username}-password-123"

@@ -18,8 +18,9 @@ from sqlmodel import Session, select
 from app.core.db import get_engine
 from app.core.errors import InvalidSpec
 from app.core.models import ApiToken, Job, User, utcnow
-from app.http.auth import SESSION_COOKIE, hash_secret
+from app.http.auth import SESSION_COOKIE
 from app.http.safety import UnsafeArchive, check_base_model, safe_extract_zip
+from app.services.accounts import hash_secret
 from tests.conftest import ADMIN_TOKEN, Account
 from tests.factories import sst2_bytes
 
@@ -153,7 +154,7 @@ def test_expired_token_and_deactivated_user_get_401(client: TestClient, other_us
 
 def _login_as(client: TestClient, account: Account) -> dict[str, str]:
     """Headers of a fresh token of ``account`` made straight in the database (its old one may be expired)."""
-    from app.http.auth import create_api_token
+    from app.services.accounts import create_api_token
 
     with Session(get_engine()) as session:
         user = session.get(User, account.id)

@@ -5,7 +5,7 @@ import re
 from typing import Any
 
 from app.services.compare import config_diff, display_value, headline_metric, metric_rows
-from app.web.pages import templates
+from app.web.render import templates
 
 
 def test_an_omitted_default_is_not_a_difference() -> None:

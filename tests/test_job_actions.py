@@ -9,7 +9,8 @@ from sqlmodel import Session
 
 from app.core.db import get_engine
 from app.core.models import JobStatus
-from app.web.pages import clone_values, ordinal
+from app.web.pages import clone_values
+from app.web.render import ordinal
 from tests.factories import create_dataset, create_job, sst2_bytes
 
 HTML = {"accept": "text/html"}

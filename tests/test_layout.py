@@ -57,9 +57,6 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {
     frozenset({"worker.engine", "worker.distributed"}): (
         "distributed runs engine's private _train/_finish/Claim: goes when engine splits into lifecycle/training"
     ),
-    frozenset({"app.http.auth", "app.http.gate", "app.http.safety"}): (
-        "safety's body limit asks auth and gate what is public and how to answer: goes with auth.py's split"
-    ),
 }
 
 # app module -> (worker modules it imports inside functions, why). New lazy imports of worker must be declared.

@@ -230,7 +230,7 @@ def _accounts(data_dir: Path, *names: str) -> dict[str, str]:
     from sqlalchemy import create_engine
     from sqlmodel import Session
 
-    from app.http.auth import create_api_token, create_user
+    from app.services.accounts import create_api_token, create_user
 
     engine = create_engine(f"sqlite:///{data_dir / 'studio.db'}", connect_args={"timeout": 30})
     tokens: dict[str, str] = {}

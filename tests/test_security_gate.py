@@ -271,7 +271,7 @@ def test_gate_answers_as_the_dependency_did(client: TestClient) -> None:
 def _account(username: str) -> str:
     """A non-admin account with a password; returns the password."""
     from app.core.db import session_scope
-    from app.http.auth import create_user
+    from app.services.accounts import create_user
 
     password = f"{username}-password-123"
     with session_scope() as session:

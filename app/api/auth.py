@@ -5,17 +5,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.errors import Forbidden
 from app.core.models import AuditEventPublic, AuditEventsPublic, UserPublic
-from app.http.auth import (
-    AdminUser,
-    CurrentUser,
-    create_login_token,
-    get_user,
-    login_link,
-    safe_next,
-    user_public,
-)
+from app.http.auth import AdminUser, CurrentUser, safe_next
 from app.http.deps import SessionDep
 from app.services import audit
+from app.services.accounts import create_login_token, get_user, login_link, user_public
 
 router = APIRouter(prefix="/api/v1", tags=["auth"])
 

@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +17,7 @@ from sqlmodel import Session, col
 
 from app.core.db import get_engine
 from app.core.errors import NotFound
+from app.core.files import zip_folder
 from app.core.models import MetricPoint
 from app.core.storage import get_store
 from app.http.auth import OwnerScope
@@ -157,10 +157,7 @@ def download_tensorboard(
     background.add_task(shutil.rmtree, work, True)
     folder = store.get_dir(key, work / "logs")
     archive = work / f"job-{job_id}-tensorboard.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                zipped.write(path, Path(f"job-{job_id}") / path.relative_to(folder))
+    zip_folder(folder, archive, root=f"job-{job_id}")
     return FileResponse(archive, media_type="application/zip", filename=archive.name)
 
 

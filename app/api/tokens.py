@@ -4,9 +4,10 @@ from fastapi import APIRouter, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.models import ApiTokenPublic, ApiTokensPublic
-from app.http.auth import CurrentUser, api_token_public, create_api_token, list_api_tokens, revoke_api_token
+from app.http.auth import CurrentUser
 from app.http.deps import SessionDep
 from app.services import audit
+from app.services.accounts import api_token_public, create_api_token, list_api_tokens, revoke_api_token
 
 router = APIRouter(prefix="/api/v1/tokens", tags=["tokens"])
 

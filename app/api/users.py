@@ -9,8 +9,10 @@ from sqlmodel import select
 from app.core.errors import Conflict
 from app.core.models import BrowserSession, UserPublic, UsersPublic, utcnow
 from app.core.settings import get_settings
-from app.http.auth import (
-    AdminUser,
+from app.http.auth import AdminUser
+from app.http.deps import SessionDep
+from app.services import audit
+from app.services.accounts import (
     create_login_token,
     create_user,
     get_user,
@@ -19,8 +21,6 @@ from app.http.auth import (
     login_link,
     user_public,
 )
-from app.http.deps import SessionDep
-from app.services import audit
 
 router = APIRouter(prefix="/api/v1/users", tags=["users"])
 

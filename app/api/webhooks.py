@@ -184,7 +184,7 @@ def _page(
     error: str | None = None,
     created: Webhook | None = None,
 ) -> Response:
-    from app.web.pages import render
+    from app.web.render import render
 
     hooks = service.list_webhooks(session, owner_id)
     deliveries = {hook.id: service.list_deliveries(session, hook.id or 0, limit=20) for hook in hooks}

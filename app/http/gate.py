@@ -20,11 +20,16 @@ from collections.abc import Iterable
 from typing import Any
 
 import anyio
+from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.settings import get_settings
+from app.http.auth import INVALID_TOKEN_MESSAGE, SESSION_COOKIE, SIGN_IN_MESSAGE, is_public
+from app.http.errors import is_openai_path, openai_error_body, unauthorized_response
+from app.http.safety import BodySizeLimit
+from app.services.accounts import user_for_api_token, user_for_session
 
 # Our pages load scripts and styles from /static only. Inline style attributes carry computed widths (progress
 # bars, histograms), so styles allow them; scripts never run inline (no eval, no inline handlers).
@@ -65,49 +70,9 @@ def _with_headers(message: Message, extra: Iterable[tuple[bytes, bytes]]) -> Mes
     return {**message, "headers": headers}
 
 
-def openai_error_body(
-    status_code: int, message: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    """``{"error": {"message", "type", "param", "code"}}`` as OpenAI answers errors."""
-    if status_code == 401:
-        kind = "authentication_error"
-    elif status_code == 429:
-        kind = "rate_limit_error"
-    else:
-        kind = "invalid_request_error" if status_code < 500 else "server_error"
-    codes = {
-        401: "invalid_api_key",
-        404: "not_found",
-        405: "method_not_allowed",
-        409: "conflict",
-        413: "request_too_large",
-        429: "rate_limit_exceeded",
-        500: "internal_error",
-        503: "service_unavailable",
-    }
-    return {
-        "error": {"message": message, "type": kind, "param": param, "code": code or codes.get(status_code)}
-    }
-
-
-def is_openai_path(path: str) -> bool:
-    """Routes of the OpenAI-compatible API, which answer errors in OpenAI's shape."""
-    return path == "/v1" or path.startswith("/v1/")
-
-
-def error_json(
-    path: str, status_code: int, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    """An error answer in the shape of the path's API: OpenAI's on /v1, ``{"detail"}`` elsewhere."""
-    body = openai_error_body(status_code, message) if is_openai_path(path) else {"detail": message}
-    return JSONResponse(body, status_code=status_code, headers=headers)
-
-
 def needs_sign_in(path: str) -> bool:
     """True for every path but the public ones: sign-in pages, /healthz, /static, and the API docs outside
     production."""
-    from app.http.auth import is_public
-
     if is_public(path) or path.startswith("/static/"):
         return False
     if path in DOCS_PATHS:
@@ -117,8 +82,6 @@ def needs_sign_in(path: str) -> bool:
 
 def _credentials(scope: Scope) -> tuple[str | None, str | None]:
     """The bearer token and the session cookie of a request, read from its headers only."""
-    from app.http.auth import SESSION_COOKIE
-
     request = Request(scope)
     bearer = None
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
@@ -133,7 +96,6 @@ def credential_is_valid(bearer: str | None, cookie: str | None) -> bool:
     Blocking database work: call it in a thread.
     """
     from app.core.db import session_scope
-    from app.http.auth import user_for_api_token, user_for_session
 
     with session_scope() as session:
         if bearer is not None:
@@ -178,8 +140,6 @@ async def _no_body() -> Message:
 
 async def refusal(scope: Scope, had_token: bool) -> Response:
     """The 401 (or sign-in redirect) for a request without valid credentials, as ``authenticate`` gives it."""
-    from app.http.auth import INVALID_TOKEN_MESSAGE, SIGN_IN_MESSAGE, unauthorized_response
-
     response = unauthorized_response(Request(scope), INVALID_TOKEN_MESSAGE if had_token else SIGN_IN_MESSAGE)
     # The body of this request is never read: tell the client not to reuse the connection.
     response.headers["connection"] = "close"
@@ -294,3 +254,13 @@ def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
         return {"type": "http.disconnect"}
 
     return receive
+
+
+def install(app: FastAPI) -> None:
+    """The request's layers, outermost first: ``RequestGate`` (security headers; sign-in checked before the
+    body is read), ``BodySizeLimit`` (app/http/safety.py: a body stops at its limit while it arrives), and
+    ``FiniteJsonNumbers`` (no NaN or Infinity in JSON bodies). The app-wide ``authenticate`` dependency
+    (``app.http.auth.AUTH_DEPENDENCIES``) runs after them, inside the route."""
+    app.add_middleware(FiniteJsonNumbers)  # innermost: holds a JSON body that BodySizeLimit already capped
+    app.add_middleware(BodySizeLimit)
+    app.add_middleware(RequestGate)  # added last: the outermost layer, so every answer gets its headers

@@ -86,7 +86,7 @@ class BodySizeLimit:
 
 def body_limit(scope: Scope) -> tuple[int, str]:
     """The most bytes a request's body may have, and the setting that says so."""
-    from app.http.auth import is_public
+    from app.http.auth import is_public  # lazily: the worker imports this module and never loads FastAPI
 
     settings = get_settings()
     if is_public(scope["path"]):
@@ -101,7 +101,7 @@ def body_limit(scope: Scope) -> tuple[int, str]:
 
 
 async def _too_large(scope: Scope, send: Send, limit: int, setting: str, declared: int | None = None) -> None:
-    from app.http.gate import error_json
+    from app.http.errors import error_json
 
     size = f"is {declared:,} bytes" if declared is not None else "passed"
     message = f"The request body {size}; the limit for this request is {limit:,} bytes ({setting})."

@@ -18,7 +18,8 @@ from typing import Any, BinaryIO
 from sqlmodel import Session, select
 
 from app.core.base_models import resolve_base_model
-from app.core.errors import InvalidSpec, PayloadTooLarge
+from app.core.errors import InvalidSpec
+from app.core.files import receive_upload
 from app.core.models import Adapter, Job, JobEvent, JobStatus, utcnow
 from app.core.settings import get_settings
 from app.core.storage import get_store
@@ -26,20 +27,6 @@ from app.http.safety import UnsafeArchive, pickle_files, safe_extract_zip
 from app.services.quota import check_quota
 
 STUDIO_FILE = "studio.json"
-_CHUNK = 1024 * 1024
-
-
-def _receive(stream: BinaryIO, target: Path, limit: int) -> None:
-    size = 0
-    with target.open("wb") as out:
-        while chunk := stream.read(_CHUNK):
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(
-                    f"The archive is larger than the upload limit of {limit:,} bytes (PEFT_STUDIO_MAX_UPLOAD_BYTES).",
-                    field="file",
-                )
-            out.write(chunk)
 
 
 def _declared_size(archive: Path) -> int:
@@ -115,7 +102,7 @@ def import_adapter(
     key: str | None = None
     try:
         archive = work / "upload.zip"
-        _receive(stream, archive, limit)
+        receive_upload(stream, archive, limit, "The archive")
         # The quota counts the adapter as extracted: check the sizes the members declare before extracting
         # (safe_extract_zip stops a member that writes more than it declared).
         check_quota(session, owner_id, _declared_size(archive), "The adapter")

@@ -7,12 +7,12 @@ A checkpoint folder in the artifact store (``jobs/<id>/checkpoints/step-<n>``) h
 
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 
 from sqlmodel import Session, col, select
 
 from app.core.errors import NotFound
+from app.core.files import zip_folder
 from app.core.models import Checkpoint
 from app.core.storage import get_store
 
@@ -107,15 +107,7 @@ def build_archive(checkpoint: Checkpoint) -> Path:
         )
     work = Path(tempfile.mkdtemp(prefix="checkpoint-"))
     folder = store.get_dir(f"{checkpoint.storage_key}/{ADAPTER_FOLDER}", work / ADAPTER_FOLDER)
-    handle, name = tempfile.mkstemp(prefix=f"job-{checkpoint.job_id}-step-{checkpoint.step}-", suffix=".zip")
     try:
-        with (
-            open(handle, "wb") as raw,
-            zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as archive,
-        ):
-            for path in sorted(folder.rglob("*")):
-                if path.is_file():
-                    archive.write(path, arcname=str(path.relative_to(folder)))
+        return zip_folder(folder, prefix=f"job-{checkpoint.job_id}-step-{checkpoint.step}-")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return Path(name)

@@ -9,13 +9,13 @@ from typing import Any, BinaryIO
 from sqlmodel import Session, col, func, select
 
 from app.core.datasets_io import ImportResult, detect_format, profile_rows, propose, read_dataset
-from app.core.errors import Conflict, InvalidDataset, InvalidSpec, NotFound, PayloadTooLarge
+from app.core.errors import Conflict, InvalidDataset, InvalidSpec, NotFound
+from app.core.files import receive_upload
 from app.core.models import Dataset, Job, JobStatus
 from app.core.settings import get_settings
 from app.core.storage import get_store
 from app.services.quota import check_quota
 
-_CHUNK = 1024 * 1024
 _UNSAFE_NAME = re.compile(r"[/\\]|^\.\.?$|\x00")
 
 
@@ -32,21 +32,6 @@ def _check_filename(filename: str | None) -> str:
     if len(filename) > 255:
         raise InvalidDataset("The file name is longer than 255 characters.", field="file")
     return filename
-
-
-def _receive(stream: BinaryIO, target: Path, limit: int) -> int:
-    size = 0
-    with target.open("wb") as out:
-        while chunk := stream.read(_CHUNK):
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(
-                    f"The file is larger than the upload limit of {limit:,} bytes "
-                    "(PEFT_STUDIO_MAX_UPLOAD_BYTES).",
-                    field="file",
-                )
-            out.write(chunk)
-    return size
 
 
 def create_dataset(
@@ -69,7 +54,7 @@ def create_dataset(
     fmt = detect_format(filename)
     temp = store.temp_path()
     try:
-        size = _receive(stream, temp, settings.max_upload_bytes)
+        size = receive_upload(stream, temp, settings.max_upload_bytes)
         check_quota(session, owner_id, size, "The dataset")
         data = temp.read_bytes()
         result = _import(data, fmt, options)

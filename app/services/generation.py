@@ -13,13 +13,13 @@ import json
 import shutil
 import tempfile
 import threading
-import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from app.core.errors import InvalidSpec
+from app.core.files import zip_folder
 from app.core.formats import GenerationSettings
 from app.core.models import Adapter
 from app.core.tasks import find_task
@@ -120,15 +120,6 @@ async def _stream(
         stream.stop.set()
 
 
-def _zip_folder(folder: Path, name: str) -> Path:
-    handle, archive_name = tempfile.mkstemp(prefix=f"{name}-", suffix=".zip")
-    with open(handle, "wb") as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                archive.write(path, arcname=str(path.relative_to(folder)))
-    return Path(archive_name)
-
-
 async def merged_archive(adapter: Adapter) -> Path:
     """A zip of the base model with the adapter merged in (a plain transformers folder); the caller deletes it.
 
@@ -145,7 +136,7 @@ async def merged_archive(adapter: Adapter) -> Path:
         work = Path(tempfile.mkdtemp(prefix=f"merged-{adapter.id}-"))
         try:
             merge_into_base(folder, work / "model")
-            return _zip_folder(work / "model", f"merged-{adapter.id}")
+            return zip_folder(work / "model", prefix=f"merged-{adapter.id}-")
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

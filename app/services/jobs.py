@@ -31,7 +31,8 @@ def add_event(session: Session, job_id: int, kind: str, message: str) -> None:
 def create_job(session: Session, spec: JobSpec, owner_id: int | None = None) -> Job:
     """Validate and queue a job; if the queue cannot take it, nothing is kept."""
     from app.core.queue import enqueue_training
-    from app.http.auth import check_job_cap, scope_for
+    from app.services.accounts import scope_for
+    from app.services.quota import check_job_cap
     from app.services.recovery import new_run_token
 
     scope = scope_for(session, owner_id)

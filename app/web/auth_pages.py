@@ -5,6 +5,7 @@ Every form here posts back with the CSRF field (``csrf_input()``); the sign-in f
 (SameSite=Lax cookies are not sent on cross-site posts, and signing in as yourself gains an attacker nothing).
 """
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -12,7 +13,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.core.errors import Conflict, StudioError
+from app.core.errors import Conflict
 from app.core.models import User
 from app.core.settings import get_settings
 from app.http import ratelimit
@@ -20,10 +21,16 @@ from app.http.auth import (
     SESSION_COOKIE,
     AdminUser,
     CurrentUser,
+    clear_session_cookie,
+    safe_next,
+    set_session_cookie,
+)
+from app.http.deps import SessionDep
+from app.services import audit
+from app.services.accounts import (
     InvalidAccount,
     api_token_public,
     authenticate_password,
-    clear_session_cookie,
     create_api_token,
     create_login_token,
     create_user,
@@ -34,17 +41,13 @@ from app.http.auth import (
     login_link,
     redeem_login_token,
     revoke_api_token,
-    safe_next,
     set_password,
-    set_session_cookie,
     start_session,
     user_for_session,
     user_public,
     verify_password,
 )
-from app.http.deps import SessionDep
-from app.services import audit
-from app.web.pages import render
+from app.web.render import form_errors, render
 
 router = APIRouter(include_in_schema=False)
 
@@ -159,13 +162,12 @@ async def register(request: Request, session: SessionDep) -> Response:
         )
     form = await request.form()
     password = form.get("password")
-    try:
+    with form_errors(
+        "login.html", lambda error: {"nav": "login", "register": True, "next": "/", "error": error.message}
+    ):
         if not isinstance(password, str) or not password:
             raise InvalidAccount("Choose a password.", field="password")
         user = await run_in_threadpool(create_user, session, _form_text(form, "username"), password)
-    except StudioError as exc:
-        context = {"nav": "login", "register": True, "next": "/", "error": exc.message}
-        return render(request, "login.html", context, exc.status_code)
     audit.record(session, user, "create", "user", user.id, "self-registration")
     return _signed_in(request, session, user, "/")
 
@@ -173,17 +175,14 @@ async def register(request: Request, session: SessionDep) -> Response:
 # ---- your account -----------------------------------------------------------------------------
 
 
-def _account_page(
-    request: Request, user: User, message: str | None = None, error: str | None = None, status_code: int = 200
-) -> HTMLResponse:
-    context = {"nav": "account", "account": user_public(user), "message": message, "error": error}
-    return render(request, "account.html", context, status_code)
+def _account_context(user: User, error: str | None = None) -> dict[str, Any]:
+    return {"nav": "account", "account": user_public(user), "message": None, "error": error}
 
 
 @router.get("/account", response_class=HTMLResponse)
 def account_page(request: Request, user: CurrentUser) -> HTMLResponse:
     """Your account: name, role, job cap, and the password form."""
-    return _account_page(request, user)
+    return render(request, "account.html", _account_context(user))
 
 
 @router.post("/account/password")
@@ -191,7 +190,7 @@ async def change_password(request: Request, session: SessionDep, user: CurrentUs
     """Set a first password (after an invitation) or change it (the current one is asked)."""
     form = await request.form()
     current, new, again = (form.get(k) for k in ("current_password", "new_password", "new_password_again"))
-    try:
+    with form_errors("account.html", lambda error: _account_context(user, error.message)):
         if user.password_hash and not await run_in_threadpool(
             verify_password, session, user, current if isinstance(current, str) else ""
         ):
@@ -199,8 +198,6 @@ async def change_password(request: Request, session: SessionDep, user: CurrentUs
         if not isinstance(new, str) or new != again:
             raise InvalidAccount("The two new passwords differ.", field="new_password")
         await run_in_threadpool(set_password, session, user, new)
-    except StudioError as exc:
-        return _account_page(request, user, error=exc.message, status_code=exc.status_code)
     audit.record(session, user, "update", "user", user.id, "password")
     # Setting a password signs every browser out; sign this one in again.
     response = RedirectResponse("/account?saved=1", status_code=303)
@@ -219,9 +216,14 @@ def _tokens_page(
     error: str | None = None,
     code: int = 200,
 ) -> HTMLResponse:
+    return render(request, "tokens.html", _tokens_context(session, user, created, error), code)
+
+
+def _tokens_context(
+    session: Session, user: User, created: str | None = None, error: str | None = None
+) -> dict[str, Any]:
     tokens = [api_token_public(t) for t in list_api_tokens(session, user.id or 0)]
-    context = {"nav": "tokens", "tokens": tokens, "created": created, "error": error}
-    return render(request, "tokens.html", context, code)
+    return {"nav": "tokens", "tokens": tokens, "created": created, "error": error}
 
 
 @router.get("/tokens", response_class=HTMLResponse)
@@ -239,10 +241,8 @@ async def create_token(request: Request, session: SessionDep, user: CurrentUser)
         days = float(days_text) if days_text else None
     except ValueError:
         return _tokens_page(request, session, user, error="Expires in: a number of days, or empty.", code=422)
-    try:
+    with form_errors("tokens.html", lambda error: _tokens_context(session, user, error=error.message)):
         token, raw = create_api_token(session, user, _form_text(form, "name"), days)
-    except StudioError as exc:
-        return _tokens_page(request, session, user, error=exc.message, code=exc.status_code)
     audit.record(session, user, "create", "token", token.id, token.name)
     return _tokens_page(request, session, user, created=raw, code=201)
 
@@ -259,11 +259,19 @@ def revoke_token(request: Request, session: SessionDep, user: CurrentUser, token
 
 
 def _users_page(
-    request: Request, session: Session, invite: str | None = None, error: str | None = None, code: int = 200
+    request: Request, session: Session, invite: str | None = None, code: int = 200
 ) -> HTMLResponse:
+    return render(request, "users.html", _users_context(session, invite), code)
+
+
+def _users_context(session: Session, invite: str | None = None, error: str | None = None) -> dict[str, Any]:
     users = [user_public(u) for u in list_users(session)]
-    context = {"nav": "users", "users": users, "invite": invite, "error": error}
-    return render(request, "users.html", context, code)
+    return {"nav": "users", "users": users, "invite": invite, "error": error}
+
+
+def _users_form_errors(session: Session) -> AbstractContextManager[None]:
+    """A failed form on the users page shows the page again with the message."""
+    return form_errors("users.html", lambda error: _users_context(session, error=error.message))
 
 
 @router.get("/users", response_class=HTMLResponse)
@@ -287,7 +295,7 @@ async def create_account(request: Request, session: SessionDep, admin: AdminUser
     """Create a user; without a password the page shows a one-time invite link to hand over."""
     form = await request.form()
     password = form.get("password")
-    try:
+    with _users_form_errors(session):
         user = await run_in_threadpool(
             lambda: create_user(
                 session,
@@ -297,8 +305,6 @@ async def create_account(request: Request, session: SessionDep, admin: AdminUser
                 max_concurrent_jobs=_cap(_form_text(form, "max_concurrent_jobs")),
             )
         )
-    except StudioError as exc:
-        return _users_page(request, session, error=exc.message, code=exc.status_code)
     audit.record(session, admin, "create", "user", user.id, user.username)
     invite = None
     if not user.password_hash:
@@ -311,15 +317,13 @@ async def update_account(request: Request, session: SessionDep, admin: AdminUser
     """Change a user's job cap or active flag."""
     form = await request.form()
     user = get_user(session, user_id)
-    try:
-        user.max_concurrent_jobs = _cap(_form_text(form, "max_concurrent_jobs"))
+    with _users_form_errors(session):  # checked before the row changes, so a refusal leaves it as it was
+        cap = _cap(_form_text(form, "max_concurrent_jobs"))
         active = form.get("is_active") == "on"
         if user.id == admin.id and not active:
             raise Conflict("You cannot deactivate yourself.")
-        user.is_active = active
-    except StudioError as exc:
-        session.rollback()
-        return _users_page(request, session, error=exc.message, code=exc.status_code)
+    user.max_concurrent_jobs = cap
+    user.is_active = active
     session.add(user)
     session.commit()
     audit.record(

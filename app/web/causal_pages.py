@@ -8,13 +8,13 @@ by ``POST /jobs/preview`` into the job form (``hx-post="/jobs/preview" hx-includ
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from app.core.errors import InvalidSpec, StudioError
+from app.core.errors import InvalidSpec
 from app.http.auth import OwnerScope
 from app.http.deps import SessionDep
 from app.services import adapters as adapters_service
 from app.services import causal_lm as causal_service
 from app.web import forms
-from app.web.pages import render
+from app.web.render import render
 
 router = APIRouter(include_in_schema=False)
 
@@ -58,15 +58,7 @@ async def preview_fragment(request: Request, session: SessionDep, owner_id: Owne
     form = await request.form()
     data = forms.form_to_input({key: [str(value) for value in form.getlist(key)] for key in form.keys()})
     spec, errors = forms.validate_job_input(data)
-    try:
-        if spec is None:
-            raise InvalidSpec("; ".join(f"{name}: {message}" for name, message in errors.items()))
-        preview = await causal_service.preview(session, spec, PREVIEW_EXAMPLES, owner_id)
-    except StudioError as exc:
-        return render(
-            request,
-            "_error.html",
-            {"status_code": exc.status_code, "message": exc.message},
-            status_code=exc.status_code,
-        )
+    if spec is None:
+        raise InvalidSpec("; ".join(f"{name}: {message}" for name, message in errors.items()))
+    preview = await causal_service.preview(session, spec, PREVIEW_EXAMPLES, owner_id)
     return render(request, "_preview.html", {"preview": preview})

@@ -21,7 +21,7 @@ from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
 from app.services import sweeps as sweeps_service
 from app.services.sweeps import SweepCreate
-from app.web.pages import error_page, render
+from app.web.render import form_errors, render
 
 router = APIRouter(include_in_schema=False)
 
@@ -40,11 +40,8 @@ def _compare_context(session: Session, job_ids: list[int], owner_id: int | None)
 @router.get("/compare", response_class=HTMLResponse)
 def compare_page(request: Request, session: SessionDep, owner_id: OwnerScope) -> HTMLResponse:
     """Pick jobs, then see their curves overlaid per metric, the settings that differ and a summary table."""
-    try:
-        job_ids = compare_service.parse_job_ids(request.query_params.getlist("jobs"))
-        context = _compare_context(session, job_ids, owner_id) if job_ids else {}
-    except StudioError as exc:
-        return error_page(request, exc.status_code, exc.message)
+    job_ids = compare_service.parse_job_ids(request.query_params.getlist("jobs"))
+    context = _compare_context(session, job_ids, owner_id) if job_ids else {}
     recent, _ = jobs_service.list_jobs(session, 0, PICKER_JOBS, owner_id)
     return render(
         request,
@@ -56,20 +53,14 @@ def compare_page(request: Request, session: SessionDep, owner_id: OwnerScope) ->
 @router.get("/compare/summary", response_class=HTMLResponse)
 def compare_summary(request: Request, session: SessionDep, owner_id: OwnerScope) -> HTMLResponse:
     """The summary table fragment (htmx refreshes it while a compared job runs)."""
-    try:
-        job_ids = compare_service.parse_job_ids(request.query_params.getlist("jobs"))
-        return render(request, "_compare_summary.html", _compare_context(session, job_ids, owner_id))
-    except StudioError as exc:
-        return error_page(request, exc.status_code, exc.message)
+    job_ids = compare_service.parse_job_ids(request.query_params.getlist("jobs"))
+    return render(request, "_compare_summary.html", _compare_context(session, job_ids, owner_id))
 
 
 @router.get("/jobs/{job_id}/evaluation", response_class=HTMLResponse)
 def job_evaluation(request: Request, session: SessionDep, owner_id: OwnerScope, job_id: int) -> HTMLResponse:
     """The job's structured evaluation (the classification confusion matrix of the latest evaluation)."""
-    try:
-        job = jobs_service.get_job(session, job_id, owner_id)
-    except StudioError as exc:
-        return error_page(request, exc.status_code, exc.message)
+    job = jobs_service.get_job(session, job_id, owner_id)
     return render(request, "_job_evaluation.html", {"job": job, "evaluation": job.evaluation or {}})
 
 
@@ -204,14 +195,9 @@ async def create_sweep(
     raw = await request.form()
     form: dict[str, Any] = {key: raw.get(key) for key in SWEEP_FORM_DEFAULTS if key != "methods"}
     form["methods"] = raw.getlist("methods")
-    try:
+    with form_errors("sweep_new.html", lambda error: _sweep_form_context(session, form, owner_id, error)):
         sweep_request = _form_to_request(form)
         sweep = await run_in_threadpool(sweeps_service.create_sweep, session, sweep_request, user.id)
-    except StudioError as exc:
-        status = exc.status_code if exc.status_code >= 400 else 422
-        return render(
-            request, "sweep_new.html", _sweep_form_context(session, form, owner_id, exc), status_code=status
-        )
     return RedirectResponse(f"/sweeps/{sweep.id}", status_code=303)
 
 

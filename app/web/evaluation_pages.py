@@ -10,16 +10,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
 
-from app.core.errors import InvalidSpec, StudioError
+from app.core.errors import InvalidSpec
 from app.core.spec import CausalLMSettings, DataFormat, JobSpec
 from app.http.auth import CurrentUser, OwnerScope
 from app.http.deps import SessionDep
+from app.http.errors import validation_items
 from app.services import adapters as adapters_service
 from app.services import audit
 from app.services import datasets as datasets_service
 from app.services import evaluations as service
 from app.services.evaluations import CLASSIFICATION, EvaluationCreate
-from app.web.pages import _is_htmx, _redirect, error_page, render
+from app.web.render import redirect, render
 
 router = APIRouter(include_in_schema=False)
 
@@ -95,9 +96,8 @@ def _request_from_form(form: Any, task: str, trained: JobSpec | None = None) -> 
     try:
         return EvaluationCreate.model_validate(values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first.get("loc", ())) or "form"
-        raise InvalidSpec(f"{field}: {first.get('msg', 'invalid')}", field=field) from None
+        first = validation_items(exc.errors(), default_field="form")[0]
+        raise InvalidSpec(f"{first['field']}: {first['message']}", field=first["field"]) from None
 
 
 @router.post("/adapters/{adapter_id}/evaluations")
@@ -107,15 +107,11 @@ async def start_evaluation(
     """The adapter page's form: queue an evaluation, then show it."""
     form = await request.form()
     adapter = adapters_service.get_adapter(session, adapter_id, owner_id)
-    try:
-        body = _request_from_form(form, adapter.task, service.training_spec(session, adapter))
-        evaluation = service.create_evaluation(session, adapter_id, body, owner_id)
-        audit.record(session, user, "create", "evaluation", evaluation.id, f"adapter {adapter_id}")
-    except StudioError as exc:
-        if _is_htmx(request):
-            return error_page(request, exc.status_code, exc.message)
-        raise  # a plain form post: the error page says what to fix
-    return _redirect(request, f"/evaluations/{evaluation.id}")
+    # A domain error: the error fragment for htmx, the error page for a plain form post (app/http/errors.py).
+    body = _request_from_form(form, adapter.task, service.training_spec(session, adapter))
+    evaluation = service.create_evaluation(session, adapter_id, body, owner_id)
+    audit.record(session, user, "create", "evaluation", evaluation.id, f"adapter {adapter_id}")
+    return redirect(request, f"/evaluations/{evaluation.id}")
 
 
 @router.get("/evaluations/{evaluation_id}", response_class=HTMLResponse)

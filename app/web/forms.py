@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 
 from app.core.method_registry import registry
 from app.core.spec import JobSpec
+from app.http.errors import validation_items
 
 InputKind = Literal["number", "checkbox", "select", "multiselect", "text", "list"]
 TRUE_VALUES = ("true", "on", "1", "yes")
@@ -393,7 +394,6 @@ def validate_job_input(data: Mapping[str, Any]) -> tuple[JobSpec | None, dict[st
         return JobSpec.model_validate(data), {}
     except ValidationError as exc:
         errors: dict[str, str] = {}
-        for error in exc.errors():
-            name = ".".join(str(part) for part in error["loc"]) or "form"
-            errors.setdefault(name, str(error["msg"]).removeprefix("Value error, "))
+        for item in validation_items(exc.errors(), default_field="form"):
+            errors.setdefault(item["field"], item["message"])
         return None, errors

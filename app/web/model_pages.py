@@ -1,20 +1,20 @@
 """The Models page: the library, what each model is and suits, Hub downloads with live progress, the user's
 Hugging Face token, and where to start when the cache is empty."""
 
+from contextlib import AbstractContextManager
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlmodel import Session
 
-from app.core.errors import StudioError
 from app.core.models import User
 from app.core.settings import get_settings
 from app.http.auth import CurrentUser
 from app.http.deps import SessionDep
 from app.services import model_downloads as downloads
 from app.services import models as service
-from app.web.pages import render
+from app.web.render import form_errors, render
 
 router = APIRouter(include_in_schema=False)
 
@@ -28,9 +28,11 @@ def _downloads_context(session: Session) -> dict[str, Any]:
     }
 
 
-def _page(
-    request: Request, session: Session, user: User, task: str = "", error: str | None = None, code: int = 200
-) -> HTMLResponse:
+def _page(request: Request, session: Session, user: User, task: str = "") -> HTMLResponse:
+    return render(request, "models.html", _context(session, user, task))
+
+
+def _context(session: Session, user: User, task: str = "", error: str | None = None) -> dict[str, Any]:
     models = service.list_models(task or None)
     context = {
         "nav": "models",
@@ -43,7 +45,7 @@ def _page(
         "error": error,
         **_downloads_context(session),
     }
-    return render(request, "models.html", context, code)
+    return context
 
 
 @router.get("/models", response_class=HTMLResponse)
@@ -60,6 +62,11 @@ def downloads_fragment(request: Request, session: SessionDep, _user: CurrentUser
     return render(request, "_model_downloads.html", _downloads_context(session))
 
 
+def _form_errors(session: Session, user: User) -> AbstractContextManager[None]:
+    """A failed form on the Models page shows the page again with the message (app/web/render.py)."""
+    return form_errors("models.html", lambda error: _context(session, user, error=error.message))
+
+
 def _form_text(form: Any, name: str) -> str:
     value = form.get(name)
     return value.strip() if isinstance(value, str) else ""
@@ -69,20 +76,16 @@ def _form_text(form: Any, name: str) -> str:
 async def start_download(request: Request, session: SessionDep, user: CurrentUser) -> Response:
     """Queue a download from the page's form."""
     form = await request.form()
-    try:
+    with _form_errors(session, user):
         downloads.start_download(session, user, _form_text(form, "model_id"), _form_text(form, "revision"))
-    except StudioError as exc:
-        return _page(request, session, user, error=exc.message, code=exc.status_code)
     return RedirectResponse("/models", status_code=303)
 
 
 @router.post("/models/downloads/{download_id}/cancel", response_model=None)
 def cancel_download(request: Request, session: SessionDep, user: CurrentUser, download_id: int) -> Response:
     """Cancel a download from the page."""
-    try:
+    with _form_errors(session, user):
         downloads.cancel_download(session, user, download_id)
-    except StudioError as exc:
-        return _page(request, session, user, error=exc.message, code=exc.status_code)
     return RedirectResponse("/models", status_code=303)
 
 
@@ -91,11 +94,9 @@ async def save_hub_token(request: Request, session: SessionDep, user: CurrentUse
     """Save (or, empty, forget) your Hugging Face token; it is stored encrypted and never shown again."""
     form = await request.form()
     token = _form_text(form, "token")
-    try:
+    with _form_errors(session, user):
         if token:
             downloads.save_hub_token(session, user, token)
         else:
             downloads.delete_hub_token(session, user)
-    except StudioError as exc:
-        return _page(request, session, user, error=exc.message, code=exc.status_code)
     return RedirectResponse("/models", status_code=303)

@@ -6,152 +6,35 @@ Errors from the services come back in the form they belong to, with the service'
 
 import json
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.templating import Jinja2Templates
-from jinja2 import pass_context
-from markupsafe import Markup
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.core.base_models import catalog
-from app.core.db import PROJECT_ROOT
 from app.core.errors import InvalidDataset, StudioError
 from app.core.method_registry import registry
 from app.core.models import Dataset
 from app.core.presets import PRESETS, PRESETS_BY_KEY, estimate_seconds, preset_values
 from app.core.settings import BUNDLED_MODEL_ID
-from app.http.auth import CurrentUser, OwnerScope, csrf_token
+from app.http.auth import CurrentUser, OwnerScope
 from app.http.deps import SessionDep
 from app.services import adapters as adapters_service
 from app.services import audit
 from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
 from app.services.checkpoints import list_checkpoints
-from app.services.compare import display_value, headline_metrics, metric_rows
+from app.services.compare import headline_metrics
 from app.web import forms
+from app.web.render import error_page, form_errors, redirect, render
 
-templates = Jinja2Templates(directory=str(PROJECT_ROOT / "templates"))
 router = APIRouter(include_in_schema=False)
 
 RECENT_JOBS = 10
 LIST_LIMIT = 200
-
-
-# ---- template helpers -------------------------------------------------------------------------
-
-
-def human_bytes(size: int | float | None) -> str:
-    """1536 -> '1.5 KB'."""
-    if size is None:
-        return "—"
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GB"
-
-
-def human_duration(seconds: float | None) -> str:
-    """95 -> '1m 35s'."""
-    if seconds is None:
-        return "—"
-    total = max(0, round(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
-
-
-def human_time(moment: datetime | None) -> str:
-    """A timestamp in UTC, to the second."""
-    if moment is None:
-        return "—"
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%d %H:%M:%S") + " UTC"
-
-
-def human_number(value: float | int | None, digits: int = 4) -> str:
-    """Integers with thousands separators, floats to a few significant digits."""
-    if value is None:
-        return "—"
-    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
-        return f"{int(value):,}"
-    return f"{value:.{digits}g}"
-
-
-def ordinal(number: int) -> str:
-    """1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st, ..."""
-    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
-    return f"{number}{suffix}"
-
-
-templates.env.filters.update(
-    ordinal=ordinal,
-    bytes=human_bytes,
-    duration=human_duration,
-    time=human_time,
-    number=human_number,
-    tojson_pretty=lambda v: json.dumps(v, indent=2, sort_keys=False),
-    setting=display_value,
-    metric_rows=metric_rows,
-)
-
-
-@pass_context
-def _csrf_input(context: Mapping[str, Any]) -> Markup:
-    """``{{ csrf_input() }}`` in a form: the hidden CSRF field of the signed-in browser."""
-    request = context.get("request")
-    token = csrf_token(request) if request is not None else ""
-    return Markup('<input type="hidden" name="csrf_token" value="{}">').format(token)
-
-
-@pass_context
-def _csrf_value(context: Mapping[str, Any]) -> str:
-    request = context.get("request")
-    return csrf_token(request) if request is not None else ""
-
-
-@pass_context
-def _signed_in_user(context: Mapping[str, Any]) -> Any:
-    request = context.get("request")
-    return getattr(request.state, "user", None) if request is not None else None
-
-
-templates.env.globals.update(csrf_input=_csrf_input, csrf_token=_csrf_value, signed_in_user=_signed_in_user)
-
-
-def _is_htmx(request: Request) -> bool:
-    return request.headers.get("hx-request") == "true"
-
-
-def render(
-    request: Request, name: str, context: Mapping[str, Any] | None = None, status_code: int = 200
-) -> HTMLResponse:
-    """Render a template (the context's ``nav`` marks the current page in the navigation bar)."""
-    return templates.TemplateResponse(request, name, dict(context or {}), status_code=status_code)
-
-
-def error_page(request: Request, status_code: int, message: str) -> HTMLResponse:
-    """An error rendered as a page (or as a fragment for htmx requests)."""
-    name = "_error.html" if _is_htmx(request) else "error.html"
-    return templates.TemplateResponse(
-        request, name, {"status_code": status_code, "message": message}, status_code=status_code
-    )
-
-
-def _redirect(request: Request, url: str) -> Response:
-    """A redirect that htmx follows with a full page load, and a plain browser with a GET."""
-    if _is_htmx(request):
-        return Response(status_code=200, headers={"HX-Redirect": url})
-    return RedirectResponse(url, status_code=303)
 
 
 # ---- dashboard --------------------------------------------------------------------------------
@@ -181,22 +64,17 @@ def dashboard(request: Request, session: SessionDep, owner_id: OwnerScope) -> HT
 # ---- datasets ---------------------------------------------------------------------------------
 
 
-def _datasets_page(
-    request: Request, session: Session, owner_id: int | None, error: StudioError | None = None
-) -> HTMLResponse:
+def _datasets_context(
+    session: Session, owner_id: int | None, error: StudioError | None = None
+) -> dict[str, Any]:
     datasets, count = datasets_service.list_datasets(session, 0, LIST_LIMIT, owner_id)
-    return render(
-        request,
-        "datasets.html",
-        {"nav": "datasets", "datasets": datasets, "count": count, "error": error},
-        status_code=error.status_code if error else 200,
-    )
+    return {"nav": "datasets", "datasets": datasets, "count": count, "error": error}
 
 
 @router.get("/datasets", response_class=HTMLResponse)
 def datasets_page(request: Request, session: SessionDep, owner_id: OwnerScope) -> HTMLResponse:
     """Datasets and the upload form."""
-    return _datasets_page(request, session, owner_id)
+    return render(request, "datasets.html", _datasets_context(session, owner_id))
 
 
 @router.post("/datasets")
@@ -208,28 +86,25 @@ async def upload_dataset(
     upload = form.get("file")
     name = form.get("name")
     try:
-        if not isinstance(upload, UploadFile) or not upload.filename:
-            raise InvalidDataset(
-                "Choose a file to upload (.csv, .tsv, .txt, .json, .jsonl, .parquet, .arrow or .zip).",
-                field="file",
+        with form_errors("datasets.html", lambda error: _datasets_context(session, owner_id, error)):
+            if not isinstance(upload, UploadFile) or not upload.filename:
+                raise InvalidDataset(
+                    "Choose a file to upload (.csv, .tsv, .txt, .json, .jsonl, .parquet, .arrow or .zip).",
+                    field="file",
+                )
+            dataset = await run_in_threadpool(
+                datasets_service.create_dataset,
+                session,
+                upload.file,
+                upload.filename,
+                name.strip() if isinstance(name, str) and name.strip() else None,
+                user.id,
+                _import_options(form),
             )
-        dataset = await run_in_threadpool(
-            datasets_service.create_dataset,
-            session,
-            upload.file,
-            upload.filename,
-            name.strip() if isinstance(name, str) and name.strip() else None,
-            user.id,
-            _import_options(form),
-        )
-        audit.record(session, user, "create", "dataset", dataset.id, dataset.filename)
-    except StudioError as exc:
-        if _is_htmx(request):
-            return error_page(request, exc.status_code, exc.message)
-        return _datasets_page(request, session, owner_id, exc)
+            audit.record(session, user, "create", "dataset", dataset.id, dataset.filename)
     finally:
         await form.close()
-    return _redirect(request, f"/datasets/{dataset.id}")
+    return redirect(request, f"/datasets/{dataset.id}")
 
 
 @router.post("/datasets/demo")
@@ -238,7 +113,7 @@ def load_demo_dataset(request: Request, session: SessionDep, user: CurrentUser) 
     dataset, created = datasets_service.load_demo_dataset(session, user.id)
     if created:
         audit.record(session, user, "create", "dataset", dataset.id, "demo")
-    return _redirect(request, f"/datasets/{dataset.id}")
+    return redirect(request, f"/datasets/{dataset.id}")
 
 
 IMPORT_FIELDS = (
@@ -266,16 +141,11 @@ async def reimport_dataset(
 ) -> Response:
     """The dataset page's re-import form: parse the stored original again with the chosen options."""
     form = await request.form()
-    try:
-        await run_in_threadpool(
-            datasets_service.reimport_dataset, session, dataset_id, _import_options(form), owner_id
-        )
-        audit.record(session, user, "reimport", "dataset", dataset_id)
-    except StudioError as exc:
-        if _is_htmx(request):
-            return error_page(request, exc.status_code, exc.message)
-        raise
-    return _redirect(request, f"/datasets/{dataset_id}")
+    await run_in_threadpool(
+        datasets_service.reimport_dataset, session, dataset_id, _import_options(form), owner_id
+    )
+    audit.record(session, user, "reimport", "dataset", dataset_id)
+    return redirect(request, f"/datasets/{dataset_id}")
 
 
 def _label_columns(dataset: Dataset) -> list[tuple[str, dict[str, int]]]:
@@ -324,14 +194,9 @@ def delete_dataset(
     request: Request, session: SessionDep, user: CurrentUser, owner_id: OwnerScope, dataset_id: int
 ) -> Response:
     """Delete a dataset (refused while a job needs it), then back to the list."""
-    try:
-        datasets_service.delete_dataset(session, dataset_id, owner_id)
-        audit.record(session, user, "delete", "dataset", dataset_id)
-    except StudioError as exc:
-        if _is_htmx(request):
-            return error_page(request, exc.status_code, exc.message)
-        raise
-    return _redirect(request, "/datasets")
+    datasets_service.delete_dataset(session, dataset_id, owner_id)
+    audit.record(session, user, "delete", "dataset", dataset_id)
+    return redirect(request, "/datasets")
 
 
 # ---- jobs -------------------------------------------------------------------------------------
@@ -619,17 +484,16 @@ async def create_job(
     form = await request.form()
     data = forms.form_to_input(_form_lists(form))
     spec, errors = forms.validate_job_input(data)
-    status_code = 422
     if spec is not None:
-        try:
+        with form_errors(
+            "job_new.html",
+            lambda error: _job_form_context(session, data, {error.field or "form": error.message}, owner_id),
+        ):
             job = await run_in_threadpool(jobs_service.create_job, session, spec, user.id)
-        except StudioError as exc:
-            errors, status_code = {exc.field or "form": exc.message}, exc.status_code
-        else:
-            audit.record(session, user, "create", "job", job.id)
-            return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+        audit.record(session, user, "create", "job", job.id)
+        return RedirectResponse(f"/jobs/{job.id}", status_code=303)
     context = _job_form_context(session, data, errors, owner_id)
-    return render(request, "job_new.html", context, status_code=status_code)
+    return render(request, "job_new.html", context, status_code=422)
 
 
 @router.get("/jobs", response_class=HTMLResponse)
@@ -710,11 +574,8 @@ async def predict(
     form = await request.form()
     text = form.get("text")
     text = text.strip() if isinstance(text, str) else ""
-    try:
-        adapter = adapters_service.get_adapter(session, adapter_id, owner_id)
-        results: Sequence[dict[str, Any]] = await adapters_service.predict(adapter, [text] if text else [])
-    except StudioError as exc:
-        return error_page(request, exc.status_code, exc.message)
+    adapter = adapters_service.get_adapter(session, adapter_id, owner_id)
+    results: Sequence[dict[str, Any]] = await adapters_service.predict(adapter, [text] if text else [])
     result = results[0]
     probabilities = sorted(result["probabilities"].items(), key=lambda item: item[1], reverse=True)
     return render(

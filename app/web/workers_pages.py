@@ -7,7 +7,7 @@ from app.core.models import WorkersPublic
 from app.http.auth import OwnerScope
 from app.http.deps import SessionDep
 from app.services import workers as service
-from app.web.pages import render
+from app.web.render import render
 
 router = APIRouter()
 
