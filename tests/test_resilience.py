@@ -376,7 +376,7 @@ def test_out_of_memory_explanation_names_settings() -> None:
 
 
 def test_claim_runs_a_delivery_once(session: Session) -> None:
-    from app.services.recovery import new_run_token
+    from app.services.run_tokens import new_run_token
     from worker.engine import run_job
 
     job = _job(session, steps=1, save_steps=0)

@@ -13,6 +13,7 @@ from app.core.models import Adapter, Dataset, Job, JobEvent, JobPublic, JobStatu
 from app.core.netguard import check_mlflow_uri
 from app.core.spec import JobSpec
 from app.services.datasets import check_validation_split, get_dataset
+from app.services.run_tokens import new_run_token
 
 # A label column may have at most this share of the rows as distinct classes (one class per two rows).
 MAX_CLASS_SHARE = 0.5
@@ -244,7 +245,6 @@ def create_job(session: Session, spec: JobSpec, owner_id: int | None = None) -> 
     """Validate and queue a job; if the queue cannot take it, nothing is kept."""
     from app.core.queue import enqueue_training
     from app.http.auth import check_job_cap, scope_for
-    from app.services.recovery import new_run_token
 
     scope = scope_for(session, owner_id)
     validate_spec(session, spec, scope)  # the admin may train on anyone's dataset
@@ -445,7 +445,6 @@ def resume_job(session: Session, job_id: int, owner_id: int | None = None) -> Jo
     """Queue a failed or cancelled job again; the worker continues from its last checkpoint."""
     from app.core.queue import enqueue_training
     from app.services.checkpoints import latest_checkpoint
-    from app.services.recovery import new_run_token
 
     job = get_job(session, job_id, owner_id)
     if job.status not in (JobStatus.failed, JobStatus.cancelled):
