@@ -52,13 +52,13 @@ def run_one(name: str) -> dict[str, Any]:
     from app.core.models import Adapter, Job, JobEvent
     from app.core.spec import JobSpec
     from app.services.datasets import create_dataset
-    from worker import engine
+    from worker import engine, training
 
     run_migrations()
     folder, train_file, eval_file = RUNS[name]["data"]
     timings: dict[str, float] = {}
 
-    class TimedTrainer(engine.Trainer):  # type: ignore[name-defined,misc]
+    class TimedTrainer(training.Trainer):  # type: ignore[name-defined,misc]
         def train(self, *args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             try:
@@ -73,7 +73,7 @@ def run_one(name: str) -> dict[str, Any]:
             finally:
                 timings["eval_seconds"] = timings.get("eval_seconds", 0.0) + time.perf_counter() - started
 
-    engine.Trainer = TimedTrainer  # type: ignore[attr-defined,misc]
+    training.Trainer = TimedTrainer  # type: ignore[attr-defined,misc]
     with Session(get_engine()) as session:
         train = create_dataset(session, io.BytesIO((DATA / folder / train_file).read_bytes()), train_file)
         dev = create_dataset(session, io.BytesIO((DATA / folder / eval_file).read_bytes()), eval_file)

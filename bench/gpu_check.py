@@ -347,6 +347,7 @@ class Studio:
         from app.core.models import Adapter, Job
         from app.core.spec import JobSpec
         from worker import engine
+        from worker import training as training_module
 
         cuda = __import__("torch").cuda.is_available()
         method_config: dict[str, Any] = dict(LORA)
@@ -395,20 +396,20 @@ class Studio:
         record.update(
             path="studio", method=method, job_id=job_id, method_config=method_config, training=training
         )
-        original, original_arguments = engine.Trainer, engine._training_arguments
-        engine.Trainer = make_timed_trainer(original, record, cfg, budget)  # type: ignore[attr-defined,misc]
+        original, original_arguments = training_module.Trainer, training_module.training_arguments
+        training_module.Trainer = make_timed_trainer(original, record, cfg, budget)  # type: ignore[attr-defined,misc]
         if bf16_patch and __import__("torch").cuda.is_available():
             # What the engine would do with bf16 autocast on CUDA (today it leaves TrainingArguments.bf16 off).
             def with_bf16(*args: Any, **kwargs: Any) -> Any:
                 return dataclasses.replace(original_arguments(*args, **kwargs), bf16=True)
 
-            engine._training_arguments = with_bf16  # type: ignore[assignment]
+            training_module.training_arguments = with_bf16  # type: ignore[assignment]
             record["engine_patch"] = "TrainingArguments.bf16=True"
         try:
             engine.run_job(job_id, worker_name="gpu-check")
         finally:
-            engine.Trainer = original  # type: ignore[attr-defined,misc]
-            engine._training_arguments = original_arguments  # type: ignore[assignment]
+            training_module.Trainer = original  # type: ignore[attr-defined,misc]
+            training_module.training_arguments = original_arguments  # type: ignore[assignment]
         with Session(get_engine()) as session:
             finished = session.get(Job, job_id)
             assert finished is not None

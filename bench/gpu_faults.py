@@ -82,7 +82,7 @@ def _state(job_id: int) -> dict[str, Any]:
 
 
 def _run(job_id: int) -> float:
-    from worker import engine
+    from worker import engine, lifecycle
 
     started = time.monotonic()
     try:
@@ -90,7 +90,7 @@ def _run(job_id: int) -> float:
     except Exception as error:  # noqa: BLE001 - what the Celery task's on_failure does in production
         from worker.failures import explain
 
-        engine.mark_failed(job_id, explain(error), traceback.format_exc())
+        lifecycle.mark_failed(job_id, explain(error), traceback.format_exc())
         g.say(f"run_job raised {type(error).__name__}")
     return time.monotonic() - started
 

@@ -61,7 +61,7 @@ def run_one(
     from app.core.models import Adapter, Job
     from app.core.spec import JobSpec
     from app.services.datasets import create_dataset
-    from worker import engine
+    from worker import engine, training
     from worker.methods import get_method
 
     run_migrations()
@@ -71,7 +71,7 @@ def run_one(
         lines = lines[: 1 + train_rows]
     timings: dict[str, float] = {}
 
-    class TimedTrainer(engine.Trainer):  # type: ignore[name-defined,misc]
+    class TimedTrainer(training.Trainer):  # type: ignore[name-defined,misc]
         def train(self, *args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             try:
@@ -86,7 +86,7 @@ def run_one(
             finally:
                 timings["eval_seconds"] = timings.get("eval_seconds", 0.0) + time.perf_counter() - started
 
-    engine.Trainer = TimedTrainer  # type: ignore[attr-defined,misc]
+    training.Trainer = TimedTrainer  # type: ignore[attr-defined,misc]
     with Session(get_engine()) as session:
         train = create_dataset(session, io.BytesIO(("\n".join(lines) + "\n").encode()), "train.csv")
         dev = create_dataset(session, io.BytesIO((SST2 / "dev.csv").read_bytes()), "dev.csv")

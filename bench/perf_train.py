@@ -118,19 +118,19 @@ def run_studio(options: argparse.Namespace) -> dict[str, Any]:
     from app.core.models import Job
     from app.core.spec import JobSpec
     from app.services.datasets import create_dataset
-    from worker import engine
+    from worker import engine, training
 
     run_migrations()
-    engine.Trainer = timed_trainer(engine.Trainer)  # type: ignore[attr-defined]
+    training.Trainer = timed_trainer(training.Trainer)  # type: ignore[attr-defined]
     captured: dict[str, Any] = {}
-    build = engine.build_trainable
+    build = training.build_trainable
 
     def capturing_build(spec: Any) -> Any:
         result = build(spec)
         captured["model"] = result[2]
         return result
 
-    engine.build_trainable = capturing_build  # type: ignore[assignment]
+    training.build_trainable = capturing_build  # type: ignore[assignment]
     with Session(get_engine()) as session:
         if options.mode == "studio-lm":
             data = (DATA / "alpaca" / "alpaca_en_demo.json").read_bytes()

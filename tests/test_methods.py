@@ -151,7 +151,7 @@ def test_method_trains_reloads_downloads_and_predicts(
     tmp_path: Path,
     minilm_tokenizer: Any,
 ) -> None:
-    from worker import engine
+    from worker import engine, training
     from worker.estimate import estimate_job
     from worker.inference import classify
     from worker.recipes import get_recipe
@@ -181,14 +181,14 @@ def test_method_trains_reloads_downloads_and_predicts(
     )
     spec = JobSpec.model_validate(job.spec)
     built: dict[str, Any] = {}
-    real_build = engine.build_trainable
+    real_build = training.build_trainable
 
     def spy(spec_: JobSpec) -> Any:
         result = real_build(spec_)
         built.update(model=result[2], optimizer=result[3])
         return result
 
-    monkeypatch.setattr(engine, "build_trainable", spy)
+    monkeypatch.setattr(training, "build_trainable", spy)
     # A cold try-out cache: adapter ids restart at 1 in every test's fresh database.
     from worker import inference
 
@@ -222,7 +222,7 @@ def test_method_trains_reloads_downloads_and_predicts(
     batch = minilm_tokenizer(TEXTS, truncation=True, max_length=MAX_LENGTH, padding=True, return_tensors="pt")
     with torch.no_grad():
         trained = model(**batch).logits
-    from worker.engine import STUDIO_FILE
+    from worker.training import STUDIO_FILE
 
     folder = engine.get_store().path(adapter.storage_key)
     studio = json.loads((folder / STUDIO_FILE).read_text())

@@ -9,8 +9,8 @@ from transformers import DataCollatorWithPadding, Trainer
 
 from app.core.base_models import bundled_model_path
 from app.core.spec import JobSpec
-from worker.engine import _training_arguments
 from worker.recipes.classification_data import tokenize
+from worker.training import training_arguments
 
 
 class Tiny(torch.nn.Module):
@@ -37,7 +37,7 @@ def _sampler(tmp_path: Path, data: list[dict[str, Any]], group: bool, seed: int 
             "training": {"batch_size": 8, "group_by_length": group, "seed": seed, "num_epochs": 1},
         }
     )
-    args = _training_arguments(spec, tmp_path / "out", has_eval=False)
+    args = training_arguments(spec, tmp_path / "out", has_eval=False)
     trainer = Trainer(model=Tiny(), args=args, train_dataset=data)
     sampler = trainer._get_train_sampler()
     assert sampler is not None

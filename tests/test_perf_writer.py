@@ -30,7 +30,7 @@ def _points(job_id: int) -> list[MetricPoint]:
 
 
 def test_writer_writes_every_point_in_order(studio_settings: Path) -> None:
-    from worker.engine import MetricWriter
+    from worker.reporting import MetricWriter
 
     with Session(get_engine()) as session:
         job_id = _job(session).id
@@ -54,7 +54,7 @@ def test_writer_writes_every_point_in_order(studio_settings: Path) -> None:
 
 
 def test_cancel_is_seen_by_the_writer_and_nothing_is_lost(studio_settings: Path) -> None:
-    from worker.engine import StudioCallback
+    from worker.reporting import StudioCallback
 
     with Session(get_engine()) as session:
         job_id = _job(session).id
@@ -88,7 +88,7 @@ def test_cancel_is_seen_by_the_writer_and_nothing_is_lost(studio_settings: Path)
 def test_redis_news_arrive_in_order(studio_settings: Path, redis_url: str, monkeypatch: Any) -> None:
     from app.core.events import Subscription
     from app.core.settings import get_settings
-    from worker.engine import MetricWriter
+    from worker.reporting import MetricWriter
 
     with Session(get_engine()) as session:
         job_id = _job(session).id

@@ -78,9 +78,9 @@ class PoisonLoss(TrainerCallback):
 
 
 def _with_callbacks(monkeypatch: pytest.MonkeyPatch, *extra: TrainerCallback, models: list | None = None):
-    from worker import engine
+    from worker import training
 
-    real = engine.build_trainable
+    real = training.build_trainable
 
     def build(spec: JobSpec):
         prepared, method, model, optimizer, callbacks = real(spec)
@@ -88,7 +88,7 @@ def _with_callbacks(monkeypatch: pytest.MonkeyPatch, *extra: TrainerCallback, mo
             models.append(model)
         return prepared, method, model, optimizer, [*callbacks, *extra]
 
-    monkeypatch.setattr(engine, "build_trainable", build)
+    monkeypatch.setattr(training, "build_trainable", build)
 
 
 def _dataset(session: Session) -> Dataset:
@@ -214,7 +214,7 @@ def test_every_method_checkpoints_and_resumes(session: Session, monkeypatch, met
     # then it finished with a continuous series, and the method was applied once to a fresh base
     assert _train_steps(session, job.id) == [1, 2, 3, 4]
     spec = JobSpec.model_validate(job.spec)
-    from worker.engine import build_trainable
+    from worker.training import build_trainable
 
     fresh = build_trainable(spec)[2]
     resumed = models[0]
@@ -376,7 +376,7 @@ def test_out_of_memory_explanation_names_settings() -> None:
 
 
 def test_claim_runs_a_delivery_once(session: Session) -> None:
-    from app.services.recovery import new_run_token
+    from app.services.run_tokens import new_run_token
     from worker.engine import run_job
 
     job = _job(session, steps=1, save_steps=0)

@@ -399,7 +399,7 @@ def _write_points(job_id: int, steps: list[int], attempt: int, token: str) -> li
 
     from app.core.db import get_engine
     from app.core.models import MetricPoint, utcnow
-    from worker.engine import MetricWriter
+    from worker.reporting import MetricWriter
 
     writer = MetricWriter(job_id, cancel_poll=0.05, run_token=token, attempt=attempt)
     for step in steps:
@@ -497,7 +497,7 @@ def test_a_superseded_writer_writes_nothing(client: TestClient) -> None:
 
     from app.core.db import get_engine
     from app.core.models import Job, MetricPoint, utcnow
-    from worker.engine import MetricWriter
+    from worker.reporting import MetricWriter
     from worker.resilience import Heartbeat
 
     with Session(get_engine()) as session:

@@ -3,11 +3,11 @@
 The Celery worker that claimed the job does not train it: ``launch`` starts ``torchrun`` (one process per GPU,
 or ``num_processes`` CPU processes on the gloo backend when the worker has too few GPUs), keeps the job's
 heartbeat, and watches for a cancel. Each rank runs ``python -m worker.distributed <job id> <run token>``,
-which calls the engine's own training function (``worker.engine._train``), so a multi-process job trains
-exactly like a single-process one; transformers' Trainer reads torchrun's environment and wraps the model in
-DistributedDataParallel. Only rank 0 reports metrics, saves checkpoints and the adapter, and finishes the job
-(``is_main_process`` in the engine). A cancel or a lost claim stops every rank: the launcher terminates
-torchrun's whole process group, which takes its ranks with it.
+which calls the same training function as a single-process job (``worker.training.train``), so a
+multi-process job trains exactly like one; transformers' Trainer reads torchrun's environment and wraps the
+model in DistributedDataParallel. Only rank 0 reports metrics, saves checkpoints and the adapter, and finishes
+the job (``train``'s ``main_process``, from ``is_main_process`` here). A cancel or a lost claim stops every
+rank: the launcher terminates torchrun's whole process group, which takes its ranks with it.
 
 torchrun rather than ``accelerate launch``: it ships with torch, and the Trainer sets up accelerate itself.
 """
@@ -27,9 +27,9 @@ from app.core.models import Job, JobStatus
 from app.core.settings import get_settings
 from app.core.spec import JobSpec
 from app.services.jobs import add_event
+from worker.lifecycle import Claim, finish_job
 
 if TYPE_CHECKING:
-    from worker.engine import Claim
     from worker.resilience import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -111,10 +111,8 @@ def _tail(path: Path) -> str:
         return ""
 
 
-def launch(job_id: int, claim: "Claim", work_dir: Path, heartbeat: "Heartbeat") -> None:
+def launch(job_id: int, claim: Claim, work_dir: Path, heartbeat: "Heartbeat") -> None:
     """Train a claimed job with ``num_processes`` DDP ranks; returns when they are done or stopped."""
-    from worker.engine import _finish
-
     num_processes = claim.spec.resources.num_processes
     device, _ = plan(num_processes)
     if claim.spec.resources.wants_gpu and device != "cuda":
@@ -167,7 +165,9 @@ def launch(job_id: int, claim: "Claim", work_dir: Path, heartbeat: "Heartbeat") 
     if status is not None and status.is_terminal:
         return  # finished by someone else (e.g. cancelled while queued again): nothing to write
     if heartbeat.cancel.is_set() or _cancel_requested(job_id):
-        _finish(job_id, JobStatus.cancelled, "cancelled; every rank was stopped", run_token=claim.run_token)
+        finish_job(
+            job_id, JobStatus.cancelled, "cancelled; every rank was stopped", run_token=claim.run_token
+        )
         return
     if heartbeat.lost.is_set():
         log.warning("job %s: claim lost; its ranks were stopped", job_id)
@@ -200,9 +200,9 @@ def _cancel_requested(job_id: int) -> bool:
 
 
 def run_rank(job_id: int, run_token: str) -> None:
-    """One DDP rank: load the claimed job and run the engine's training on it (rank 0 reports and saves)."""
-    from worker.engine import Claim, _train
+    """One DDP rank: load the claimed job and run the training on it (rank 0 reports and saves)."""
     from worker.resilience import Heartbeat
+    from worker.training import train
 
     settings = get_settings()
     with session_scope() as session:
@@ -223,7 +223,7 @@ def run_rank(job_id: int, run_token: str) -> None:
     # events the training loop reads, so it is never started.
     heartbeat = Heartbeat(job_id, run_token)
     try:
-        _train(job_id, claim, store, work_dir, heartbeat)
+        train(job_id, claim, store, work_dir, heartbeat, main_process=is_main_process())
     finally:
         remove_dir(work_dir)
 

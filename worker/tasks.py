@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers that take ids and call the training engine; and the worker's start-up duties.
+"""Celery tasks: thin wrappers that take ids and call the training entry point; and the worker's start-up duties.
 
 A worker started by ``peft-studio serve`` must not outlive it (an orphan would keep taking jobs beside the
 next serve's worker): serve asks the kernel to SIGKILL it when serve dies (``PR_SET_PDEATHSIG``, see
@@ -29,8 +29,8 @@ class TrainingTask(Task):
     """Owns the failure transition: the job gets an explanation, its log the traceback."""
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        from worker.engine import mark_failed
         from worker.failures import explain
+        from worker.lifecycle import mark_failed
 
         job_id = int(args[0])
         token = args[1] if len(args) > 1 else kwargs.get("run_token")

@@ -10,6 +10,7 @@ from app.core.models import Adapter, Job, JobEvent, JobPublic, JobStatus, Metric
 from app.core.netguard import check_mlflow_uri
 from app.core.spec import JobSpec
 from app.core.tasks import spec_validator
+from app.services.run_tokens import new_run_token
 
 
 def validate_spec(session: Session, spec: JobSpec, owner_id: int | None = None) -> None:
@@ -33,7 +34,6 @@ def create_job(session: Session, spec: JobSpec, owner_id: int | None = None) -> 
     from app.core.queue import enqueue_training
     from app.services.accounts import scope_for
     from app.services.quota import check_job_cap
-    from app.services.recovery import new_run_token
 
     scope = scope_for(session, owner_id)
     validate_spec(session, spec, scope)  # the admin may train on anyone's dataset
@@ -234,7 +234,6 @@ def resume_job(session: Session, job_id: int, owner_id: int | None = None) -> Jo
     """Queue a failed or cancelled job again; the worker continues from its last checkpoint."""
     from app.core.queue import enqueue_training
     from app.services.checkpoints import latest_checkpoint
-    from app.services.recovery import new_run_token
 
     job = get_job(session, job_id, owner_id)
     if job.status not in (JobStatus.failed, JobStatus.cancelled):

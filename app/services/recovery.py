@@ -13,7 +13,6 @@ silence, and a starting worker that finds jobs under its own name first watches 
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -26,13 +25,9 @@ from app.core.models import Job, JobStatus, utcnow
 from app.core.settings import get_settings
 from app.services.checkpoints import latest_checkpoint
 from app.services.jobs import add_event
+from app.services.run_tokens import new_run_token
 
 log = logging.getLogger(__name__)
-
-
-def new_run_token() -> str:
-    """A fresh token for one queue delivery of a job."""
-    return secrets.token_hex(16)
 
 
 def _aware(moment: datetime | None) -> datetime | None:
