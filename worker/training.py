@@ -24,6 +24,7 @@ from app.core.base_models import resolve_base_model
 from app.core.db import session_scope
 from app.core.models import Adapter, Dataset, Job, JobStatus
 from app.core.spec import JobSpec
+from app.core.tasks import CLASSIFICATION
 from app.services import checkpoints
 from app.services.jobs import add_event
 from worker.best import BestModelCallback, metric_for
@@ -408,5 +409,5 @@ def save_adapter(
         dataset = session.get(Dataset, spec.dataset_id)
         dataset_name = dataset.name if dataset is not None else None
     write_model_card(folder, spec, method.title, method.saved_as, prepared.labels, metrics, dataset_name)
-    if spec.task == "sequence-classification" and method.saved_as == "peft":
+    if spec.task == CLASSIFICATION and method.saved_as == "peft":
         point_at_labelled_base(folder, resolve_base_model(spec.base_model).path, prepared.labels)

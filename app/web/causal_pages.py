@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from app.core.errors import InvalidSpec
+from app.core.tasks import CAUSAL_LM
 from app.http.auth import OwnerScope
 from app.http.deps import SessionDep
 from app.services import adapters as adapters_service
@@ -27,7 +28,7 @@ def generate_page(
 ) -> HTMLResponse:
     """Try-out for a causal-LM adapter: one prompt, the adapter's and the base model's answers streaming."""
     adapter = adapters_service.adapter_public(adapters_service.get_adapter(session, adapter_id, owner_id))
-    if adapter.task != causal_service.CAUSAL_LM:
+    if adapter.task != CAUSAL_LM:
         raise InvalidSpec(f"Adapter {adapter_id} is a {adapter.task} adapter; try it on its own page.")
     return render(request, "generate.html", {"nav": "adapters", "adapter": adapter})
 
@@ -41,7 +42,7 @@ def chat_page(request: Request, session: SessionDep, owner_id: OwnerScope, adapt
 
     row = adapters_service.get_adapter(session, adapter_id, owner_id)
     adapter = adapters_service.adapter_public(row)
-    if adapter.task != causal_service.CAUSAL_LM:
+    if adapter.task != CAUSAL_LM:
         raise InvalidSpec(f"Adapter {adapter_id} is a {adapter.task} adapter; try it on its own page.")
     job = session.get(Job, row.job_id)
     if job is None:

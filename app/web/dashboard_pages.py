@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import InvalidSpec, StudioError
 from app.core.method_registry import registry
+from app.core.tasks import CLASSIFICATION
 from app.http.auth import CurrentUser, OwnerScope
 from app.http.deps import SessionDep
 from app.services import compare as compare_service
@@ -108,7 +109,7 @@ def _sweep_form_context(
 SWEEP_FORM_DEFAULTS = {
     "name": "",
     "dataset_id": "",
-    "task": "sequence-classification",
+    "task": CLASSIFICATION,
     "base_model": "",
     "text_column": "text",
     "label_column": "label",
@@ -140,7 +141,7 @@ def _form_to_request(form: dict[str, Any]) -> SweepCreate:
         raise InvalidSpec("dataset_id: choose the dataset to train on", field="dataset_id")
     base: dict[str, Any] = {
         "dataset_id": int(form["dataset_id"]),
-        "task": form.get("task") or "sequence-classification",
+        "task": form.get("task") or CLASSIFICATION,
         "text_column": form.get("text_column") or "text",
         "label_column": form.get("label_column") or "label",
         "training": {},

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from app.core.errors import InvalidSpec
 from app.core.spec import CausalLMSettings, DataFormat, JobSpec
+from app.core.tasks import CLASSIFICATION
 from app.http.auth import CurrentUser, OwnerScope
 from app.http.deps import SessionDep
 from app.http.errors import validation_items
@@ -19,7 +20,7 @@ from app.services import adapters as adapters_service
 from app.services import audit
 from app.services import datasets as datasets_service
 from app.services import evaluations as service
-from app.services.evaluations import CLASSIFICATION, EvaluationCreate
+from app.services.evaluations import EvaluationCreate
 from app.web.render import redirect, render
 
 router = APIRouter(include_in_schema=False)
