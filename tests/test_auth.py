@@ -18,8 +18,8 @@ from sqlmodel import Session, select
 from app.core.db import get_engine
 from app.core.errors import InvalidSpec
 from app.core.models import ApiToken, Job, User, utcnow
+from app.core.safety import UnsafeArchive, check_base_model, safe_extract_zip
 from app.http.auth import SESSION_COOKIE
-from app.http.safety import UnsafeArchive, check_base_model, safe_extract_zip
 from app.services.accounts import hash_secret
 from tests.conftest import ADMIN_TOKEN, Account
 from tests.factories import sst2_bytes

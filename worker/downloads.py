@@ -25,8 +25,8 @@ from sqlmodel import Session
 
 from app.core.db import session_scope
 from app.core.models import ModelDownload, utcnow
+from app.core.safety import remote_code_allowed
 from app.core.settings import get_settings
-from app.http.safety import remote_code_allowed
 from app.services.model_downloads import DOWNLOADS_OFF, hub_token_of
 from app.services.models import hub_cache_dir
 

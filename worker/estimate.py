@@ -17,9 +17,9 @@ from pydantic import BaseModel
 from app.core.autoconfig import needs_resolution, resolve_training, rule_inputs_for
 from app.core.base_models import ResolvedModel, resolve_base_model
 from app.core.errors import InvalidSpec
+from app.core.safety import remote_code_allowed
 from app.core.spec import JobSpec
 from app.core.tasks import CAUSAL_LM, CLASSIFICATION
-from app.http.safety import remote_code_allowed
 from worker.methods import BuildContext, MethodInfo, count_parameters, get_method
 
 FP32 = 4

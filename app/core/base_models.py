@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.errors import InvalidSpec
+from app.core.safety import check_base_model
 from app.core.settings import BUNDLED_MODEL_ID, get_settings
 
 # A hub repository id ("name" or "org/name"): no path separators beyond the one, no "..".
@@ -139,13 +140,11 @@ def _cached_folder(model_id: str) -> Path:
 def resolve_base_model(model_id: str) -> ResolvedModel:
     """Find an allowed base model locally (the bundled one, a hub id in the Hub cache, or a folder inside a
     registered one); InvalidSpec says what to do when it is not allowed, or when it is unsafe to load (pickle
-    weights, or its own Python code that the admin has not allowed: app/http/safety.py).
+    weights, or its own Python code that the admin has not allowed: app/core/safety.py).
 
     The web app (job and sweep validation, the OpenAI layer, adapter import) and the worker (before loading,
     as a second line of defence) both call this, so a spec that slipped past one is refused by the other.
     """
-    from app.http.safety import check_base_model
-
     model = _find_base_model(model_id)
     if model_id != BUNDLED_MODEL_ID:
         check_base_model(model_id, model.path, model.config)

@@ -1,7 +1,7 @@
 """Import an adapter zip (one downloaded from a PEFT Studio, e.g. another team's) as your own adapter.
 
 The zip is checked before anything is kept: size-capped while received, extracted only when no member leaves
-the folder (``app.http.safety.safe_extract_zip``: no ``..``, absolute paths or symlinks), pickle files refused,
+the folder (``app.core.safety.safe_extract_zip``: no ``..``, absolute paths or symlinks), pickle files refused,
 weights must be safetensors, ``studio.json`` must say the method, task and base model, and the base model must
 be on this machine. The adapter is registered under a finished job of its own ("imported"), so pages, the API,
 try-out and downloads treat it like a trained one.
@@ -21,9 +21,9 @@ from app.core.base_models import resolve_base_model
 from app.core.errors import InvalidSpec
 from app.core.files import receive_upload
 from app.core.models import Adapter, Job, JobEvent, JobStatus, utcnow
+from app.core.safety import UnsafeArchive, pickle_files, safe_extract_zip
 from app.core.settings import get_settings
 from app.core.storage import get_store
-from app.http.safety import UnsafeArchive, pickle_files, safe_extract_zip
 from app.services.quota import check_quota
 
 STUDIO_FILE = "studio.json"

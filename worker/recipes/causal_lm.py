@@ -9,9 +9,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Se
 
 from app.core.base_models import ResolvedModel
 from app.core.models import Dataset
+from app.core.safety import model_load_kwargs, remote_code_allowed
 from app.core.spec import JobSpec
 from app.core.tasks import CAUSAL_LM
-from app.http.safety import model_load_kwargs, remote_code_allowed
 from worker.recipes import Prepared, Recipe
 from worker.recipes.causal_lm_data import (
     IGNORE,
@@ -64,7 +64,7 @@ def causal_lm_metrics(prediction: EvalPrediction) -> dict[str, float]:
 
 
 def _load_kwargs(load_kwargs: dict[str, Any], base: ResolvedModel) -> dict[str, Any]:
-    # safetensors only; trust_remote_code only for models the admin allow-listed (app/http/safety.py)
+    # safetensors only; trust_remote_code only for models the admin allow-listed (app/core/safety.py)
     kwargs = {**model_load_kwargs(base.model_id), **load_kwargs}
     if not torch.cuda.is_available():
         kwargs.setdefault("dtype", torch.float32)  # bf16 is ~5x slower than fp32 on this kind of CPU

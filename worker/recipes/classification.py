@@ -13,9 +13,9 @@ from transformers import (
 
 from app.core.base_models import ResolvedModel
 from app.core.models import Dataset
+from app.core.safety import model_load_kwargs, remote_code_allowed
 from app.core.spec import JobSpec
 from app.core.tasks import CLASSIFICATION
-from app.http.safety import model_load_kwargs, remote_code_allowed
 from worker.recipes import Prepared, Recipe
 from worker.recipes.classification_data import classification_data, tokenize
 
