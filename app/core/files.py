@@ -1,6 +1,6 @@
 """Files in and out of the web process: an upload received to disk under the byte cap, a folder zipped.
 
-Both exist once here, for the dataset upload, the adapter import, and the checkpoint, merged-model and
+Both exist once here, for the dataset upload, the OpenAI file upload, the adapter import, and the checkpoint, merged-model and
 TensorBoard downloads. ``shutil.make_archive`` would zip a folder too, but it cannot write members under a
 chosen root folder into a given file, nor stream; ``zipfile`` does both in a few lines.
 """

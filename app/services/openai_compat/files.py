@@ -1,12 +1,15 @@
 """OpenAI files: a fine-tune JSONL upload becomes a dataset (``file-<n>`` is dataset ``n``)."""
 
 import io
+import tempfile
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from sqlmodel import Session, col, select
 
 from app.core.datasets_io import detect_format, parse_rows
-from app.core.errors import InvalidDataset, InvalidSpec, NotFound, PayloadTooLarge
+from app.core.errors import InvalidDataset, InvalidSpec, NotFound
+from app.core.files import receive_upload
 from app.core.formats import example_from_row
 from app.core.models import Dataset
 from app.core.settings import get_settings
@@ -75,13 +78,10 @@ def upload_file(
             f"{filename!r} is not a .jsonl file; fine-tune files are JSONL (one JSON object per line).",
             field="file",
         )
-    limit = get_settings().max_upload_bytes
-    data = stream.read(limit + 1)
-    if len(data) > limit:
-        raise PayloadTooLarge(
-            f"The file is larger than the upload limit of {limit:,} bytes (PEFT_STUDIO_MAX_UPLOAD_BYTES).",
-            field="file",
-        )
+    with tempfile.TemporaryDirectory(prefix="openai-file-") as folder:
+        received = Path(folder) / "upload.jsonl"
+        receive_upload(stream, received, get_settings().max_upload_bytes)
+        data = received.read_bytes()
     columns, rows = parse_rows(data, fmt)
     _check_fine_tune_rows(columns, rows, filename)
     import hashlib
