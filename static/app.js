@@ -269,6 +269,12 @@
         chart.plot.setSize({ width: Math.max(280, chart.element.clientWidth), height: 260 });
       }
       chart.plot.setData(align(tables));
+      // A series this job never logs (CUDA memory on a CPU, token accuracy without labels) leaves no empty
+      // "—" entry in the legend; row 0 is the step.
+      var rows = chart.element.querySelectorAll(".u-legend .u-series");
+      tables.forEach(function (table, i) {
+        if (rows[i + 1]) rows[i + 1].style.display = table.y.length ? "" : "none";
+      });
     });
   };
 

@@ -138,6 +138,10 @@ def test_a_sweep_page_overlays_its_jobs_and_a_job_page_shows_the_logged_values(
             ):
                 expect(page.get_by_test_id(chart)).to_be_visible()
             expect(page.get_by_test_id("chart-perplexity")).to_be_hidden()  # a causal-LM metric
+            # and a CPU job's memory chart names only what it logged: no empty "CUDA allocated" entry
+            memory_legend = page.get_by_test_id("chart-memory").locator(".u-legend .u-series")
+            expect(memory_legend.filter(has_text="process RSS")).to_be_visible()
+            expect(memory_legend.filter(has_text="CUDA allocated")).to_be_hidden()
             expect(page.get_by_test_id("confusion-matrix")).to_be_visible()
             with page.expect_download() as download:
                 page.get_by_test_id("metrics-csv").click()
