@@ -442,3 +442,28 @@ def test_a_job_on_an_uncached_hub_model_downloads_it_first_then_trains(tmp_path:
             assert downloads[0]["status"] == "succeeded"
             listed = client.get("/api/v1/models", params={"task": "causal-lm"}).json()["data"]
             assert "acme/tiny-chat" in [m["model_id"] for m in listed]
+
+
+def test_the_hub_token_is_saved_and_forgotten_on_the_account_page(client: TestClient, hub: HubServer) -> None:
+    # given no token, and the Models page pointing to the account page for it
+    assert 'href="/account#hub-token"' in client.get("/models").text
+    assert "No token saved." in client.get("/account").text
+    # when a malformed one is saved
+    bad = client.post("/account/hub-token", data={"token": "two words"}, follow_redirects=False)
+    # then the account page says why
+    assert bad.status_code == 422 and "one word" in bad.text
+    # when a token is saved
+    saved = client.post("/account/hub-token", data={"token": "hf_page_token_456"}, follow_redirects=False)
+    # then
+    assert saved.status_code == 303 and saved.headers["location"] == "/account?token=saved"
+    page = client.get("/account?token=saved").text
+    assert "A token is saved" in page and "Token saved." in page
+    assert "hf_page_token_456" not in page, "never shown again"
+    assert client.get("/api/v1/me/hub-token").json() == {"saved": True}
+    assert "a token is saved" in client.get("/models").text
+    # when it is forgotten
+    forgotten = client.post("/account/hub-token/delete", follow_redirects=False)
+    # then
+    assert forgotten.status_code == 303
+    assert client.get("/api/v1/me/hub-token").json() == {"saved": False}
+    assert "No token saved." in client.get("/account?token=forgotten").text

@@ -1,5 +1,6 @@
 """The Models page in Chromium: the task filter, a Hub download started from the page whose progress bar
-fills live (htmx refresh) until the model joins the library, and the admin's delete."""
+fills live (htmx refresh) until the model joins the library, the admin's delete, and the Hugging Face token
+saved on the account page."""
 
 from pathlib import Path
 
@@ -59,6 +60,15 @@ def test_download_from_the_models_page_shows_progress_and_lists_the_model(
                 page.locator('[data-model="acme/tiny-chat"] button').click()
                 # then it is gone
                 expect(page.locator('[data-model="acme/tiny-chat"]')).to_have_count(0)
+                # when a token for gated models is saved on the account page the Models page points to
+                page.get_by_test_id("hub-token-link").get_by_role("link").click()
+                expect(page.get_by_test_id("hub-token-state")).to_have_text("No token saved.")
+                page.locator("#hub-token-input").fill("hf_browser_token_789")
+                page.get_by_test_id("hub-token-form").locator("button[type=submit]").click()
+                # then it is saved and never shown again
+                expect(page.get_by_test_id("hub-token-state")).to_contain_text("A token is saved")
+                expect(page.locator("#hub-token-input")).to_have_value("")
+                assert "hf_browser_token_789" not in page.content()
                 assert not errors, errors
             finally:
                 browser.close()

@@ -259,7 +259,7 @@ def describe_failure(exc: BaseException, model_id: str) -> str:
     if isinstance(exc, GatedRepoError):
         return (
             f"{model_id} is gated: accept its licence on the Hub, then save a Hugging Face token with read access "
-            "on the Models page (it is stored encrypted), and download again."
+            "on your account page (/account; it is stored encrypted), and download again."
         )
     if isinstance(exc, RepositoryNotFoundError):
         return f"{model_id} does not exist on the Hub (or is private: save a token that can read it)."
