@@ -1,6 +1,6 @@
 """The Models page in Chromium: the task filter, a Hub download started from the page whose progress bar
 fills live (htmx refresh) until the model joins the library, the admin's delete, and the Hugging Face token
-saved on the account page."""
+saved on the account page; the job form's models for the task and the model's own chat template."""
 
 from pathlib import Path
 
@@ -74,7 +74,7 @@ def test_download_from_the_models_page_shows_progress_and_lists_the_model(
                 browser.close()
 
 
-def test_the_job_form_offers_the_library_models_of_the_chosen_task(
+def test_the_job_form_offers_the_library_models_of_the_chosen_task_and_proposes_their_chat_template(
     tmp_path: Path, chromium_path: str, tiny_lm: Path
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
@@ -108,5 +108,13 @@ def test_the_job_form_offers_the_library_models_of_the_chosen_task(
             ).to_have_count(0)
             assert options.count() >= 1
             expect(page.locator("#f-base-model")).not_to_have_value("bundled/all-MiniLM-L6-v2")
+            # when the Hub model is picked, the chat template proposed is the model's own, which it has
+            page.locator("#f-base-model").fill("acme/tiny-chat")
+            expect(page.get_by_test_id("template-proposal")).to_have_text(
+                "acme/tiny-chat has its own chat template: proposed."
+            )
+            template = page.locator("#f-causal-lm-template")
+            expect(template).to_have_value("auto")
+            expect(template.locator("option:checked")).to_have_text("the model's own")
         finally:
             browser.close()
