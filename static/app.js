@@ -126,7 +126,14 @@
     this.data = {}; // series key ("train.loss") -> {x: [steps], y: [values]}
     this.redrawPending = false;
     this.charts = [];
+    this.step = 0;
     var self = this;
+    // Before its first step a running job may be downloading its base model (its status does not change
+    // meanwhile): its events, which say how far the download got, refresh every 2 s until then.
+    this.startingTimer = window.setInterval(function () {
+      if (self.status === "running" && !self.step) document.body.dispatchEvent(new CustomEvent("job-starting"));
+      else if (self.status !== "queued" && self.status !== "running") window.clearInterval(self.startingTimer);
+    }, 2000);
     document.querySelectorAll("[data-chart]").forEach(function (card) {
       var element = card.querySelector(".chart");
       var keys = element.dataset.series.split(",");
@@ -283,6 +290,7 @@
     var changed = snapshot.status !== this.status;
     this.status = snapshot.status;
     this.root.dataset.status = snapshot.status;
+    this.step = snapshot.step || 0;
     badge.textContent = snapshot.status;
     badge.className = "badge badge-" + snapshot.status;
 

@@ -150,3 +150,41 @@ def test_planned_steps_match_the_trainer(
     )
 
     assert planned_steps(spec, training_examples(spec, {"rows": rows})) == expected
+
+
+def test_the_fit_per_gpu_class_is_in_the_api_answer_and_the_forms_words(client: TestClient) -> None:
+    from app.core.spec import GPU_CLASS_BYTES
+
+    dataset = upload(client, CSV_2, "two.csv")
+    # when the bundled MiniLM is estimated with LoRA
+    body = {"dataset_id": dataset, "method": "lora", "training": {"num_epochs": 1}}
+    answer = client.post("/api/v1/jobs/estimate", json=body).json()
+    # then every GPU class the studio knows is answered, and the smallest holds it
+    fit = answer["gpu_fit"]
+    assert [c["gpu_class"] for c in fit["classes"]] == list(GPU_CLASS_BYTES)
+    assert all(c["fits"] for c in fit["classes"])
+    assert fit["peak_bytes"] > answer["memory"]["total_bytes"]
+    assert fit["summary"] == "fits on a 16 GB GPU" and answer["suggested_gpu_class"] == "16gb"
+    # and the form's Estimate button says it in words
+    form = {"dataset_id": str(dataset), "method": "lora", "task": CLASSIFICATION, "num_epochs": "1"}
+    page = client.post("/jobs/new/estimate", data=form)
+    assert page.status_code == 200, page.text
+    assert 'data-testid="estimate-fit"' in page.text and "fits on a 16 GB GPU" in page.text
+
+
+def test_the_fit_in_words_for_a_large_and_a_too_large_model() -> None:
+    from worker.estimate import gpu_fit
+
+    # a 30 GB footprint: 30 × 1.2 + 2 = 38 GB → the 40 GB class is the smallest that holds it
+    middle = gpu_fit(30 * 10**9)
+    assert middle["summary"].startswith("needs 40 GB")
+    assert {c["gpu_class"]: c["fits"] for c in middle["classes"]} == {
+        "16gb": False,
+        "24gb": False,
+        "40gb": True,
+        "48gb": True,
+        "80gb": True,
+        "141gb": True,
+    }
+    # beyond the largest class
+    assert gpu_fit(200 * 10**9)["summary"].startswith("CPU only (no GPU class fits")

@@ -4,6 +4,7 @@ encrypted token, and the refusals (pickle-only weights, custom code unless allow
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -337,3 +338,132 @@ def test_a_model_downloaded_by_the_real_worker_trains_a_job(tmp_path: Path, tiny
             finished = wait_for_job(client, job.json()["id"])
             # then
             assert finished["status"] == "succeeded", finished.get("error")
+
+
+def _upload_alpaca(client: Any) -> int:
+    from tests.lm import ALPACA_DEMO
+
+    upload = client.post(
+        "/api/v1/datasets",
+        files={"file": ("alpaca_en_demo.json", ALPACA_DEMO.read_bytes(), "application/json")},
+    )
+    assert upload.status_code == 201, upload.text
+    return int(upload.json()["id"])
+
+
+def _lm_spec(base_model: str, dataset_id: int) -> dict[str, Any]:
+    return {
+        "task": "causal-lm",
+        "base_model": base_model,
+        "dataset_id": dataset_id,
+        "training": {"max_steps": 2, "batch_size": 4, "max_length": 128, "logging_steps": 1},
+    }
+
+
+def test_with_downloads_off_an_uncached_hub_model_is_refused_naming_the_setting(client: TestClient) -> None:
+    response = client.post("/api/v1/jobs", json=_lm_spec("acme/not-cached", _upload_alpaca(client)))
+    assert response.status_code == 422
+    detail = json.dumps(response.json())
+    assert "not an allowed base model" in detail and "PEFT_STUDIO_HUB_DOWNLOADS=true" in detail
+
+
+def test_with_downloads_on_a_path_is_still_refused(client: TestClient, hub: HubServer) -> None:
+    response = client.post("/api/v1/jobs", json=_lm_spec("/etc/models/x", _upload_alpaca(client)))
+    assert response.status_code == 422
+    assert "not an allowed base model" in json.dumps(response.json())
+
+
+def test_cancelling_a_job_stops_the_download_of_its_model(
+    client: TestClient, hub: HubServer, tiny_lm: Path
+) -> None:
+    from app.core.db import session_scope
+    from app.core.models import Job, JobStatus
+    from worker.downloads import download_for_job
+
+    # given a running job on an uncached model, and a slow Hub
+    hub.throttle = (tiny_lm / "model.safetensors").stat().st_size / 4
+    with session_scope() as session:
+        job = Job(name="j", spec={}, method="lora", base_model="acme/tiny-chat", status=JobStatus.running)
+        session.add(job)
+        session.commit()
+        job_id = job.id
+    assert job_id is not None
+    result: list[bool] = []
+    worker = threading.Thread(target=lambda: result.append(download_for_job(job_id, "acme/tiny-chat", "w")))
+    worker.start()
+    # when the job is cancelled while its model downloads
+    for _ in range(200):
+        events = [e["message"] for e in client.get(f"/api/v1/jobs/{job_id}/events").json()]
+        if any("downloading acme/tiny-chat" in m for m in events):
+            break
+        time.sleep(0.1)
+    with session_scope() as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        row.cancel_requested = True
+        session.add(row)
+        session.commit()
+    worker.join(timeout=60)
+    # then the download stops and the job is told
+    assert result == [False]
+    downloads = client.get("/api/v1/model-downloads").json()["data"]
+    assert downloads[0]["model_id"] == "acme/tiny-chat" and downloads[0]["status"] == "cancelled"
+
+
+def test_a_job_on_an_uncached_hub_model_downloads_it_first_then_trains(tmp_path: Path, tiny_lm: Path) -> None:
+    """Through ``serve``: the job names a Hub id that is not cached; the real worker fetches it from the
+    loopback Hub as the job's first phase (its events say so), then trains on it."""
+    from tests.studio import run_studio, wait_for_job
+
+    cache = tmp_path / "hub-cache"
+    with run_hub() as server:
+        server.add_folder("acme/tiny-chat", tiny_lm)
+        with (
+            run_studio(
+                tmp_path / "data",
+                HF_ENDPOINT=server.url,
+                HF_HUB_CACHE=str(cache),
+                PEFT_STUDIO_HUB_DOWNLOADS="true",
+                PEFT_STUDIO_TORCH_THREADS="1",
+            ) as studio,
+            studio.client(timeout=120) as client,
+        ):
+            # when
+            job = client.post("/api/v1/jobs", json=_lm_spec("acme/tiny-chat", _upload_alpaca(client)))
+            assert job.status_code == 201, job.text
+            finished = wait_for_job(client, job.json()["id"])
+            # then
+            assert finished["status"] == "succeeded", finished.get("error")
+            events = [e["message"] for e in client.get(f"/api/v1/jobs/{job.json()['id']}/events").json()]
+            assert any(m.startswith("acme/tiny-chat is not in the model cache yet") for m in events), events
+            assert any(m.startswith("downloading acme/tiny-chat: 0 % of") for m in events), events
+            assert any(m.startswith("downloaded acme/tiny-chat (") for m in events), events
+            downloads = client.get("/api/v1/model-downloads").json()["data"]
+            assert downloads[0]["status"] == "succeeded"
+            listed = client.get("/api/v1/models", params={"task": "causal-lm"}).json()["data"]
+            assert "acme/tiny-chat" in [m["model_id"] for m in listed]
+
+
+def test_the_hub_token_is_saved_and_forgotten_on_the_account_page(client: TestClient, hub: HubServer) -> None:
+    # given no token, and the Models page pointing to the account page for it
+    assert 'href="/account#hub-token"' in client.get("/models").text
+    assert "No token saved." in client.get("/account").text
+    # when a malformed one is saved
+    bad = client.post("/account/hub-token", data={"token": "two words"}, follow_redirects=False)
+    # then the account page says why
+    assert bad.status_code == 422 and "one word" in bad.text
+    # when a token is saved
+    saved = client.post("/account/hub-token", data={"token": "hf_page_token_456"}, follow_redirects=False)
+    # then
+    assert saved.status_code == 303 and saved.headers["location"] == "/account?token=saved"
+    page = client.get("/account?token=saved").text
+    assert "A token is saved" in page and "Token saved." in page
+    assert "hf_page_token_456" not in page, "never shown again"
+    assert client.get("/api/v1/me/hub-token").json() == {"saved": True}
+    assert "a token is saved" in client.get("/models").text
+    # when it is forgotten
+    forgotten = client.post("/account/hub-token/delete", follow_redirects=False)
+    # then
+    assert forgotten.status_code == 303
+    assert client.get("/api/v1/me/hub-token").json() == {"saved": False}
+    assert "No token saved." in client.get("/account?token=forgotten").text

@@ -1,5 +1,6 @@
 """The Models page in Chromium: the task filter, a Hub download started from the page whose progress bar
-fills live (htmx refresh) until the model joins the library, and the admin's delete."""
+fills live (htmx refresh) until the model joins the library, the admin's delete, and the Hugging Face token
+saved on the account page; the job form's models for the task and the model's own chat template."""
 
 from pathlib import Path
 
@@ -59,12 +60,21 @@ def test_download_from_the_models_page_shows_progress_and_lists_the_model(
                 page.locator('[data-model="acme/tiny-chat"] button').click()
                 # then it is gone
                 expect(page.locator('[data-model="acme/tiny-chat"]')).to_have_count(0)
+                # when a token for gated models is saved on the account page the Models page points to
+                page.get_by_test_id("hub-token-link").get_by_role("link").click()
+                expect(page.get_by_test_id("hub-token-state")).to_have_text("No token saved.")
+                page.locator("#hub-token-input").fill("hf_browser_token_789")
+                page.get_by_test_id("hub-token-form").locator("button[type=submit]").click()
+                # then it is saved and never shown again
+                expect(page.get_by_test_id("hub-token-state")).to_contain_text("A token is saved")
+                expect(page.locator("#hub-token-input")).to_have_value("")
+                assert "hf_browser_token_789" not in page.content()
                 assert not errors, errors
             finally:
                 browser.close()
 
 
-def test_the_job_form_offers_the_library_models_of_the_chosen_task(
+def test_the_job_form_offers_the_library_models_of_the_chosen_task_and_proposes_their_chat_template(
     tmp_path: Path, chromium_path: str, tiny_lm: Path
 ) -> None:
     from playwright.sync_api import expect, sync_playwright
@@ -98,5 +108,13 @@ def test_the_job_form_offers_the_library_models_of_the_chosen_task(
             ).to_have_count(0)
             assert options.count() >= 1
             expect(page.locator("#f-base-model")).not_to_have_value("bundled/all-MiniLM-L6-v2")
+            # when the Hub model is picked, the chat template proposed is the model's own, which it has
+            page.locator("#f-base-model").fill("acme/tiny-chat")
+            expect(page.get_by_test_id("template-proposal")).to_have_text(
+                "acme/tiny-chat has its own chat template: proposed."
+            )
+            template = page.locator("#f-causal-lm-template")
+            expect(template).to_have_value("auto")
+            expect(template.locator("option:checked")).to_have_text("the model's own")
         finally:
             browser.close()

@@ -10,25 +10,32 @@ Refused before a byte of weights is fetched: a repository whose only weights are
 admin allows them), and one with its own Python code that the admin has not allow-listed
 (PEFT_STUDIO_TRUST_REMOTE_CODE_MODELS). Every file is verified after download against the size and, for LFS
 files, the sha256 that the Hub reports.
+
+A job whose base model is a Hub id not cached yet downloads it as its first phase (``download_for_job``,
+called by ``run_job`` before the model loads): the same download row and machinery, with the job's own
+events saying how far it got, and the job's cancel stopping the transfer.
 """
 
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
+from app.core.base_models import will_download
 from app.core.db import session_scope
-from app.core.models import ModelDownload, utcnow
+from app.core.models import Job, JobStatus, ModelDownload, utcnow
 from app.core.safety import remote_code_allowed
 from app.core.settings import get_settings
-from app.services.model_downloads import DOWNLOADS_OFF, hub_token_of
+from app.services.jobs import add_event
+from app.services.model_downloads import ACTIVE, DOWNLOADS_OFF, hub_token_of
 from app.services.models import hub_cache_dir
+from worker.failures import ModelProblem
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".m
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES, ".gguf", ".onnx")
 # How often progress reaches the database (and a cancel is noticed).
 REPORT_SECONDS = 0.5
+# A job's event log gets a download line at each of these steps (percent).
+JOB_EVENT_STEP = 25
+
+# Called with (done bytes, total bytes) after each progress report; raises DownloadCancelled to stop.
+Watch = Callable[[int, int], None]
 
 
 class DownloadRefused(Exception):
@@ -109,8 +121,9 @@ def hub_online() -> Iterator[None]:
 class Reporter:
     """Counts bytes for one download and writes them to its row at most every REPORT_SECONDS."""
 
-    def __init__(self, download_id: int, total_bytes: int) -> None:
+    def __init__(self, download_id: int, total_bytes: int, watch: Watch | None = None) -> None:
         self.download_id = download_id
+        self.watch = watch
         self.total_bytes = total_bytes
         self.completed_bytes = 0  # files finished
         self.current_bytes = 0  # the file in flight, resumed part included
@@ -152,6 +165,8 @@ class Reporter:
             session.commit()
             if row.cancel_requested:
                 raise DownloadCancelled("cancelled")
+        if self.watch is not None:
+            self.watch(done, self.total_bytes)
 
 
 def _progress_class(reporter: Reporter) -> type:
@@ -198,8 +213,11 @@ def _start(session: Session, download: ModelDownload, worker_name: str) -> None:
     session.commit()
 
 
-def run_download(download_id: int, worker_name: str = "worker") -> None:
-    """Fetch the download with this id into the shared Hub cache (skipped when cancelled or finished)."""
+def run_download(download_id: int, worker_name: str = "worker", watch: Watch | None = None) -> None:
+    """Fetch the download with this id into the shared Hub cache (skipped when cancelled or finished).
+
+    ``watch`` (a job downloading its base model) sees each progress report and may stop the download.
+    """
     with session_scope() as session:
         download = session.get(ModelDownload, download_id)
         # "running" too: a worker that died mid-download leaves its row running, and acks_late hands the task
@@ -218,7 +236,7 @@ def run_download(download_id: int, worker_name: str = "worker") -> None:
         if not get_settings().hub_downloads:
             raise DownloadRefused(DOWNLOADS_OFF)
         with hub_online():
-            _fetch(download_id, model_id, revision, token)
+            _fetch(download_id, model_id, revision, token, watch)
     except DownloadCancelled:
         _finish(download_id, "cancelled", "Cancelled; asking again fetches what is missing.")
     except Exception as exc:  # every failure is recorded on the row, in words a person can act on
@@ -241,7 +259,7 @@ def describe_failure(exc: BaseException, model_id: str) -> str:
     if isinstance(exc, GatedRepoError):
         return (
             f"{model_id} is gated: accept its licence on the Hub, then save a Hugging Face token with read access "
-            "on the Models page (it is stored encrypted), and download again."
+            "on your account page (/account; it is stored encrypted), and download again."
         )
     if isinstance(exc, RepositoryNotFoundError):
         return f"{model_id} does not exist on the Hub (or is private: save a token that can read it)."
@@ -254,7 +272,9 @@ def describe_failure(exc: BaseException, model_id: str) -> str:
     return f"The download failed ({exc.__class__.__name__}); try again: finished files are kept."
 
 
-def _fetch(download_id: int, model_id: str, revision: str, token: str | None) -> None:
+def _fetch(
+    download_id: int, model_id: str, revision: str, token: str | None, watch: Watch | None = None
+) -> None:
     from huggingface_hub import HfApi, constants, hf_hub_download
 
     settings = get_settings()
@@ -284,7 +304,7 @@ def _fetch(download_id: int, model_id: str, revision: str, token: str | None) ->
         row.files = [s.rfilename for s in siblings]
         session.add(row)
         session.commit()
-    reporter = Reporter(download_id, total)
+    reporter = Reporter(download_id, total, watch)
     progress_class = _progress_class(reporter)
     reporter.report()
     for sibling in siblings:
@@ -304,3 +324,102 @@ def _fetch(download_id: int, model_id: str, revision: str, token: str | None) ->
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(commit)
     _finish(download_id, "succeeded", commit_hash=commit, done_files=len(siblings))
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{count} bytes"  # pragma: no cover
+
+
+def _job_watch(job_id: int, model_id: str) -> Watch:
+    """A watch that writes "downloading owner/name: 40 % of 1.2 GB" to the job's events every
+    JOB_EVENT_STEP percent, and stops the download when the job is cancelled or no longer running here."""
+    next_step = [0]
+
+    def watch(done: int, total: int) -> None:
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.cancel_requested or job.status != JobStatus.running:
+                raise DownloadCancelled("the job was cancelled")
+            percent = int(100 * done / total) if total else 0
+            if total and next_step[0] <= percent < 100:
+                add_event(
+                    session, job_id, "download", f"downloading {model_id}: {percent} % of {_size(total)}"
+                )
+                session.commit()
+                next_step[0] = (percent // JOB_EVENT_STEP + 1) * JOB_EVENT_STEP
+
+    return watch
+
+
+def _wait_for(download_id: int, watch: Watch) -> None:
+    """Follow a download another worker runs (the same model asked for by someone else) until it ends."""
+    while True:
+        with session_scope() as session:
+            row = session.get(ModelDownload, download_id)
+            if row is None or row.status not in ACTIVE:
+                return
+            done, total = row.done_bytes, row.total_bytes
+        try:
+            watch(done, total)
+        except DownloadCancelled:
+            return
+        time.sleep(REPORT_SECONDS)
+
+
+def download_for_job(job_id: int, model_id: str, worker_name: str = "worker") -> bool:
+    """A job's first phase: fetch its base model into the shared Hub cache when it is a Hub id not cached yet
+    and Hub downloads are on (nothing to do otherwise). The download is an ordinary download row (listed on
+    the Models page, fetched with the job owner's Hub token); the job's events say how far it got.
+
+    Returns False when the job was cancelled during the download; raises ModelProblem when it failed.
+    """
+    if not will_download(model_id):
+        return True
+    watch = _job_watch(job_id, model_id)
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        owner_id = job.owner_id if job is not None else None
+        active = session.exec(
+            select(ModelDownload).where(
+                ModelDownload.model_id == model_id,
+                ModelDownload.revision == "main",
+                col(ModelDownload.status).in_(ACTIVE),
+            )
+        ).first()
+        if active is None:
+            row = ModelDownload(owner_id=owner_id, model_id=model_id, revision="main")
+            session.add(row)
+            session.flush()
+            message = f"{model_id} is not in the model cache yet: downloading it first (download {row.id})"
+        else:
+            row = active
+            message = f"{model_id} is being downloaded already (download {row.id}): waiting for it"
+        download_id = row.id
+        assert download_id is not None
+        add_event(session, job_id, "download", message)
+        session.commit()
+    if active is None:
+        run_download(download_id, worker_name, watch=watch)
+    else:
+        _wait_for(download_id, watch)
+    with session_scope() as session:
+        fetched = session.get(ModelDownload, download_id)
+        job = session.get(Job, job_id)
+        if job is None or job.cancel_requested or job.status != JobStatus.running:
+            return False  # a download this job only waited for goes on for whoever started it
+        if fetched is None or fetched.status != "succeeded":
+            error = fetched.error if fetched is not None else "the download was deleted"
+            raise ModelProblem(f"downloading {model_id} failed: {error}")
+        add_event(
+            session,
+            job_id,
+            "download",
+            f"downloaded {model_id} ({_size(fetched.total_bytes)}, {fetched.total_files} files) into the model cache",
+        )
+        session.commit()
+    return True

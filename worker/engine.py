@@ -10,11 +10,13 @@ import traceback
 
 import torch
 
+from app.core.models import JobStatus
 from app.core.settings import get_settings
 from app.core.storage import get_store
 from worker.distributed import launch as launch_distributed
+from worker.downloads import download_for_job
 from worker.failures import explain
-from worker.lifecycle import JobCancelled, mark_failed, start_job
+from worker.lifecycle import JobCancelled, finish_job, mark_failed, start_job
 from worker.resilience import Heartbeat, free_memory, remove_dir
 from worker.training import train
 
@@ -24,8 +26,9 @@ log = logging.getLogger(__name__)
 def run_job(job_id: int, worker_name: str = "worker", run_token: str | None = None) -> None:
     """Train one job end to end and register its adapter; failures propagate to the task's on_failure.
 
-    The job is claimed with ``run_token`` (skipped when it no longer matches); a job with checkpoints
-    resumes from the newest. Whatever happens, the heartbeat stops and memory is given back.
+    The job is claimed with ``run_token`` (skipped when it no longer matches); a base model that is a Hub id
+    not cached yet is downloaded first (worker/downloads.py), then a job with checkpoints resumes from the
+    newest. Whatever happens, the heartbeat stops and memory is given back.
     """
     try:
         claim = start_job(job_id, worker_name, run_token)
@@ -39,6 +42,10 @@ def run_job(job_id: int, worker_name: str = "worker", run_token: str | None = No
     work_dir = store.scratch_dir(f"job-{job_id}")
     heartbeat = Heartbeat(job_id, claim.run_token).start()
     try:
+        if not download_for_job(job_id, claim.spec.base_model, worker_name):
+            message = "cancelled while downloading its base model"
+            finish_job(job_id, JobStatus.cancelled, message, run_token=claim.run_token)
+            return
         if claim.spec.resources.num_processes > 1:
             # Scale out: DDP ranks under torchrun train the job; this process watches them (worker/distributed.py).
             launch_distributed(job_id, claim, work_dir, heartbeat)

@@ -260,3 +260,28 @@ def estimate_job(spec: JobSpec, profile: dict[str, Any] | None) -> JobEstimate:
         raise InvalidSpec(
             f"Method {spec.method!r} on {spec.base_model!r}: {problem}", field="method_config"
         ) from None
+
+
+def gpu_fit(total_bytes: int) -> dict[str, Any]:
+    """Fit before launch, per GPU class the studio knows (``resources.gpu_class``): the peak memory a training
+    process needs on a GPU (the estimate with the same headroom and CUDA overhead ``suggest_gpu_class`` uses),
+    whether each class holds it, and one line in words ("fits on a 16 GB GPU", "needs 40 GB", "CPU only")."""
+    from app.core.queue import GPU_HEADROOM, GPU_OVERHEAD_BYTES
+    from app.core.spec import GPU_CLASS_BYTES
+
+    needed = int(total_bytes * GPU_HEADROOM + GPU_OVERHEAD_BYTES)
+    classes = [
+        {"gpu_class": name, "memory_bytes": size, "fits": size >= needed}
+        for name, size in GPU_CLASS_BYTES.items()
+    ]
+    fitting = [c for c in classes if c["fits"]]
+    gb = needed / 10**9
+    if not fitting:
+        summary = f"CPU only (no GPU class fits: it needs about {gb:.0f} GB)"
+    else:
+        smallest = str(fitting[0]["gpu_class"]).removesuffix("gb")
+        if fitting[0] is classes[0]:
+            summary = f"fits on a {smallest} GB GPU"
+        else:
+            summary = f"needs {smallest} GB (about {gb:.0f} GB: too much for a {str(classes[0]['gpu_class']).removesuffix('gb')} GB GPU)"
+    return {"peak_bytes": needed, "classes": classes, "summary": summary}

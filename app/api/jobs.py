@@ -42,16 +42,20 @@ def create_job(session: SessionDep, user: CurrentUser, spec: JobSpec) -> JobPubl
 @router.post("/estimate")
 async def estimate_job(session: SessionDep, owner_id: OwnerScope, spec: JobSpec) -> dict[str, Any]:
     """Before launch: the exact trainable and total parameter counts of the spec's base model with its method
-    (built on the meta device; no weights are loaded) and an estimate of training memory, in bytes by kind."""
+    (built on the meta device; no weights are loaded), an estimate of training memory, in bytes by kind, and
+    whether it fits each GPU class (``gpu_fit``)."""
     service.validate_spec(session, spec, owner_id)
     profile = get_dataset(session, spec.dataset_id, owner_id).profile
     from worker.estimate import estimate_job as estimate  # torch loads on first use, never at web start-up
+    from worker.estimate import gpu_fit
 
     result = await asyncio.to_thread(estimate, spec, profile)
-    # Scale out: the smallest GPU class that fits the estimate (a hint for spec.resources.gpu_class).
+    # Scale out: the smallest GPU class that fits the estimate (a hint for spec.resources.gpu_class), and the
+    # fit on every class the studio knows, in words too.
     from app.core.queue import suggest_gpu_class
 
-    return {**result.model_dump(), "suggested_gpu_class": suggest_gpu_class(result.memory.total_bytes)}
+    total = result.memory.total_bytes
+    return {**result.model_dump(), "suggested_gpu_class": suggest_gpu_class(total), "gpu_fit": gpu_fit(total)}
 
 
 @router.get("", response_model=JobsPublic)

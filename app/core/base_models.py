@@ -1,6 +1,9 @@
 """Base models: the bundled MiniLM, hub ids already in the local Hub cache, and folders the admin registered.
 
-Resolution reads only files (config.json); no weights are loaded and nothing is downloaded. A base model is
+Resolution reads only files (config.json); no weights are loaded and nothing is downloaded here. With Hub
+downloads on (``PEFT_STUDIO_HUB_DOWNLOADS``), a hub id not yet cached is accepted for a job
+(``will_download``): the worker fetches it as the job's first phase (worker/downloads.py), then resolves it
+like any other. A base model is
 never a path under the studio's data or artifact folders (other users' adapters and checkpoints live there),
 never a folder outside ``PEFT_STUDIO_MODEL_FOLDERS`` (for admins too: a path is registered, not typed), and
 every refusal reads the same, so the answer does not tell whether a path exists.
@@ -63,10 +66,16 @@ def not_allowed(model_id: str) -> InvalidSpec:
     """The one answer for a base model that is not allowed, whatever the reason (missing folder, a folder
     outside the registered ones, the data folder, a hub id not in the cache): it never tells whether a path
     exists."""
+    if get_settings().hub_downloads:
+        hub = "a hub id (owner/name; a job downloads it first when it is not cached yet)"
+    else:
+        hub = (
+            "a hub id already in this machine's Hub cache (Hub downloads are off: an admin turns them on with "
+            "PEFT_STUDIO_HUB_DOWNLOADS=true, then a job downloads its hub model first)"
+        )
     return InvalidSpec(
-        f"Base model {model_id!r} is not an allowed base model. Use {BUNDLED_MODEL_ID!r}, a hub id already in "
-        "this machine's Hub cache (the studio downloads nothing at run time), or a model folder inside one the "
-        "admin registered (PEFT_STUDIO_MODEL_FOLDERS).",
+        f"Base model {model_id!r} is not an allowed base model. Use {BUNDLED_MODEL_ID!r}, {hub}, or a model "
+        "folder inside one the admin registered (PEFT_STUDIO_MODEL_FOLDERS).",
         field="base_model",
     )
 
@@ -157,6 +166,29 @@ def _find_base_model(model_id: str) -> ResolvedModel:
         return ResolvedModel(model_id, path, _read_config(path, model_id))
     folder = _local_folder(model_id) if _is_path(model_id) else _cached_folder(model_id)
     return ResolvedModel(model_id, folder, _read_config(folder, model_id))
+
+
+def will_download(model_id: str) -> bool:
+    """Whether a job naming ``model_id`` downloads it first: Hub downloads are on and it is a Hub id
+    (``owner/name``, not a path, not the bundled model) that is not in the Hub cache yet. Checked without the
+    network; what only the Hub can tell (gated, pickle-only weights, its own code) the download refuses."""
+    if not get_settings().hub_downloads or model_id == BUNDLED_MODEL_ID or _is_path(model_id):
+        return False
+    if "/" not in model_id or not _HUB_ID.fullmatch(model_id):
+        return False
+    try:
+        _cached_folder(model_id)
+    except InvalidSpec:
+        return True
+    return False
+
+
+def resolve_for_job(model_id: str) -> ResolvedModel | None:
+    """``resolve_base_model`` for a job being submitted: None when the model is not cached yet and the
+    worker will download it first (``will_download``), so its config-based checks wait for the worker."""
+    if will_download(model_id):
+        return None
+    return resolve_base_model(model_id)
 
 
 def catalog() -> list[str]:

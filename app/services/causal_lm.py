@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlmodel import Session
 
-from app.core.base_models import ResolvedModel, resolve_base_model
+from app.core.base_models import ResolvedModel, resolve_for_job
 from app.core.errors import InvalidDataset, InvalidSpec, NotFound
 from app.core.formats import example_from_row, required_columns
 from app.core.method_registry import registry as method_registry
@@ -120,7 +120,9 @@ def validate_causal_lm_spec(session: Session, spec: JobSpec, owner_id: int | Non
             "shared by every example packed in a row. Turn packing off for this method.",
             field="causal_lm.packing",
         )
-    _check_model(resolve_base_model(spec.base_model), spec)
+    model = resolve_for_job(spec.base_model)
+    if model is not None:  # None: the worker downloads it first, and checks it then
+        _check_model(model, spec)
 
 
 async def preview(session: Session, spec: JobSpec, count: int, owner_id: int | None = None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlmodel import Session
 
-from app.core.base_models import resolve_base_model
+from app.core.base_models import resolve_for_job
 from app.core.datasets_io import MAX_LABEL_CLASSES
 from app.core.errors import InvalidSpec, NotFound
 from app.core.models import Dataset
@@ -218,8 +218,12 @@ def validate_classification_spec(session: Session, spec: JobSpec, owner_id: int 
     _check_classification_data(dataset, validation, spec)
     if validation is None:
         check_validation_split(dataset, spec.validation_fraction)
-    model = resolve_base_model(spec.base_model)
-    if model.max_positions is not None and spec.training.max_length > model.max_positions:
+    model = resolve_for_job(spec.base_model)  # None: the worker downloads it first, and checks it then
+    if (
+        model is not None
+        and model.max_positions is not None
+        and spec.training.max_length > model.max_positions
+    ):
         raise InvalidSpec(
             f"training.max_length {spec.training.max_length} is beyond what {spec.base_model!r} accepts; "
             f"use at most {model.max_positions} (its position embeddings).",

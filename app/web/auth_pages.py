@@ -1,5 +1,5 @@
-"""Pages for accounts: sign in (password or one-time link), sign out, your account, your API tokens, and the
-admin's user list (create, invite, cap concurrent jobs, deactivate).
+"""Pages for accounts: sign in (password or one-time link), sign out, your account (password, Hugging Face
+token for gated models), your API tokens, and the admin's user list (create, invite, cap concurrent jobs, deactivate).
 
 Every form here posts back with the CSRF field (``csrf_input()``); the sign-in forms are public and need none
 (SameSite=Lax cookies are not sent on cross-site posts, and signing in as yourself gains an attacker nothing).
@@ -27,6 +27,7 @@ from app.http.auth import (
 )
 from app.http.deps import SessionDep
 from app.services import audit
+from app.services import model_downloads as hub_tokens
 from app.services.accounts import (
     InvalidAccount,
     api_token_public,
@@ -175,14 +176,23 @@ async def register(request: Request, session: SessionDep) -> Response:
 # ---- your account -----------------------------------------------------------------------------
 
 
-def _account_context(user: User, error: str | None = None) -> dict[str, Any]:
-    return {"nav": "account", "account": user_public(user), "message": None, "error": error}
+def _account_context(
+    session: Session, user: User, error: str | None = None, token_error: str | None = None
+) -> dict[str, Any]:
+    return {
+        "nav": "account",
+        "account": user_public(user),
+        "message": None,
+        "error": error,
+        "token_error": token_error,
+        "token_saved": hub_tokens.has_hub_token(session, user.id),
+    }
 
 
 @router.get("/account", response_class=HTMLResponse)
-def account_page(request: Request, user: CurrentUser) -> HTMLResponse:
-    """Your account: name, role, job cap, and the password form."""
-    return render(request, "account.html", _account_context(user))
+def account_page(request: Request, session: SessionDep, user: CurrentUser) -> HTMLResponse:
+    """Your account: name, role, job cap, the password form and your Hugging Face token."""
+    return render(request, "account.html", _account_context(session, user))
 
 
 @router.post("/account/password")
@@ -190,7 +200,7 @@ async def change_password(request: Request, session: SessionDep, user: CurrentUs
     """Set a first password (after an invitation) or change it (the current one is asked)."""
     form = await request.form()
     current, new, again = (form.get(k) for k in ("current_password", "new_password", "new_password_again"))
-    with form_errors("account.html", lambda error: _account_context(user, error.message)):
+    with form_errors("account.html", lambda error: _account_context(session, user, error.message)):
         if user.password_hash and not await run_in_threadpool(
             verify_password, session, user, current if isinstance(current, str) else ""
         ):
@@ -203,6 +213,24 @@ async def change_password(request: Request, session: SessionDep, user: CurrentUs
     response = RedirectResponse("/account?saved=1", status_code=303)
     set_session_cookie(response, start_session(session, user))
     return response
+
+
+@router.post("/account/hub-token", response_model=None)
+async def save_hub_token(request: Request, session: SessionDep, user: CurrentUser) -> Response:
+    """Save (or replace) your Hugging Face token for gated models; stored encrypted, never shown again."""
+    form = await request.form()
+    with form_errors(
+        "account.html", lambda error: _account_context(session, user, token_error=error.message)
+    ):
+        hub_tokens.save_hub_token(session, user, _form_text(form, "token"))
+    return RedirectResponse("/account?token=saved", status_code=303)
+
+
+@router.post("/account/hub-token/delete", response_model=None)
+def forget_hub_token(session: SessionDep, user: CurrentUser) -> Response:
+    """Forget your Hugging Face token."""
+    hub_tokens.delete_hub_token(session, user)
+    return RedirectResponse("/account?token=forgotten", status_code=303)
 
 
 # ---- API tokens -------------------------------------------------------------------------------

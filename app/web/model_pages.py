@@ -1,5 +1,6 @@
-"""The Models page: the library, what each model is and suits, Hub downloads with live progress, the user's
-Hugging Face token, and where to start when the cache is empty."""
+"""The Models page: the library, what each model is and suits, Hub downloads with live progress (the user's
+Hugging Face token is saved on the account page, app/web/auth_pages.py), and where to start when the cache is
+empty."""
 
 from contextlib import AbstractContextManager
 from typing import Any
@@ -86,17 +87,4 @@ def cancel_download(request: Request, session: SessionDep, user: CurrentUser, do
     """Cancel a download from the page."""
     with _form_errors(session, user):
         downloads.cancel_download(session, user, download_id)
-    return RedirectResponse("/models", status_code=303)
-
-
-@router.post("/models/hub-token", response_model=None)
-async def save_hub_token(request: Request, session: SessionDep, user: CurrentUser) -> Response:
-    """Save (or, empty, forget) your Hugging Face token; it is stored encrypted and never shown again."""
-    form = await request.form()
-    token = _form_text(form, "token")
-    with _form_errors(session, user):
-        if token:
-            downloads.save_hub_token(session, user, token)
-        else:
-            downloads.delete_hub_token(session, user)
     return RedirectResponse("/models", status_code=303)

@@ -451,7 +451,7 @@ async def job_form_preset(
 async def job_form_estimate(request: Request, session: SessionDep, owner_id: OwnerScope) -> HTMLResponse:
     """Before launch: the form's job's parameters, training memory (POST /api/v1/jobs/estimate's numbers) and
     a rough time, measured from a finished job of the same model and method."""
-    from worker.estimate import estimate_job  # torch loads on first use, never at web start-up
+    from worker.estimate import estimate_job, gpu_fit  # torch loads on first use, never at web start-up
 
     data = forms.form_to_input(_form_lists(await request.form()))
     spec, errors = forms.validate_job_input(data)
@@ -468,6 +468,7 @@ async def job_form_estimate(request: Request, session: SessionDep, owner_id: Own
 
             context["estimate"] = result
             context["gpu_class"] = suggest_gpu_class(result.memory.total_bytes)
+            context["gpu_fit"] = gpu_fit(result.memory.total_bytes)
             context["time"] = estimate_seconds(session, spec, result.total_steps)
     return render(request, "_job_estimate.html", context)
 
