@@ -40,7 +40,7 @@ ensure_venv() {
 main() {
     ensure_venv
     cd "$STUDIO_ROOT"
-    # The studio downloads nothing at run time; base models come from disk (the bundled one, or a cache).
+    # Offline by default: base models come from disk (the bundled one, or a cache); Hub downloads are a setting.
     export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
     exec "$VENV/bin/peft-studio" serve "$@"
 }
