@@ -447,7 +447,12 @@ def test_a_job_on_an_uncached_hub_model_downloads_it_first_then_trains(tmp_path:
 def test_the_hub_token_is_saved_and_forgotten_on_the_account_page(client: TestClient, hub: HubServer) -> None:
     # given no token, and the Models page pointing to the account page for it
     assert 'href="/account#hub-token"' in client.get("/models").text
-    assert "No token saved." in client.get("/account").text
+    account = client.get("/account").text
+    assert "No token saved." in account
+    assert account.count('data-testid="hub-token-form"') == 1 and "<title>Your account" in account
+    assert "<section" not in account.split("<title>", 1)[1].split("</title>", 1)[0], (
+        "the form is in the title"
+    )
     # when a malformed one is saved
     bad = client.post("/account/hub-token", data={"token": "two words"}, follow_redirects=False)
     # then the account page says why
