@@ -437,6 +437,40 @@ def test_4bit_layers_survive_saving_on_each_cpu_path(cpu_path: str, monkeypatch:
     )
 
 
+@pytest.mark.parametrize("cpu_path", CPU_PATHS)
+def test_training_goes_on_after_an_evaluation_on_each_cpu_path(
+    cpu_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QLoRA job evaluates in the middle of training: the eval forward must not switch the 4-bit layers to
+    the fused inference kernel for the training steps after it (on AVX-512 BF16 CPUs that step crashed)."""
+    import bitsandbytes as bnb
+
+    from worker.methods.qlora import guard_4bit_layers
+
+    # given a trainable layer on top of a 4-bit layer with a bias, guarded for training
+    force_cpu_path(cpu_path, monkeypatch)
+    torch.manual_seed(0)
+    frozen = bnb.nn.Linear4bit(128, 64, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    frozen.weight._quantize("cpu")
+    frozen.bias.requires_grad_(False)
+    head = torch.nn.Linear(64, 2)
+    model = torch.nn.Sequential(frozen, torch.nn.ReLU(), head)
+    guard_4bit_layers(model, training=True)
+    x = torch.randn(4, 128, requires_grad=True)  # as after prepare_model_for_kbit_training
+
+    # when an evaluation runs, then training goes on
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(4, 128))
+    model.train()
+    loss = model(x).pow(2).mean()
+    loss.backward()
+
+    # then the 4-bit layer was never repacked and the gradient reached the trainable layer
+    assert not getattr(frozen.weight.quant_state, "packing_format_for_cpu", False)
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
 def test_emulated_fused_kernel_matches() -> None:
     """The fused-path emulation (used on CPUs without AVX-512 BF16) computes what the fused kernel does."""
     import bitsandbytes as bnb

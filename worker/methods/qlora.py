@@ -117,9 +117,14 @@ def _save_unpacked_copy(layer: Any, destination: dict[str, Any], prefix: str, ke
         destination[prefix + "weight." + key] = value if keep_vars else value.detach()
 
 
-def guard_4bit_layers(model: Any) -> int:
+def guard_4bit_layers(model: Any, training: bool = False) -> int:
     """Make every 4-bit layer of ``model`` safe on both bitsandbytes CPU paths; returns how many kept the
-    dequantizing path because the fused kernel cannot take them."""
+    dequantizing path because the fused kernel cannot take them.
+
+    ``training``: every layer keeps the dequantizing path. The fused kernel is for inference only (it has no
+    backward): an evaluation in the middle of training (eval mode, no gradients) would repack the weights,
+    and the next training step would then run the fused kernel and fail (bitsandbytes adds the bias in place
+    to its output: "a view of a leaf Variable that requires grad is being used in an in-place operation")."""
     import types
 
     import bitsandbytes as bnb
@@ -129,7 +134,9 @@ def guard_4bit_layers(model: Any) -> int:
         if not isinstance(layer, bnb.nn.Linear4bit):
             continue
         layer._save_to_state_dict = types.MethodType(_save_unpacked_copy, layer)  # type: ignore[method-assign]
-        if getattr(layer, "support_avx512bf16_for_cpu", False) and not fused_cpu_kernel_fits(layer):
+        if getattr(layer, "support_avx512bf16_for_cpu", False) and (
+            training or not fused_cpu_kernel_fits(layer)
+        ):
             layer.support_avx512bf16_for_cpu = False
             kept += 1
     return kept
@@ -140,7 +147,7 @@ def build(model: Any, config: BaseModel, context: BuildContext) -> BuiltModel:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     assert isinstance(config, QLoraSettings)
-    guard_4bit_layers(model)
+    guard_4bit_layers(model, training=True)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     return BuiltModel(model=get_peft_model(model, peft_lora_config(config, context.task)))
 
