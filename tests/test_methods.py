@@ -248,7 +248,17 @@ def test_method_trains_reloads_downloads_and_predicts(
     archive.unlink()
     downloaded = load_downloaded(method, unpacked, base.path, load_kwargs).eval()
     with torch.no_grad():
-        assert_same_logits(downloaded(**batch).logits, trained)
+        outside = downloaded(**batch).logits
+    if cpu_path == FUSED:
+        # Outside the studio, plain peft + bitsandbytes on such a CPU run the fused kernel (bf16 products, bf16
+        # scales: 8 significant bits), the studio the dequantizing one. Each of the k 4-bit layers on the path
+        # rounds once at 2^-8 relative, so the logits may differ by up to k * 2^-8 of their largest magnitude.
+        layers = sum(1 for m in downloaded.modules() if type(m).__name__ == "Linear4bit")
+        bound = layers * 2**-8 * float(trained.abs().max())
+        torch.testing.assert_close(outside, trained, rtol=0, atol=bound)
+        assert torch.equal(outside.argmax(-1), trained.argmax(-1))
+    else:
+        assert_same_logits(outside, trained)
 
     # and try-out predicts the trained model's probabilities
     predictions = classify(adapter.id, folder, TEXTS)
@@ -350,7 +360,7 @@ def test_method_on_a_causal_lm(
     with torch.no_grad():
         trained = model(input_ids=probe).logits
     if cpu_path == FUSED:
-        check_fused_repack(model)
+        check_no_repack(model)
     saved = tmp_path / "saved"
     method.save(model, str(saved))
     fresh = AutoModelForCausalLM.from_pretrained(tiny_llama, **load_kwargs)
@@ -360,16 +370,14 @@ def test_method_on_a_causal_lm(
         assert_same_logits(model(input_ids=probe).logits, trained)  # saving left the trained model as it was
 
 
-def check_fused_repack(model: Any) -> None:
-    """On the fused path, layers the kernel can take were repacked by the eval forward; the others were not."""
+def check_no_repack(model: Any) -> None:
+    """On the fused path, the studio's trained model was not repacked by the eval forward: training (and the
+    studio's reload) keep the dequantizing kernel, the only one with a backward."""
     import bitsandbytes as bnb
 
-    from worker.methods.qlora import fused_cpu_kernel_fits
-
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    packed = {id(m): bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in layers}
-    fits = {id(m): fused_cpu_kernel_fits(m) for m in layers}
-    assert packed == fits and any(fits.values()) and not all(fits.values()), (packed, fits)
+    packed = [bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in layers]
+    assert layers and not any(packed), packed
 
 
 def test_registry_is_complete_and_documented() -> None:

@@ -121,10 +121,11 @@ def guard_4bit_layers(model: Any, training: bool = False) -> int:
     """Make every 4-bit layer of ``model`` safe on both bitsandbytes CPU paths; returns how many kept the
     dequantizing path because the fused kernel cannot take them.
 
-    ``training``: every layer keeps the dequantizing path. The fused kernel is for inference only (it has no
-    backward): an evaluation in the middle of training (eval mode, no gradients) would repack the weights,
-    and the next training step would then run the fused kernel and fail (bitsandbytes adds the bias in place
-    to its output: "a view of a leaf Variable that requires grad is being used in an in-place operation")."""
+    ``training`` (the studio's training and its reload): every layer keeps the dequantizing path. The fused
+    kernel is for inference only (it has no backward): an evaluation in the middle of training (eval mode, no
+    gradients) would repack the weights, and the next training step would then run the fused kernel and fail
+    (bitsandbytes adds the bias in place to its output: "a view of a leaf Variable that requires grad is being
+    used in an in-place operation"). The reload uses the same path so that it reproduces the trained logits."""
     import types
 
     import bitsandbytes as bnb
@@ -153,8 +154,9 @@ def build(model: Any, config: BaseModel, context: BuildContext) -> BuiltModel:
 
 
 def load(base_model: Any, folder: str, adapter_name: str) -> Any:
-    """Put a saved QLoRA adapter onto a freshly quantized base (guarded like the trained one)."""
-    guard_4bit_layers(base_model)
+    """Put a saved QLoRA adapter onto a freshly quantized base, on the same (dequantizing) kernel as the trained
+    one, so the reloaded adapter gives the trained model's logits exactly."""
+    guard_4bit_layers(base_model, training=True)
     return load_peft_adapter(base_model, folder, adapter_name)
 
 
