@@ -8,11 +8,12 @@ uses these constants or the registry.
 """
 
 import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
+
+from app.core.discovery import discover as discover_entries
 
 if TYPE_CHECKING:
     from sqlmodel import Session
@@ -63,15 +64,7 @@ def registry() -> dict[str, TaskInfo]:
 
 def discover(package: str, path: list[str]) -> dict[str, TaskInfo]:
     """The ``TASK`` of every module of ``package`` (modules starting with ``_`` are skipped), in form order."""
-    found: dict[str, TaskInfo] = {}
-    for module_info in sorted(pkgutil.iter_modules(path), key=lambda m: m.name):
-        if module_info.name.startswith("_"):
-            continue
-        info = getattr(importlib.import_module(f"{package}.{module_info.name}"), "TASK", None)
-        if isinstance(info, TaskInfo):
-            if info.name in found:
-                raise RuntimeError(f"two tasks are registered as {info.name!r}")
-            found[info.name] = info
+    found = discover_entries(package, path, ("TASK",), TaskInfo, lambda info: info.name, "tasks")
     return dict(sorted(found.items(), key=lambda item: (item[1].order, item[0])))
 
 

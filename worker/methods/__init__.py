@@ -7,8 +7,6 @@ functions, so the web app can read the registry without loading them. Modules wh
 hold shared code and are not scanned.
 """
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -16,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from app.core.discovery import discover
 from app.core.tasks import CAUSAL_LM, CLASSIFICATION
 
 # How a method's output folder loads outside the studio (shown on the adapter page and in docs/methods.md).
@@ -102,19 +101,8 @@ class MethodInfo:
 
 @lru_cache
 def registry() -> dict[str, MethodInfo]:
-    """All methods found in this package, by name."""
-    found: dict[str, MethodInfo] = {}
-    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if module_info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{__name__}.{module_info.name}")
-        infos = [getattr(module, "METHOD", None), *getattr(module, "METHODS", ())]
-        for info in infos:
-            if isinstance(info, MethodInfo):
-                if info.name in found:
-                    raise RuntimeError(f"two methods are registered as {info.name!r}")
-                found[info.name] = info
-    return found
+    """All methods found in this package, by name (a module may define ``METHOD`` or a list ``METHODS``)."""
+    return discover(__name__, __path__, ("METHOD", "METHODS"), MethodInfo, lambda info: info.name, "methods")
 
 
 def get_method(name: str) -> MethodInfo:

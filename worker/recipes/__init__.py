@@ -6,14 +6,13 @@ spec check) is one module under ``app/core/task_defs/``. Modules without a ``REC
 and modules whose name starts with ``_`` are not recipes.
 """
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 from app.core.base_models import ResolvedModel
+from app.core.discovery import discover
 from app.core.models import Dataset
 from app.core.spec import JobSpec
 
@@ -45,16 +44,7 @@ class Recipe:
 @lru_cache
 def recipes() -> dict[str, Recipe]:
     """Every recipe found in this package, by task name."""
-    found: dict[str, Recipe] = {}
-    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if module_info.name.startswith("_"):
-            continue
-        recipe = getattr(importlib.import_module(f"{__name__}.{module_info.name}"), "RECIPE", None)
-        if isinstance(recipe, Recipe):
-            if recipe.task in found:
-                raise RuntimeError(f"two recipes are registered for task {recipe.task!r}")
-            found[recipe.task] = recipe
-    return found
+    return discover(__name__, __path__, ("RECIPE",), Recipe, lambda recipe: recipe.task, "recipes")
 
 
 def get_recipe(task: str) -> Recipe:
