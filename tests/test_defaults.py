@@ -49,7 +49,7 @@ def test_rule_gives_the_demo_enough_steps_and_a_small_model_rate() -> None:
     assert training.num_epochs == 7 and 7 * 29 >= MIN_STEPS
     # and LoRA's typical rate is scaled up four-fold for a 23M-parameter model
     assert training.learning_rate == pytest.approx(2e-3)
-    assert training.warmup_ratio == 0.06
+    assert training.warmup_ratio == 0.03
     assert isinstance(training.eval_steps, int) and 1 <= training.eval_steps <= 203
     assert training.logging_steps == 10
     assert set(training.auto_fields) == {
