@@ -396,24 +396,23 @@ class JobSpec(BaseModel):
             )
         return settings.model_validate(config).model_dump(mode="json")
 
-    @model_validator(mode="after")
-    def _optimizer_needs_gpu(self) -> "JobSpec":
-        if self.training.optimizer in BNB_OPTIMIZERS and not self.resources.wants_gpu:
+    # Checks across sections sit on ``resources`` (validated last), so the error names a field, not the body.
+    @field_validator("resources")
+    @classmethod
+    def _resources_fit_the_job(cls, resources: ResourceSettings, info: ValidationInfo) -> ResourceSettings:
+        training = info.data.get("training")
+        if training is not None and training.optimizer in BNB_OPTIMIZERS and not resources.wants_gpu:
             raise ValueError(
-                f"training.optimizer {self.training.optimizer} is a bitsandbytes 8-bit optimizer for CUDA GPUs; "
-                f"set resources.accelerator to gpu (it is {self.resources.accelerator}) or choose adamw_torch"
+                f"training.optimizer {training.optimizer} is a bitsandbytes 8-bit optimizer for CUDA GPUs; set "
+                f"resources.accelerator to gpu (it is {resources.accelerator}) or choose adamw_torch"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _fsdp_saves_whole_adapters(self) -> "JobSpec":
-        method = registry().get(self.method)
-        if self.resources.strategy == "fsdp" and method is not None and method.saved_as == "studio":
+        method = registry().get(str(info.data.get("method")))
+        if resources.strategy == "fsdp" and method is not None and method.saved_as == "studio":
             raise ValueError(
-                f"resources.strategy fsdp cannot save method {self.method!r} (a studio adapter, not a peft or "
+                f"strategy fsdp cannot save method {method.name!r} (a studio adapter, not a peft or "
                 "transformers model, so its sharded weights cannot be gathered into one); choose ddp"
             )
-        return self
+        return resources
 
     def method_settings(self) -> BaseModel:
         """The method config as its typed model."""
