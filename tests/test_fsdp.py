@@ -3,11 +3,16 @@
 The same job on one process with the global batch (2 ranks x 4 = 8 examples, the whole dataset, so both runs see
 the same examples every step) is the reference: the per-step loss and the saved adapter must match it within
 float32 tolerance (the two runs add the same terms in another order; sharded gradients are reduce-scattered).
+A second FSDP job is cancelled mid-run (every rank stops) and then resumed from its step-2 checkpoint to step 4:
+it must end with the first job's adapter.
 """
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,6 +22,7 @@ from app.core.db import get_engine
 from app.core.models import Adapter, Job, JobEvent, JobStatus, MetricPoint
 from app.core.storage import get_store
 from app.services import checkpoints
+from app.services.jobs import cancel_job
 from tests import lm
 from tests.factories import create_dataset, create_job
 from tests.lm import alpaca_rows, json_bytes
@@ -77,7 +83,9 @@ def _loads_with_plain_peft(folder: Path, base: Path) -> Any:
     return model
 
 
-def test_fsdp_on_two_gloo_ranks_trains_like_one_process_and_resumes(session: Session, tiny_lm: Path) -> None:
+def test_fsdp_on_two_gloo_ranks_trains_like_one_process_cancels_and_resumes(
+    session: Session, tiny_lm: Path
+) -> None:
     from worker.engine import run_job
 
     # given eight short examples and two jobs: FSDP on two CPU ranks, and one process with the global batch
@@ -129,21 +137,54 @@ def test_fsdp_on_two_gloo_ranks_trains_like_one_process_and_resumes(session: Ses
     assert {k: v.shape for k, v in _weights(first).items()} == {k: v.shape for k, v in one_weights.items()}
     _loads_with_plain_peft(first, tiny_lm)
 
-    # when the job runs again from its step-2 checkpoint (as after a lost worker)
-    checkpoints.delete_after(session, sharded.id, 2)
-    for adapter in session.exec(select(Adapter).where(Adapter.job_id == sharded.id)).all():
-        session.delete(adapter)
-    job.status = JobStatus.queued
-    session.add(job)
-    session.commit()
-    run_job(sharded.id, worker_name="fsdp-resume")
+    # given a second FSDP job that runs until cancelled, checkpointing every 2 steps
+    long_job = create_job(
+        session,
+        **common,
+        training={**TRAINING, "max_steps": 10_000, "save_total_limit": 100},
+        resources={"num_processes": 2, "strategy": "fsdp", "accelerator": "cpu"},
+    )
+    runner = threading.Thread(target=run_job, args=(long_job.id,), kwargs={"worker_name": "fsdp-cancel"})
+    runner.start()
+    deadline = time.monotonic() + 300
+    while not checkpoints.list_checkpoints(session, long_job.id):
+        assert time.monotonic() < deadline and runner.is_alive(), "the job never saved a checkpoint"
+        time.sleep(0.5)
+        session.expire_all()
+    ranks = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "worker.distributed" in " ".join(p.info["cmdline"] or [])
+        and str(long_job.id) in (p.info["cmdline"] or [])
+    ]
+    assert len(ranks) >= 2, ranks  # torchrun and its two ranks
 
-    # then it resumed there and ends with the same adapter as the uninterrupted run
+    # when it is cancelled
+    cancel_job(session, long_job.id)
+    runner.join(timeout=120)
+
+    # then the job is cancelled and no rank is left running
+    assert not runner.is_alive()
     session.expire_all()
-    job = session.get(Job, sharded.id)
-    assert job is not None and job.status == JobStatus.succeeded, job.error
-    events = [e.message for e in session.exec(select(JobEvent).where(JobEvent.job_id == sharded.id)).all()]
+    cancelled = session.get(Job, long_job.id)
+    assert cancelled is not None and cancelled.status == JobStatus.cancelled, cancelled
+    _, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive, alive
+
+    # when it runs again from its step-2 checkpoint (as after a lost worker), now for 4 steps in all
+    checkpoints.delete_after(session, long_job.id, 2)
+    cancelled.spec = {**cancelled.spec, "training": {**cancelled.spec["training"], "max_steps": 4}}
+    cancelled.status, cancelled.cancel_requested = JobStatus.queued, False
+    session.add(cancelled)
+    session.commit()
+    run_job(long_job.id, worker_name="fsdp-resume")
+
+    # then it resumed there (optimizer state and all) and ends with the uninterrupted run's adapter
+    session.expire_all()
+    resumed_job = session.get(Job, long_job.id)
+    assert resumed_job is not None and resumed_job.status == JobStatus.succeeded, resumed_job.error
+    events = [e.message for e in session.exec(select(JobEvent).where(JobEvent.job_id == long_job.id)).all()]
     assert any("resuming from the checkpoint at step 2" in message for message in events), events
-    resumed = _weights(_adapter_folder(session, sharded.id))
+    resumed = _weights(_adapter_folder(session, long_job.id))
     for name, tensor in fsdp_weights.items():
         torch.testing.assert_close(resumed[name], tensor, atol=WEIGHT_ATOL, rtol=0, msg=name)

@@ -34,7 +34,7 @@ def test_impossible_combinations_are_refused_with_the_field_and_the_fix() -> Non
             assert "set resources.accelerator to gpu" in errors["resources"], errors
 
     # a studio adapter (not peft/transformers) cannot be gathered from FSDP shards
-    errors = _errors(method="bottleneck", resources={"strategy": "fsdp", "num_processes": 2})
+    errors = _errors(method="houlsby", resources={"strategy": "fsdp", "num_processes": 2})
     assert "choose ddp" in errors["resources"]
 
     # and unknown values name the field
@@ -107,6 +107,35 @@ def test_trainer_arguments_follow_the_settings(tmp_path: Path) -> None:
     assert str(args.optim) in ("adamw_torch_fused", "OptimizerNames.ADAMW_TORCH_FUSED")
     assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     assert not args.torch_compile
+
+
+def test_the_estimate_counts_checkpointing_and_8bit_optimizer_state() -> None:
+    from app.core.settings import BUNDLED_MODEL_ID
+    from app.core.tasks import CLASSIFICATION
+    from worker.estimate import estimate
+    from worker.methods import get_method
+
+    full = get_method("full")
+
+    def memory(**kwargs: Any) -> Any:
+        return estimate(
+            BUNDLED_MODEL_ID,
+            CLASSIFICATION,
+            full,
+            full.config.model_validate({}),
+            num_labels=2,
+            batch_size=32,
+            max_length=128,
+            **kwargs,
+        ).memory
+
+    plain, checkpointed, eight_bit = (
+        memory(),
+        memory(gradient_checkpointing=True),
+        memory(optimizer="paged_adamw_8bit"),
+    )
+    assert checkpointed.activations_bytes < plain.activations_bytes / 2
+    assert eight_bit.optimizer_bytes * 4 == plain.optimizer_bytes
 
 
 def test_a_job_trains_with_checkpointing_and_the_fused_adamw(studio_settings: Path, tiny_lm: Path) -> None:
