@@ -18,6 +18,7 @@ layers on real tokens (4 per frozen weight, 6 per trainable weight, per token), 
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -122,8 +123,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--rows", type=int, default=512, help="SST-2 training rows")
     parser.add_argument("--lm-rows", type=int, default=200, help="Alpaca rows")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these configurations")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="run only these configurations (adds to --out)"
+    )
+    parser.add_argument("--out", default=None, help=f"result file (default {RESULT_FILE.relative_to(ROOT)})")
     options = parser.parse_args()
+    # The random Llama is written to a temporary folder: register it as a model folder (app/core/base_models.py).
+    os.environ["PEFT_STUDIO_MODEL_FOLDERS"] = json.dumps([tempfile.gettempdir()])
     runs: dict[str, list[dict[str, Any]]] = {}
     loads: list[list[float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as folder:
@@ -137,9 +143,13 @@ def main() -> None:
                 result = child([str(ROOT / "bench" / "perf_train.py"), *configs[name]])
                 runs.setdefault(name, []).append(result)
                 print(f"  {json.dumps(result)[:300]}", flush=True)
+    result_file = Path(options.out) if options.out else RESULT_FILE
+    if result_file.exists() and options.only:  # a partial rerun adds to the earlier configurations
+        earlier = json.loads(result_file.read_text())["runs"]
+        runs = {**{k: v for k, v in earlier.items() if k not in runs}, **runs}
     stats = summary(runs)
-    RESULT_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULT_FILE.write_text(json.dumps({"runs": runs, "summary": stats, "loads": loads}, indent=2))
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps({"runs": runs, "summary": stats, "loads": loads}, indent=2))
     print(table(stats, loads))
 
 

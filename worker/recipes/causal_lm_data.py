@@ -244,6 +244,28 @@ def best_fit(sizes: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def tightest_rows(sizes: list[int], max_row: int) -> list[list[int]]:
+    """Examples grouped into rows of at most ``max_row`` tokens so that the padded batch is smallest.
+
+    The batch is rectangular (rows padded to the longest), so rows of ``max_row`` tokens can waste most of the
+    last rows; trying every capacity from the longest example up to ``max_row`` at which the rows could be
+    full (total / k) and keeping the one with the fewest padded tokens (then the shortest rows: attention
+    costs the square of a row) leaves at most about one example's worth of padding.
+    """
+    longest, total = max(sizes), sum(sizes)
+    capacities = {longest, max(longest, min(max_row, total))}
+    capacities |= {-(-total // k) for k in range(1, len(sizes) + 1) if longest <= -(-total // k) <= max_row}
+    best: tuple[int, int, list[list[int]]] | None = None
+    for capacity in sorted(capacities):
+        rows = best_fit(sizes, capacity)
+        width = max(sum(sizes[i] for i in row) for row in rows)
+        cost = (len(rows) * width, width)
+        if best is None or cost < best[:2]:
+            best = (*cost, rows)
+    assert best is not None
+    return best[2]
+
+
 def pack(examples: list[EncodedExample], max_length: int) -> list[dict[str, Any]]:
     """Examples packed into rows of at most ``max_length`` tokens (best fit, longest first).
 
@@ -294,7 +316,8 @@ class PaddingFreeCollator:
 
     ``row_tokens`` None puts the whole batch in one row (for flash-attention varlen, whose cost is per example);
     a number bin-packs the examples into rows of at most that many tokens (SDPA and eager attention build a
-    dense mask over a row, so a row as long as the whole batch would cost its square). Written here rather
+    dense mask over a row, so a row as long as the whole batch would cost its square), at the row width that
+    pads least (``tightest_rows``). Written here rather
     than using ``DataCollatorWithFlattening``, which only makes the single row. Each example's first label is
     ignored (the encoder already does so), so no token learns to predict across a boundary, and the loss is
     the unpacked batch's loss.
@@ -306,7 +329,10 @@ class PaddingFreeCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         sizes = [len(feature["input_ids"]) for feature in features]
-        groups = best_fit(sizes, self.row_tokens or sum(sizes))
+        if self.row_tokens is None:
+            groups = [list(range(len(features)))]
+        else:
+            groups = tightest_rows(sizes, self.row_tokens)
         rows = [
             {
                 key: [value for index in members for value in features[index][key]]
