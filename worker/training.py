@@ -256,6 +256,10 @@ def train(
     sharded = strategy == "fsdp"
     prepared, method, model, optimizer, method_callbacks = build_trainable(spec, sharded)
     gathered = GatheredState()  # FSDP: the full weights the last checkpoint gathered
+    if sharded and prepared.eval_dataset:
+        prepared.notes.append(
+            "fsdp: the adapter keeps the final weights (keeping the best evaluation's is not done under FSDP)"
+        )
     if main_process and prepared.notes:
         with session_scope() as session:
             for note in prepared.notes:
