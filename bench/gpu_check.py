@@ -19,6 +19,13 @@ run is guarded, and a global time guard skips what is left after ``--budget`` se
     python bench/gpu_check.py --site .gpu_site --out $OUT      # on the GPU machine (see scripts/gpu_site.sh)
     python bench/gpu_check.py --smoke                           # tiny model, CPU, a few steps: the code paths
 
+Issue 22 (padding-free packing, Liger, FSDP): ``--issue22`` runs studio and hand-written QLoRA and LoRA once each at
+sequence length 2048 (``--seq``), logging the loss every step (the 30-step curves are in gpu.json and compared in
+gpu.md), with the studio on its defaults (``causal_lm.packing`` auto = padding-free, ``training.liger`` auto):
+
+    python bench/gpu_check.py --site .gpu_site --issue22 --size 1b --budget 420
+    python bench/gpu_check.py --site .gpu_site --issue22 --size 7b --batch 2 --budget 420
+
 ``--site DIR`` puts DIR first on sys.path and extracts DIR/wheels/*.whl (our pinned transformers, peft, the DB
 layer) into /tmp before anything else is imported, so the job runs on our pins, not the image's.
 Writes ``gpu.json`` and ``gpu.md`` into ``--out`` (default: $OUT, else /tmp/gpu_check).
@@ -215,6 +222,8 @@ def make_timed_trainer(base: Any, record: dict[str, Any], cfg: dict[str, Any], b
                         step_ms=round(1000 * seconds / (last - warm), 1),
                         real_token_fraction=round(tokens / max(1, sum(t for _, t in window)), 4),
                     )
+                losses = [entry["loss"] for entry in self.state.log_history if "loss" in entry]
+                record["losses"] = [round(float(loss), 4) for loss in losses]
                 if cuda:
                     record["peak_train_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
                     record["peak_train_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
@@ -362,9 +371,10 @@ class Studio:
             "learning_rate": LEARNING_RATE,
             "lr_scheduler": "constant",
             "max_length": cfg["max_length"],
-            "logging_steps": 10,
+            "logging_steps": cfg.get("logging_steps", 10),
             "seed": SEED,
             "group_by_length": False,
+            **cfg.get("studio_training", {}),
         }
         if "save_steps" in TrainingSettings.model_fields:
             training["save_steps"] = 0  # no resumable checkpoints: the hand-written script writes none either
@@ -378,7 +388,7 @@ class Studio:
                 "method": method,
                 "method_config": method_config,
                 "training": training,
-                "causal_lm": {"packing": True},
+                "causal_lm": {"packing": cfg.get("packing", True)},
             }
         )
         with Session(get_engine()) as session:
@@ -496,7 +506,7 @@ def handwritten(
         max_steps=cfg["warmup_steps"] + cfg["steps"],
         learning_rate=LEARNING_RATE,
         lr_scheduler_type="constant",
-        logging_steps=10,
+        logging_steps=cfg.get("logging_steps", 10),
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
@@ -586,6 +596,17 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             "hf_peak_train_gib": hf_mem,
             "peak_memory_ratio": round(studio_mem / hf_mem, 3) if studio_mem and hf_mem else None,
         }
+        curves = {
+            path: next(
+                (r["losses"] for r in results if r["run"].startswith(f"{path}-{kind}#") and r.get("losses")),
+                None,
+            )
+            for path in ("studio", "hf")
+        }
+        if curves["studio"] and curves["hf"]:
+            tail = min(10, len(curves["studio"]), len(curves["hf"]))
+            summary[kind]["loss_last10_studio"] = round(statistics.mean(curves["studio"][-tail:]), 4)
+            summary[kind]["loss_last10_hf"] = round(statistics.mean(curves["hf"][-tail:]), 4)
     return summary
 
 
@@ -626,6 +647,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {kind} peak train GiB | {s['studio_peak_train_gib']} | {s['hf_peak_train_gib']} | {s['peak_memory_ratio']} |"
         )
+        if "loss_last10_studio" in s:
+            lines.append(
+                f"| {kind} mean loss, last 10 logged steps | {s['loss_last10_studio']} | {s['loss_last10_hf']} | |"
+            )
     lines.append("")
     lines.append(f"Total script time {report['elapsed_s']} s.")
     return "\n".join(lines) + "\n"
@@ -652,6 +677,19 @@ def main() -> None:
     )
     parser.add_argument(
         "--size", choices=["1b", "7b"], default="1b", help="model shape: TinyLlama-1.1B or Llama-2-7B"
+    )
+    parser.add_argument(
+        "--issue22",
+        action="store_true",
+        help="issue 22: studio defaults (padding-free packing, liger auto) vs hand-written, QLoRA and LoRA, "
+        "loss every step",
+    )
+    parser.add_argument(
+        "--seq", type=int, default=None, help="sequence length (default 512; 2048 with --issue22)"
+    )
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 8; 4 with --issue22)")
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="--issue22: studio with gradient checkpointing on"
     )
     args = parser.parse_args()
 
@@ -684,6 +722,21 @@ def main() -> None:
         ALPACA_SHARED,
     )
     cfg = sizes(args.smoke, args.size)
+    if args.issue22:
+        cfg.update(
+            max_length=args.seq or (cfg["max_length"] if args.smoke else 2048),
+            batch_size=args.batch or (cfg["batch_size"] if args.smoke else 4),
+            steps=cfg["steps"] if args.smoke else 30,
+            warmup_steps=cfg["warmup_steps"] if args.smoke else 3,
+            logging_steps=1,
+            packing="auto",
+            studio_training={
+                "gradient_checkpointing": "on" if args.checkpointing else "off",
+                "liger": "auto",
+            },
+        )
+    else:
+        cfg.update({k: v for k, v in (("max_length", args.seq), ("batch_size", args.batch)) if v})
     budget = Budget(args.budget or (1200.0 if args.smoke else 270.0))
     report: dict[str, Any] = {
         "config": cfg,
@@ -749,11 +802,16 @@ def main() -> None:
         return lambda record: handwritten(record, model_dir, rows, method, cfg, budget, bf16_flag)
 
     plan: list[tuple[str, Callable[[dict[str, Any]], None]]] = []
+    if args.issue22:
+        args.reps = 0
+        plan += [("studio-qlora#1", studio_run("qlora")), ("hf-qlora#1", hf_run("qlora"))]
+        plan += [("studio-lora#1", studio_run("lora")), ("hf-lora#1", hf_run("lora"))]
     for rep in range(1, args.reps + 1):
         plan += [(f"studio-qlora#{rep}", studio_run("qlora")), (f"hf-qlora#{rep}", hf_run("qlora"))]
-    plan += [("studio-lora#1", studio_run("lora")), ("hf-lora#1", hf_run("lora"))]
-    plan += [("hf-qlora-nobf16flag#1", hf_run("qlora", bf16_flag=False))]
-    plan += [("studio-qlora-bf16patch#1", studio_run("qlora", bf16_patch=True))]
+    if not args.issue22:
+        plan += [("studio-lora#1", studio_run("lora")), ("hf-lora#1", hf_run("lora"))]
+        plan += [("hf-qlora-nobf16flag#1", hf_run("qlora", bf16_flag=False))]
+        plan += [("studio-qlora-bf16patch#1", studio_run("qlora", bf16_patch=True))]
     for label, run in plan:
         measured(label, results, budget, run)
         write()

@@ -3,6 +3,7 @@
     python bench/perf_train.py studio --rows 1000 --dev-rows 872 [--dropout] [--no-group]
     python bench/perf_train.py script --rows 1000 --dev-rows 872 [--dropout] [--padding max_length] [--group]
     python bench/perf_train.py studio-lm --rows 400 --base /tmp/lm   # causal LM on Alpaca, packed
+    python bench/perf_train.py studio-lm --rows 400 --base /tmp/lm --packing on --torch-compile
 
 ``studio`` runs the real worker path (``worker.engine.run_job`` on a fresh SQLite database: data loading,
 tokenizing once, the method, the StudioCallback writing metrics); ``script`` is the hand-written
@@ -125,8 +126,8 @@ def run_studio(options: argparse.Namespace) -> dict[str, Any]:
     captured: dict[str, Any] = {}
     build = training.build_trainable
 
-    def capturing_build(spec: Any) -> Any:
-        result = build(spec)
+    def capturing_build(spec: Any, *args: Any) -> Any:
+        result = build(spec, *args)
         captured["model"] = result[2]
         return result
 
@@ -148,8 +149,10 @@ def run_studio(options: argparse.Namespace) -> dict[str, Any]:
                     "max_length": options.max_length,
                     "learning_rate": 1e-3,
                     "logging_steps": 10,
+                    "torch_compile": options.torch_compile,
+                    "save_steps": options.save_steps,
                 },
-                "causal_lm": {"format": "alpaca", "packing": True},
+                "causal_lm": {"format": "alpaca", "packing": options.packing},
             }
         else:
             train = create_dataset(session, io.BytesIO(csv_rows("train.csv", options.rows).encode()), "t.csv")
@@ -170,6 +173,7 @@ def run_studio(options: argparse.Namespace) -> dict[str, Any]:
                     "group_by_length": not options.no_group,
                     "save_steps": options.save_steps,
                     "seed": SEED,
+                    "torch_compile": options.torch_compile,
                 },
             }
         spec = JobSpec.model_validate(spec_fields)
@@ -304,6 +308,13 @@ def main() -> None:
     parser.add_argument("--save-steps", type=int, default=None, help="studio: checkpoint interval (0: none)")
     parser.add_argument("--no-eval", action="store_true", help="studio: no validation set (saves time)")
     parser.add_argument("--base", default=None, help="studio-lm: the causal LM folder")
+    parser.add_argument(
+        "--packing",
+        choices=["auto", "on", "off", "rows"],
+        default="rows",
+        help="studio-lm: causal_lm.packing",
+    )
+    parser.add_argument("--torch-compile", action="store_true", help="studio: training.torch_compile")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--gemm", action="store_true", help="also measure this process's fp32 GEMM rate")
     options = parser.parse_args()

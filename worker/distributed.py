@@ -1,4 +1,6 @@
-"""Multi-process training of one job (``resources.num_processes`` > 1): PyTorch DDP launched with torchrun.
+"""Multi-process training of one job (``resources.num_processes`` > 1): PyTorch DDP, or FSDP when
+``resources.strategy`` asks for it (or auto finds the model too big for one GPU: worker/speed.py), launched
+with torchrun.
 
 The Celery worker that claimed the job does not train it: ``launch`` starts ``torchrun`` (one process per GPU,
 or ``num_processes`` CPU processes on the gloo backend when the worker has too few GPUs), keeps the job's
@@ -61,8 +63,9 @@ def plan(num_processes: int) -> tuple[str, int]:
     return "cpu", 0
 
 
-def torchrun_command(job_id: int, run_token: str, num_processes: int) -> list[str]:
-    """The torchrun command line for one job on this host (a rendezvous on a free local port)."""
+def torchrun_command(job_id: int, run_token: str, num_processes: int, strategy: str = "ddp") -> list[str]:
+    """The torchrun command line for one job on this host (a rendezvous on a free local port); ``strategy``
+    (ddp or fsdp, chosen by the launcher: worker/speed.py ``choose_strategy``) is passed to every rank."""
     return [
         sys.executable,
         "-m",
@@ -74,6 +77,7 @@ def torchrun_command(job_id: int, run_token: str, num_processes: int) -> list[st
         "worker.distributed",
         str(job_id),
         run_token,
+        strategy,
     ]
 
 
@@ -120,9 +124,13 @@ def launch(job_id: int, claim: Claim, work_dir: Path, heartbeat: "Heartbeat") ->
             f"the job asks for {num_processes} GPU processes but this worker has fewer GPUs; "
             "it was routed here by mistake (check the worker's queues)"
         )
+    from worker.speed import choose_strategy
+
+    strategy, why = choose_strategy(claim.spec, device)
     what = f"{num_processes} processes on " + (
         f"{num_processes} GPUs (nccl)" if device == "cuda" else "the CPU (gloo)"
     )
+    what += f", {why}"
     with session_scope() as session:
         add_event(session, job_id, "status", f"distributed training: {what}")
         session.commit()
@@ -130,7 +138,7 @@ def launch(job_id: int, claim: Claim, work_dir: Path, heartbeat: "Heartbeat") ->
     poll = get_settings().cancel_poll_seconds
     with log_path.open("wb") as output:
         process = subprocess.Popen(
-            torchrun_command(job_id, claim.run_token, num_processes),
+            torchrun_command(job_id, claim.run_token, num_processes, strategy),
             env=_rank_environment(device, num_processes),
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -199,8 +207,8 @@ def _cancel_requested(job_id: int) -> bool:
         return job is None or job.cancel_requested
 
 
-def run_rank(job_id: int, run_token: str) -> None:
-    """One DDP rank: load the claimed job and run the training on it (rank 0 reports and saves)."""
+def run_rank(job_id: int, run_token: str, strategy: str = "ddp") -> None:
+    """One DDP or FSDP rank: load the claimed job and run the training on it (rank 0 reports and saves)."""
     from worker.resilience import Heartbeat
     from worker.training import train
 
@@ -223,7 +231,7 @@ def run_rank(job_id: int, run_token: str) -> None:
     # events the training loop reads, so it is never started.
     heartbeat = Heartbeat(job_id, run_token)
     try:
-        train(job_id, claim, store, work_dir, heartbeat, main_process=is_main_process())
+        train(job_id, claim, store, work_dir, heartbeat, main_process=is_main_process(), strategy=strategy)
     finally:
         remove_dir(work_dir)
 
@@ -231,10 +239,10 @@ def run_rank(job_id: int, run_token: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of each rank: ``python -m worker.distributed <job id> <run token>``."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        raise SystemExit("usage: python -m worker.distributed JOB_ID RUN_TOKEN")
+    if len(args) not in (2, 3) or args[2:] not in ([], ["ddp"], ["fsdp"]):
+        raise SystemExit("usage: python -m worker.distributed JOB_ID RUN_TOKEN [ddp|fsdp]")
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank()}] %(levelname)s %(name)s: %(message)s")
-    run_rank(int(args[0]), args[1])
+    run_rank(int(args[0]), args[1], args[2] if len(args) == 3 else "ddp")
 
 
 if __name__ == "__main__":

@@ -186,6 +186,8 @@ def estimate(
     max_length: int,
     learning_rate: float = 5e-4,
     total_steps: int | None = None,
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw_torch",
 ) -> JobEstimate:
     """Build the method on a meta-device base model: exact parameter counts and a memory estimate."""
     base = resolve_base_model(base_model)
@@ -204,14 +206,17 @@ def estimate(
     trainable, total = count_parameters(built)
     # Parameters the method adds (adapters, prompts) are fp32.
     weights = base_bytes + max(0, total - base_total) * FP32
-    checkpointing = bool(getattr(settings, "gradient_checkpointing", False))
+    # The job's training.gradient_checkpointing, or QLoRA's own method setting.
+    checkpointing = gradient_checkpointing or bool(getattr(settings, "gradient_checkpointing", False))
     activations = activation_bytes(built, task, batch_size, max_length, checkpointing)
+    # bitsandbytes' 8-bit AdamW keeps each moment in one byte (plus small per-block scales, left out).
+    state_bytes = 1 if optimizer in ("adamw_8bit", "paged_adamw_8bit") else FP32
     memory = MemoryEstimate(
         weights_bytes=weights,
         gradients_bytes=trainable * FP32,
-        optimizer_bytes=trainable * FP32 * ADAM_STATES,
+        optimizer_bytes=trainable * state_bytes * ADAM_STATES,
         activations_bytes=activations,
-        total_bytes=weights + trainable * FP32 * (1 + ADAM_STATES) + activations,
+        total_bytes=weights + trainable * (FP32 + state_bytes * ADAM_STATES) + activations,
     )
     return JobEstimate(
         method=method.name,
@@ -253,6 +258,8 @@ def estimate_job(spec: JobSpec, profile: dict[str, Any] | None) -> JobEstimate:
             max_length=spec.training.max_length,
             learning_rate=float(spec.training.learning_rate),
             total_steps=steps,
+            gradient_checkpointing=spec.training.gradient_checkpointing == "on",
+            optimizer=spec.training.optimizer,
         )
     except ValueError as problem:
         # The method cannot be applied as configured (e.g. no such target modules in this architecture): the

@@ -42,6 +42,19 @@ from worker.resilience import (
     resumable_trainer_class,
     save_trainable,
 )
+from worker.speed import (
+    GatheredState,
+    apply_liger,
+    fsdp_arguments,
+    gather_state,
+    liger_choice,
+    save_gathered,
+    save_trainable_from,
+    sharded_parameters,
+    sharded_trainer_class,
+    trainable_names,
+    trainer_options,
+)
 from worker.telemetry import TelemetryCallback
 from worker.tracking import tracking_callbacks
 
@@ -83,9 +96,14 @@ def save_every(spec: JobSpec, steps: int | None) -> int:
 
 
 def training_arguments(
-    spec: JobSpec, output_dir: Path, has_eval: bool, save_steps: int = 0
+    spec: JobSpec,
+    output_dir: Path,
+    has_eval: bool,
+    save_steps: int = 0,
+    sharding: dict[str, Any] | None = None,
 ) -> TrainingArguments:
-    """The Trainer's arguments for a job: its training settings, evaluation and checkpoint cadence, precision."""
+    """The Trainer's arguments for a job: its training settings, evaluation and checkpoint cadence, precision,
+    the speed settings (worker/speed.py) and, for FSDP, ``sharding``."""
     training = spec.training
     if needs_resolution(training):  # a spec from outside a queued job (a test): the rule without row counts
         training = resolve_training(training, rule_inputs_for(spec, 0, 0)).training
@@ -119,6 +137,8 @@ def training_arguments(
         bf16=resolved_precision(training.precision) == "bf16",
         fp16=resolved_precision(training.precision) == "fp16",
         dataloader_num_workers=0,
+        **trainer_options(spec),  # optimizer, gradient checkpointing, torch.compile (issue 22)
+        **(sharding or {}),
     )
 
 
@@ -163,8 +183,8 @@ def resolved(spec: JobSpec) -> JobSpec:
         return resolve_spec(session, spec)[0]
 
 
-def build_trainable(spec: JobSpec) -> tuple[Prepared, MethodInfo, Any, Any, list[Any]]:
-    """Load data and base model through the task's recipe and apply the job's method.
+def build_trainable(spec: JobSpec, sharded: bool = False) -> tuple[Prepared, MethodInfo, Any, Any, list[Any]]:
+    """Load data and base model through the task's recipe and apply the job's method (``sharded``: for FSDP).
 
     Returns the prepared task, the method, the trainable model, an optimizer (or None for Trainer's) and the
     method's own Trainer callbacks.
@@ -183,7 +203,15 @@ def build_trainable(spec: JobSpec) -> tuple[Prepared, MethodInfo, Any, Any, list
     )
     # The method may change how the base model loads (e.g. 4-bit weights for QLoRA).
     load_kwargs = method.load_kwargs(settings, context)
+    quantization = load_kwargs.get("quantization_config")
+    if sharded and quantization is not None and getattr(quantization, "load_in_4bit", False):
+        # QLoRA + FSDP: 4-bit weights stored in the compute dtype, so FSDP can shard them with the rest.
+        quantization.bnb_4bit_quant_storage = quantization.bnb_4bit_compute_dtype
     prepared = get_recipe(spec.task).prepare(spec, base, train_ds, validation_ds, load_kwargs)
+    use_liger, liger_note = liger_choice(spec, prepared.model)
+    if use_liger:
+        apply_liger(prepared.model)
+    prepared.notes.append(liger_note)
     examples = len(prepared.train_dataset) if hasattr(prepared.train_dataset, "__len__") else None
     context = replace(
         context, num_labels=len(prepared.labels) or None, total_steps=total_steps(spec, examples)
@@ -201,13 +229,20 @@ def build_trainable(spec: JobSpec) -> tuple[Prepared, MethodInfo, Any, Any, list
 
 
 def train(
-    job_id: int, claim: Claim, store: Any, work_dir: Path, heartbeat: Heartbeat, main_process: bool = True
+    job_id: int,
+    claim: Claim,
+    store: Any,
+    work_dir: Path,
+    heartbeat: Heartbeat,
+    main_process: bool = True,
+    strategy: str = "ddp",
 ) -> None:
     """Train a claimed job in this process, then save its adapter, register it and finish the job.
 
     ``main_process`` is False on DDP ranks other than 0 (worker/distributed.py): they only train, while rank 0
     reports metrics, checks for cancel, saves checkpoints and the adapter, and finishes the job. Failures
-    propagate to the caller, which fails the job.
+    propagate to the caller, which fails the job. ``strategy`` fsdp shards the model over the ranks; every
+    rank then joins the gathers before each save (worker/speed.py).
     """
     spec = claim.spec
     if needs_resolution(spec.training):
@@ -218,7 +253,18 @@ def train(
                 session.commit()
     resume_from, resume_step = prepare_resume(job_id, store, work_dir / "output")
     set_seed(spec.training.seed)  # the new head's random init too: a rerun or resumed run starts the same
-    prepared, method, model, optimizer, method_callbacks = build_trainable(spec)
+    sharded = strategy == "fsdp"
+    prepared, method, model, optimizer, method_callbacks = build_trainable(spec, sharded)
+    gathered = GatheredState()  # FSDP: the full weights the last checkpoint gathered
+    if sharded and prepared.eval_dataset:
+        prepared.notes.append(
+            "fsdp: the adapter keeps the final weights (keeping the best evaluation's is not done under FSDP)"
+        )
+    if main_process and prepared.notes:
+        with session_scope() as session:
+            for note in prepared.notes:
+                add_event(session, job_id, "config", note)
+            session.commit()
     has_eval = bool(prepared.eval_dataset)
     examples = len(prepared.train_dataset) if hasattr(prepared.train_dataset, "__len__") else None
     save_steps = save_every(spec, total_steps(spec, examples))
@@ -230,8 +276,14 @@ def train(
     )
 
     def store_checkpoint(folder: Path, state: TrainerState) -> None:
-        save_trainable(model, folder, method)
-        save_adapter(model, method, prepared, folder / checkpoints.ADAPTER_FOLDER, spec)
+        if sharded:
+            assert gathered.state is not None, "the Trainer's save gathers the weights before on_save"
+            save_trainable_from(gathered.state, trainable_names(model), folder)
+        else:
+            save_trainable(model, folder, method)
+        save_adapter(
+            model, method, prepared, folder / checkpoints.ADAPTER_FOLDER, spec, state_dict=gathered.state
+        )
         key = checkpoints.checkpoint_key(job_id, state.global_step)
         store.put_dir(folder, key)
         with session_scope() as session:
@@ -253,7 +305,9 @@ def train(
     # The adapter keeps the best evaluation's weights (worker/best.py); every rank decides alike.
     # AdaLoRA is left out: its final rank pattern decides which of the weights are saved, so earlier ones
     # put back would not be the ones evaluated.
-    keeps_best = has_eval and spec.method != "adalora"
+    # FSDP: each rank holds a shard of the best weights; putting them back is left out for now (the final
+    # weights are kept, and the job's events say so).
+    keeps_best = has_eval and spec.method != "adalora" and not sharded
     best_metric = metric_for(spec.training.best_metric, spec.task) if keeps_best else None
     best = (
         BestModelCallback(
@@ -266,11 +320,14 @@ def train(
         else None
     )
     best_callbacks = [best] if best is not None else []
-    trainer = resumable_trainer_class(
-        Trainer, method
-    )(  # training.Trainer: benchmarks swap it for a timed one
+    trainer_class = resumable_trainer_class(Trainer, method)  # training.Trainer: benchmarks swap it
+    if sharded:
+        trainer_class = sharded_trainer_class(trainer_class, gathered, on_cpu=not torch.cuda.is_available())
+    trainer = trainer_class(
         model=model,
-        args=training_arguments(spec, work_dir / "output", has_eval, save_steps),
+        args=training_arguments(
+            spec, work_dir / "output", has_eval, save_steps, fsdp_arguments(model) if sharded else None
+        ),
         train_dataset=prepared.train_dataset,
         eval_dataset=prepared.eval_dataset if has_eval else None,
         data_collator=prepared.collator,
@@ -298,6 +355,20 @@ def train(
         close = getattr(callback, "close", None)
         if close is not None:
             close()
+    if sharded:
+        shards = sharded_parameters(model)
+        if not shards:  # accelerate fell back to replicating: the memory the job was sized for is not there
+            raise RuntimeError(
+                "resources.strategy fsdp: the model was not sharded (no parameter is a DTensor)"
+            )
+        if main_process:
+            with session_scope() as session:
+                message = (
+                    f"fsdp: {shards} parameter tensors were sharded over the ranks (FSDP2 through accelerate)"
+                )
+                add_event(session, job_id, "config", message)
+                session.commit()
+    final_state = gather_state(trainer.model_wrapped) if sharded else None  # every rank joins
     if callback is None:  # DDP rank > 0: rank 0 writes the adapter and finishes the job
         return
     step = trainer.state.global_step
@@ -316,7 +387,7 @@ def train(
         final_metrics = _keep_best(job_id, best, step, final_metrics)
     adapter_key = store.job_key(job_id, "adapter")
     adapter_dir = work_dir / "adapter"
-    save_adapter(model, method, prepared, adapter_dir, spec, final_metrics)
+    save_adapter(model, method, prepared, adapter_dir, spec, final_metrics, state_dict=final_state)
     store.put_dir(adapter_dir, adapter_key)
     trainable, total = count_parameters(model)
     size, files = _folder_size(adapter_dir)
@@ -386,13 +457,18 @@ def save_adapter(
     folder: Path,
     spec: JobSpec,
     metrics: dict[str, float] | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> None:
     """Write the adapter folder: the method's files, the tokenizer, studio.json saying how it was made, and a
-    model card (README.md, over peft's template) with the held-out ``metrics``."""
+    model card (README.md, over peft's template) with the held-out ``metrics``. ``state_dict``: the full
+    weights gathered from an FSDP-sharded model (the model's own tensors are shards)."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    method.save(model, str(folder))
+    if state_dict is not None:
+        save_gathered(model, str(folder), state_dict)
+    else:
+        method.save(model, str(folder))
     prepared.tokenizer.save_pretrained(str(folder))
     studio = {
         "format": "peft-studio-adapter/1",

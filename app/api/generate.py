@@ -50,7 +50,7 @@ class PreviewResponse(BaseModel):
     template: str | None = Field(description="The chat template used: tokenizer (the model's own) or a name.")
     chat_template: str | None = Field(description="The template's Jinja source.")
     train_on_prompt: bool
-    packing: bool
+    packing: str
     max_length: int
     examples: list[PreviewExample]
 

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 else:  # the registered tasks, in form order: the schema's enum and the form's choices
     Task = Literal[task_names()]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"]
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+Packing = Literal["auto", "on", "off", "rows"]
+Strategy = Literal["auto", "ddp", "fsdp"]
 
 
 AUTO: Literal["auto"] = "auto"
@@ -119,6 +123,30 @@ class TrainingSettings(BaseModel):
     save_total_limit: int = Field(
         default=2, ge=1, le=100, description="How many of the newest checkpoints are kept."
     )
+    # ---- speed and memory (issue 22, docs/performance.md) ----
+    optimizer: Optimizer = Field(
+        default="adamw_torch",
+        description="adamw_torch: PyTorch AdamW; adamw_torch_fused: its fused kernel (CUDA and CPU); adamw_8bit "
+        "and paged_adamw_8bit: bitsandbytes' 8-bit AdamW (paged: spills optimizer state to CPU memory under "
+        "pressure), for full fine-tuning on a GPU (they need accelerator gpu).",
+    )
+    gradient_checkpointing: Literal["off", "on"] = Field(
+        default="off",
+        description="Recompute each layer's activations in the backward pass instead of keeping them "
+        "(non-reentrant variant): far less activation memory for about a third more compute.",
+    )
+    liger: Literal["auto", "off"] = Field(
+        default="auto",
+        description="Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU, linear + cross-entropy without "
+        "the vocabulary-sized logits): auto applies them on CUDA when liger-kernel is installed and the model is "
+        "a Llama, Mistral, Qwen2/3, Gemma or Phi3; the job's events say when and why not.",
+    )
+    torch_compile: bool = Field(
+        default=False,
+        description="torch.compile the model before training. Off by default: on CPUs it did not pay in our "
+        "measurements (docs/benchmarks.md); try it on a GPU for long runs.",
+    )
+    # ---- end speed and memory ----
 
     @field_validator(*AUTO_RANGES, mode="wrap")
     @classmethod
@@ -196,11 +224,24 @@ class CausalLMSettings(BaseModel):
         default=False,
         description="Also compute the loss on prompt tokens. Off: only responses are learned (prompt masked).",
     )
-    packing: bool = Field(
-        default=False,
-        description="Pack short examples into sequences of up to max length tokens; examples still cannot "
-        "attend to each other (positions restart per example). Batch size then counts packed sequences.",
+    packing: Packing = Field(
+        default="auto",
+        description="on: padding-free packing, each batch's examples concatenated with positions restarting "
+        "per example, so no token is padding and no example attends to another (same loss as off); rows: the "
+        "whole set packed once into rows of max length tokens, batch size then counts rows; off: one padded "
+        "example per row; auto: on where the model and method allow it (docs/performance.md). true/false mean "
+        "rows/off.",
     )
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing_from_bool(cls, value: Any) -> Any:
+        # Specs from before packing had modes said true/false; true was today's rows.
+        if isinstance(value, bool):
+            return "rows" if value else "off"
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return "rows" if value.strip().lower() == "true" else "off"
+        return value
 
 
 GpuClass = Literal["16gb", "24gb", "40gb", "48gb", "80gb", "141gb"]
@@ -225,14 +266,26 @@ class ResourceSettings(BaseModel):
         default=1,
         ge=1,
         le=64,
-        description="Training processes of one job (PyTorch DDP through torchrun): one per GPU on a GPU "
+        description="Training processes of one job (through torchrun): one per GPU on a GPU "
         "worker, which must have that many; on a CPU they share the cores (gloo backend).",
+    )
+    strategy: Strategy = Field(
+        default="auto",
+        description="How several processes share the job: ddp replicates the model on each; fsdp shards "
+        "weights, gradients and optimizer state across them (for models that do not fit one GPU; checkpoints "
+        "and the adapter are gathered whole); auto: fsdp when the memory estimate does not fit one GPU of the "
+        "worker, else ddp. Needs num_processes > 1 for fsdp.",
     )
 
     @model_validator(mode="after")
     def _gpu_class_needs_gpu(self) -> "ResourceSettings":
         if self.gpu_class and self.accelerator == "cpu":
             raise ValueError("gpu_class asks for a GPU but accelerator is cpu; choose gpu or any")
+        if self.strategy == "fsdp" and self.num_processes < 2:
+            raise ValueError(
+                "strategy fsdp shards the model across processes and needs num_processes of 2 or more "
+                f"(it is {self.num_processes}); raise num_processes or choose auto or ddp"
+            )
         return self
 
     @property
@@ -342,6 +395,24 @@ class JobSpec(BaseModel):
                 f"its settings are: {', '.join(settings.model_fields)}"
             )
         return settings.model_validate(config).model_dump(mode="json")
+
+    # Checks across sections sit on ``resources`` (validated last), so the error names a field, not the body.
+    @field_validator("resources")
+    @classmethod
+    def _resources_fit_the_job(cls, resources: ResourceSettings, info: ValidationInfo) -> ResourceSettings:
+        training = info.data.get("training")
+        if training is not None and training.optimizer in BNB_OPTIMIZERS and not resources.wants_gpu:
+            raise ValueError(
+                f"training.optimizer {training.optimizer} is a bitsandbytes 8-bit optimizer for CUDA GPUs; set "
+                f"resources.accelerator to gpu (it is {resources.accelerator}) or choose adamw_torch"
+            )
+        method = registry().get(str(info.data.get("method")))
+        if resources.strategy == "fsdp" and method is not None and method.saved_as == "studio":
+            raise ValueError(
+                f"strategy fsdp cannot save method {method.name!r} (a studio adapter, not a peft or "
+                "transformers model, so its sharded weights cannot be gathered into one); choose ddp"
+            )
+        return resources
 
     def method_settings(self) -> BaseModel:
         """The method config as its typed model."""

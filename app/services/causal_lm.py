@@ -114,10 +114,10 @@ def validate_causal_lm_spec(session: Session, spec: JobSpec, owner_id: int | Non
     else:
         check_validation_split(dataset, spec.validation_fraction)
     # A method's virtual tokens (or prefix key/values) join every sequence: packed examples would share them.
-    if spec.causal_lm.packing and _adds_virtual_tokens(spec.method):
+    if spec.causal_lm.packing in ("on", "rows") and _adds_virtual_tokens(spec.method):
         raise InvalidSpec(
             f"Packing cannot be used with {spec.method}: its virtual tokens (or prefix key/values) would be "
-            "shared by every example packed in a row. Turn packing off for this method.",
+            "shared by every example packed in a row. Set packing to off or auto for this method.",
             field="causal_lm.packing",
         )
     model = resolve_for_job(spec.base_model)

@@ -30,6 +30,7 @@ class Prepared:
     labels: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     preprocess_logits: Callable[[Any, Any], Any] | None = None
+    notes: list[str] = field(default_factory=list)  # choices made on the job's behalf: "config" events
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Causal-LM instruction tuning: prompts and responses in, loss on responses, loss/perplexity/accuracy out."""
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -12,16 +13,59 @@ from app.core.models import Dataset
 from app.core.safety import model_load_kwargs, remote_code_allowed
 from app.core.spec import JobSpec
 from app.core.tasks import CAUSAL_LM
+from worker.methods import get_method
 from worker.recipes import Prepared, Recipe
 from worker.recipes.causal_lm_data import (
     IGNORE,
     PackedCollator,
+    PaddingFreeCollator,
     causal_data,
     job_encoder,
     load_tokenizer,
     pack,
 )
 from worker.recipes.classification import without_dropout
+
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def honours_packed_positions(model: Any) -> bool:
+    """True when the model keeps packed examples apart from their position ids alone (no attention mask).
+
+    Models whose mask comes from transformers' ``create_causal_mask`` turn restarting position ids into a
+    block-diagonal mask (SDPA, eager) and flash-attention into varlen sequences; older code ignores them, and
+    packed examples would attend to each other there.
+    """
+    if getattr(model.config, "_attn_implementation", None) in VARLEN_ATTENTION:
+        return True
+    base = getattr(model, "base_model", model)  # the decoder under the LM head
+    return any(
+        hasattr(sys.modules.get(type(part).__module__), "create_causal_mask") for part in (model, base)
+    )
+
+
+def packing_mode(spec: JobSpec, model: Any) -> tuple[str, str | None]:
+    """The packing a job trains with (on, rows, off) and, when auto chose off, why (for the job's events)."""
+    choice = spec.causal_lm.packing
+    supported = honours_packed_positions(model)
+    if choice in ("on", "rows") and not supported:
+        raise ValueError(
+            f"causal_lm.packing {choice}: this model's architecture ({type(model).__name__}) does not keep "
+            "packed examples apart by their position ids, so they would attend to each other; set packing "
+            "to off or auto"
+        )
+    if choice != "auto":
+        return choice, None
+    if get_method(spec.method).virtual_tokens:
+        return (
+            "off",
+            f"packing auto: off, method {spec.method} adds virtual tokens every example needs its own",
+        )
+    if not supported:
+        return "off", (
+            f"packing auto: off, {type(model).__name__} does not keep packed examples apart by position ids"
+        )
+    return "on", None
 
 
 def preprocess_logits(logits: Any, labels: Any) -> tuple[Any, Any]:
@@ -92,9 +136,16 @@ def prepare(
     )
     padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
     train_dataset: list[dict[str, Any]]
-    if spec.causal_lm.packing:
+    packing, why_not = packing_mode(spec, model)
+    notes = [why_not] if why_not else []
+    if packing == "rows":
         train_dataset = pack(data.train, spec.training.max_length)
         collator: Any = _TrainOrEvalCollator(PackedCollator(tokenizer.pad_token_id), padded)
+    elif packing == "on":
+        varlen = getattr(model.config, "_attn_implementation", None) in VARLEN_ATTENTION
+        train_dataset = [example.packable() for example in data.train]
+        row_tokens = None if varlen else spec.training.max_length
+        collator = _TrainOrEvalCollator(PaddingFreeCollator(tokenizer.pad_token_id, row_tokens), padded)
     else:
         train_dataset = [example.features() for example in data.train]
         collator = padded
@@ -109,6 +160,7 @@ def prepare(
         preprocess_logits=preprocess_logits,
         metadata={
             "template": template_name,
+            "packing": packing,
             "data_format": spec.causal_lm.format,
             "system_prompt": spec.causal_lm.system_prompt,
             "eos_token_id": tokenizer.eos_token_id,
@@ -118,13 +170,14 @@ def prepare(
             "truncated_examples": data.truncated,
             "dropped_examples": data.dropped,
         },
+        notes=notes,
     )
 
 
 class _TrainOrEvalCollator:
     """Packed training rows (with position_ids) to the packed collator, eval examples to the padding one."""
 
-    def __init__(self, packed: PackedCollator, padded: Any) -> None:
+    def __init__(self, packed: PackedCollator | PaddingFreeCollator, padded: Any) -> None:
         self.packed = packed
         self.padded = padded
 

@@ -4,13 +4,20 @@ Shared by training (worker/recipes/causal_lm.py) and the job preview in the web 
 exactly what the model trains on. Needs a tokenizer object but imports neither torch nor transformers at
 module level.
 
-Packing: examples are bin-packed (best fit, longest first) into rows of at most ``max_length`` tokens, with
-``position_ids`` restarting at 0 for every example and no attention mask. transformers 5 builds a
-block-diagonal causal mask from such position ids for the eager and SDPA attention of Llama-style models
-(``masking_utils.find_packed_sequence_indices``) as long as no KV cache is in play, so the recipe turns
-``use_cache`` off for training; tests/test_causal_lm.py checks that an example's logits are the same packed
-or alone. ``DataCollatorWithFlattening`` does the same per batch (one row per batch, no padding); we pack
-into fixed-size rows instead so that every step sees about the same number of tokens.
+Packing (``causal_lm.packing``, docs/performance.md): examples are concatenated with ``position_ids``
+restarting at 0 for every example and no attention mask. transformers 5 builds a block-diagonal causal mask
+from such position ids for the eager and SDPA attention of every model that builds its mask with
+``masking_utils.create_causal_mask`` (``find_packed_sequence_indices``), and flash-attention turns them into
+varlen ``cu_seqlens``, as long as no KV cache is in play, so the recipe turns ``use_cache`` off for training;
+tests/test_causal_lm.py checks that an example's logits are the same packed or alone. Two ways:
+
+* ``on`` (padding-free, ``PaddingFreeCollator``): each batch's examples are concatenated when the batch is
+  made, so a step sees exactly the examples (and the loss) it would unpacked, minus the padding. Under
+  flash-attention varlen the whole batch is one row (attention costs the sum of the squared example lengths);
+  under SDPA/eager the mask is dense, so the examples are bin-packed into rows of at most ``max_length``
+  tokens instead of one ``batch × length`` long row whose attention would cost its square.
+* ``rows`` (the original packing, ``pack``): the whole training set is bin-packed once into rows of
+  ``max_length`` tokens, and the batch size counts rows: fewer, fuller steps.
 """
 
 import bisect
@@ -45,6 +52,14 @@ class EncodedExample:
             "input_ids": self.input_ids,
             "attention_mask": [1] * len(self.input_ids),
             "labels": self.labels,
+        }
+
+    def packable(self) -> dict[str, Any]:
+        """The example as a dataset item for padding-free packing (its own position ids, no attention mask)."""
+        return {
+            "input_ids": self.input_ids,
+            "labels": [IGNORE, *self.labels[1:]],
+            "position_ids": list(range(len(self.input_ids))),
         }
 
 
@@ -210,28 +225,55 @@ def causal_data(spec: JobSpec, train: Dataset, validation: Dataset | None, encod
     return CausalData(train_encoded, eval_encoded, truncated + eval_truncated, dropped + eval_dropped)
 
 
+def best_fit(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Indices of ``sizes`` grouped into bins of at most ``capacity`` (best fit, longest first)."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin index), sorted
+    for index in order:
+        size = sizes[index]
+        slot = bisect.bisect_left(free, (size, -1))
+        if slot < len(free):
+            room, bin_index = free.pop(slot)
+        else:
+            room, bin_index = capacity, len(bins)
+            bins.append([])
+        bins[bin_index].append(index)
+        if room - size > 0:
+            bisect.insort(free, (room - size, bin_index))
+    return bins
+
+
+def tightest_rows(sizes: list[int], max_row: int) -> list[list[int]]:
+    """Examples grouped into rows of at most ``max_row`` tokens so that the padded batch is smallest.
+
+    The batch is rectangular (rows padded to the longest), so rows of ``max_row`` tokens can waste most of the
+    last rows; trying every capacity from the longest example up to ``max_row`` at which the rows could be
+    full (total / k) and keeping the one with the fewest padded tokens (then the shortest rows: attention
+    costs the square of a row) leaves at most about one example's worth of padding.
+    """
+    longest, total = max(sizes), sum(sizes)
+    capacities = {longest, max(longest, min(max_row, total))}
+    capacities |= {-(-total // k) for k in range(1, len(sizes) + 1) if longest <= -(-total // k) <= max_row}
+    best: tuple[int, int, list[list[int]]] | None = None
+    for capacity in sorted(capacities):
+        rows = best_fit(sizes, capacity)
+        width = max(sum(sizes[i] for i in row) for row in rows)
+        cost = (len(rows) * width, width)
+        if best is None or cost < best[:2]:
+            best = (*cost, rows)
+    assert best is not None
+    return best[2]
+
+
 def pack(examples: list[EncodedExample], max_length: int) -> list[dict[str, Any]]:
     """Examples packed into rows of at most ``max_length`` tokens (best fit, longest first).
 
     Each row's ``position_ids`` restart at 0 for every example, which keeps examples from attending to one
     another; the first label of every example is ignored so no token learns to predict across a boundary.
     """
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, bin index), sorted
-    for index in order:
-        size = len(examples[index].input_ids)
-        slot = bisect.bisect_left(free, (size, -1))
-        if slot < len(free):
-            room, bin_index = free.pop(slot)
-        else:
-            room, bin_index = max_length, len(bins)
-            bins.append([])
-        bins[bin_index].append(index)
-        if room - size > 0:
-            bisect.insort(free, (room - size, bin_index))
     rows: list[dict[str, Any]] = []
-    for members in bins:
+    for members in best_fit([len(example.input_ids) for example in examples], max_length):
         input_ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
@@ -267,3 +309,35 @@ class PackedCollator:
             batch["labels"].append([*feature["labels"], *[IGNORE] * pad])
             batch["position_ids"].append([*feature["position_ids"], *range(pad)])
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+class PaddingFreeCollator:
+    """Padding-free packing of one batch: its examples concatenated, position ids restarting per example.
+
+    ``row_tokens`` None puts the whole batch in one row (for flash-attention varlen, whose cost is per example);
+    a number bin-packs the examples into rows of at most that many tokens (SDPA and eager attention build a
+    dense mask over a row, so a row as long as the whole batch would cost its square), at the row width that
+    pads least (``tightest_rows``). Written here rather
+    than using ``DataCollatorWithFlattening``, which only makes the single row. Each example's first label is
+    ignored (the encoder already does so), so no token learns to predict across a boundary, and the loss is
+    the unpacked batch's loss.
+    """
+
+    def __init__(self, pad_token_id: int, row_tokens: int | None) -> None:
+        self.row_tokens = row_tokens
+        self.padded = PackedCollator(pad_token_id)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        sizes = [len(feature["input_ids"]) for feature in features]
+        if self.row_tokens is None:
+            groups = [list(range(len(features)))]
+        else:
+            groups = tightest_rows(sizes, self.row_tokens)
+        rows = [
+            {
+                key: [value for index in members for value in features[index][key]]
+                for key in ("input_ids", "labels", "position_ids")
+            }
+            for members in groups
+        ]
+        return self.padded(rows)
