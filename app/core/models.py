@@ -197,7 +197,7 @@ class MetricRollup(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="job.id")
-    size: int = Field(description="Points per block: 16 or 256.")
+    size: int = Field(description="Points per block: 16, 64 or 256.")
     prev_id: int | None = Field(
         default=None, description="The job's point before the block, as its writer saw it."
     )

@@ -2,11 +2,11 @@
 
 A chart of a run with a million points shows ~2,000 of them; reading the million rows to pick them took a minute
 on a cold web process. The metric writer (worker/reporting.py) therefore also writes one ``metricrollup`` row
-per ``size`` consecutive points of the job (``ROLLUP_SIZES``: 16 and 256), in the same transaction as the
+per ``size`` consecutive points of the job (``ROLLUP_SIZES``: 16, 64 and 256), in the same transaction as the
 points that complete it. A row holds, per series key (``train.loss``), how many finite values the block has and
 its *candidates*: every point when there are at most ``EXACT_POINTS``, else the first, the minimum, the maximum
 and the last, in step order. That is all a min/max-per-bucket chart needs, and the series' summary (min, max,
-last, count) too. A million-point run has ~3,900 rows of the coarse size; a 10,000-point run ~625 of the fine one.
+last, count) too. A million-point run has ~3,900 rows of the coarse size; a 10,000-point run ~625 of the finest.
 
 Blocks of one writer chain (``prev_id`` is the job's point just before the block, as that writer saw it). Points
 no block covers (the unfinished block at the end, a block a dead writer never completed, a run logged before
@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLLUP_SIZES = (16, 256)
+ROLLUP_SIZES = (16, 64, 256)
 EXACT_POINTS = 4
 
 

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from app.core.models import MetricPoint, MetricRollup
-from app.core.rollups import ROLLUP_SIZES, RawPoint, finite
+from app.core.rollups import RawPoint, finite
 
 DEFAULT_MAX_POINTS = 2000
 MIN_MAX_POINTS = 10
@@ -340,9 +340,10 @@ def series_answer(
 def series_stats(session: Session, job_id: int) -> dict[str, dict[str, float]]:
     """Per series key: min, max, last value and count (for summary tables); from roll-up blocks when the job has
     them (a cold compare of long runs reads thousands of rows, not every point)."""
-    for size in sorted(ROLLUP_SIZES, reverse=True):
-        entry = get_rollup_cache().get(session, job_id, size)
-        if entry.blocks:
+    counts = rollup_counts(session, job_id)
+    if counts:
+        entry = get_rollup_cache().get(session, job_id, max(counts))
+        with entry.lock:
             return _unit_stats(entry.units())
     data = get_cache().get(session, job_id)
     stats: dict[str, dict[str, float]] = {}
@@ -358,10 +359,10 @@ def series_stats(session: Session, job_id: int) -> dict[str, dict[str, float]]:
     return stats
 
 
-def _unit_stats(units: dict[str, "_Units"]) -> dict[str, dict[str, float]]:
+def _unit_stats(units: dict[str, "Unit"]) -> dict[str, dict[str, float]]:
     stats: dict[str, dict[str, float]] = {}
     for key in sorted(units, key=lambda key: (not key.startswith("train."), key)):
-        values = np.asarray(units[key].values, dtype=np.float64)
+        counts, _, values = units[key]
         if not values.size:
             continue
         last_row = values[-1][~np.isnan(values[-1])]
@@ -369,7 +370,7 @@ def _unit_stats(units: dict[str, "_Units"]) -> dict[str, dict[str, float]]:
             "min": float(np.nanmin(values)),
             "max": float(np.nanmax(values)),
             "last": float(last_row[-1]),
-            "count": float(sum(units[key].counts)),
+            "count": float(counts.sum()),
         }
     return stats
 
@@ -379,29 +380,61 @@ def _unit_stats(units: dict[str, "_Units"]) -> dict[str, dict[str, float]]:
 CANDIDATES = 4
 
 
-@dataclass
+Unit = tuple[
+    np.ndarray, np.ndarray, np.ndarray
+]  # counts (n,), candidate steps (n, 4), candidate values (n, 4)
+_PAD = [math.nan] * (2 * CANDIDATES)
+
+
 class _Units:
     """One series as units in id order: a roll-up block (its count and up to four candidate points) or one raw
-    point (count 1, itself)."""
+    point (count 1, itself). Kept as flat lists that grow; converted to arrays once per new unit only."""
 
-    counts: list[int] = field(default_factory=list)
-    steps: list[list[float]] = field(default_factory=list)
-    values: list[list[float]] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self.flat: list[float] = []  # 8 floats per unit: step, value pairs, NaN-padded
+        self._arrays: Unit = (
+            np.empty(0, dtype=np.int64),
+            np.empty((0, CANDIDATES)),
+            np.empty((0, CANDIDATES)),
+        )
 
     def add(self, flat: list[float]) -> None:
         """Append a unit from its ``[count, step, value, ...]`` summary."""
-        pairs = (len(flat) - 1) // 2
-        pad = [math.nan] * (CANDIDATES - pairs)
         self.counts.append(int(flat[0]))
-        self.steps.append([float(v) for v in flat[1::2]] + pad)
-        self.values.append([float(v) for v in flat[2::2]] + pad)
+        self.flat += flat[1:]
+        self.flat += _PAD[: 2 * CANDIDATES + 1 - len(flat)]
 
-    def extended(self, other: "_Units") -> "_Units":
-        """These units followed by ``other``'s."""
-        return _Units(self.counts + other.counts, self.steps + other.steps, self.values + other.values)
+    def extend(self, other: "_Units") -> None:
+        """Append ``other``'s units."""
+        self.counts += other.counts
+        self.flat += other.flat
+
+    def arrays(self) -> Unit:
+        """(counts, steps, values) as arrays; only units added since the last call are converted."""
+        done = len(self._arrays[0])
+        if done < len(self.counts):
+            new = np.array(self.flat[done * 2 * CANDIDATES :], dtype=np.float64).reshape(-1, 2 * CANDIDATES)
+            counts = np.array(self.counts[done:], dtype=np.int64)
+            self._arrays = (
+                np.concatenate((self._arrays[0], counts)),
+                np.concatenate((self._arrays[1], new[:, 0::2])),
+                np.concatenate((self._arrays[2], new[:, 1::2])),
+            )
+        return self._arrays
 
 
-def chart_units(units: _Units, max_points: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _joined(first: Unit, second: Unit) -> Unit:
+    if not len(second[0]):
+        return first
+    return (
+        np.concatenate((first[0], second[0])),
+        np.concatenate((first[1], second[1])),
+        np.concatenate((first[2], second[2])),
+    )
+
+
+def chart_units(units: Unit, max_points: int) -> tuple[np.ndarray, np.ndarray, int]:
     """At most ``max_points`` points of a series given as units, and its full length.
 
     When every unit is exact (holds all its points) and they fit, every point is returned, as the raw path does.
@@ -409,12 +442,10 @@ def chart_units(units: _Units, max_points: int) -> tuple[np.ndarray, np.ndarray,
     highest candidate; the very first and last points are kept. Blocks carry their true first, min, max and last,
     so every extreme of the series survives, exactly as the per-bucket min/max of the raw points would keep it.
     """
-    counts = np.asarray(units.counts, dtype=np.int64)
+    counts, steps, values = units
     total = int(counts.sum()) if len(counts) else 0
     if not total:
         return np.empty(0), np.empty(0), 0
-    steps = np.asarray(units.steps, dtype=np.float64)
-    values = np.asarray(units.values, dtype=np.float64)
     present = ~np.isnan(steps)
     exact = bool(np.all(present.sum(axis=1) == counts))
     flat_steps, flat_values = steps[present], values[present]  # row-major: unit order, then step order
@@ -453,7 +484,10 @@ def raw_units(rows: list[RawPoint]) -> dict[str, _Units]:
         for name, raw in (row.values or {}).items():
             value = finite(raw)
             if value is not None:
-                out.setdefault(f"{row.split}.{name}", _Units()).add([1.0, float(row.step), value])
+                key = f"{row.split}.{name}"
+                if key not in out:
+                    out[key] = _Units()
+                out[key].add([1.0, float(row.step), value])
     return out
 
 
@@ -478,11 +512,13 @@ class RollupSeries:
     gaps: dict[int, list[RawPoint]] = field(default_factory=dict)  # block index -> raw points before it
     tail: list[RawPoint] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    _static: dict[str, _Units] | None = None
+    static: dict[str, _Units] = field(
+        default_factory=dict
+    )  # per key: the units of the blocks and gaps so far
 
     def reset(self) -> None:
         """Forget everything read so far."""
-        self.blocks, self.gaps, self.tail, self._static = [], {}, [], None
+        self.blocks, self.gaps, self.tail, self.static = [], {}, [], {}
 
     @property
     def cursor(self) -> int:
@@ -536,28 +572,29 @@ class RollupSeries:
                     between = _raw_points(session, self.job_id, previous, block.first_id)
                     if between:
                         self.gaps[len(self.blocks)] = between
+                        for key, units in raw_units(between).items():
+                            self._static_of(key).extend(units)
+                for key, flat in block.series.items():
+                    self._static_of(key).add(flat)
                 self.blocks.append(block)
-            self._static = None
         self.tail = _raw_points(session, self.job_id, self.blocks[-1].last_id if self.blocks else 0, None)
 
-    def _static_units(self) -> dict[str, _Units]:
-        if self._static is None:
-            units: dict[str, _Units] = {}
-            for index, block in enumerate(self.blocks):
-                for key, gap_units in raw_units(self.gaps.get(index, [])).items():
-                    units[key] = units.get(key, _Units()).extended(gap_units)
-                for key, flat in block.series.items():
-                    units.setdefault(key, _Units()).add(flat)
-            self._static = units
-        return self._static
+    def _static_of(self, key: str) -> _Units:
+        units = self.static.get(key)
+        if units is None:
+            units = self.static[key] = _Units()
+        return units
 
-    def units(self) -> dict[str, _Units]:
+    def units(self) -> dict[str, Unit]:
         """Every series as units in id order: blocks (with the raw points of gaps among them), then the tail."""
-        static = self._static_units()
         tail = raw_units(self.tail)
+        empty = _Units().arrays()
         return {
-            key: static.get(key, _Units()).extended(tail.get(key, _Units()))
-            for key in set(static) | set(tail)
+            key: _joined(
+                self.static[key].arrays() if key in self.static else empty,
+                tail[key].arrays() if key in tail else empty,
+            )
+            for key in set(self.static) | set(tail)
         }
 
 
@@ -625,15 +662,39 @@ def get_rollup_cache() -> RollupCache:
     return _rollups
 
 
+def rollup_counts(session: Session, job_id: int) -> dict[int, int]:
+    """How many roll-up blocks the job has, by size (one index-only query)."""
+    rows = session.connection().execute(
+        sa.select(col(MetricRollup.size), sa.func.count())
+        .where(col(MetricRollup.job_id) == job_id)
+        .group_by(col(MetricRollup.size))
+    )
+    return {int(size): int(count) for size, count in rows}
+
+
+_chosen: dict[tuple[str, int, int], int] = {}
+
+
 def rollups_for_chart(session: Session, job_id: int, max_points: int) -> RollupSeries | None:
     """The coarsest roll-up with at least one block per chart bucket (so every bucket has something to pick
-    from), or None when the job is too short for roll-ups to help (or has none: logged before they existed)."""
+    from), or None when the job is too short for roll-ups to help (or has none: logged before they existed).
+    The choice is remembered per job and budget, so a warm request reads only that size's new blocks."""
     buckets = max((max_points - 2) // 2, 1)
-    for size in sorted(ROLLUP_SIZES, reverse=True):
-        entry = get_rollup_cache().get(session, job_id, size)
-        if len(entry.blocks) >= buckets:
-            return entry
-    return None
+    key = (str(session.get_bind().engine.url), job_id, buckets)
+    size = _chosen.get(key)
+    if size is None:
+        counts = rollup_counts(session, job_id)
+        size = max((size for size, count in counts.items() if count >= buckets), default=None)
+        if size is None:
+            return None
+        if len(_chosen) > 1000:
+            _chosen.clear()
+        _chosen[key] = size
+    entry = get_rollup_cache().get(session, job_id, size)
+    if not entry.blocks:  # gone (a resume dropped them): choose again next time
+        _chosen.pop(key, None)
+        return None
+    return entry
 
 
 def rollup_series(entry: RollupSeries, budget: int, keys: list[str] | None) -> dict[str, Any]:
@@ -643,7 +704,7 @@ def rollup_series(entry: RollupSeries, budget: int, keys: list[str] | None) -> d
     ordered = sorted(units, key=lambda key: (not key.startswith("train."), key))
     out: dict[str, Any] = {}
     for key in keys if keys is not None else ordered:
-        xs, ys, total = chart_units(units.get(key, _Units()), budget)
+        xs, ys, total = chart_units(units[key] if key in units else _Units().arrays(), budget)
         out[key] = {"x": xs.tolist(), "y": ys.tolist(), "total": total}
     return {
         "job_id": entry.job_id,

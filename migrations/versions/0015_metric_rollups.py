@@ -1,6 +1,6 @@
 """metric roll-ups: per-block summaries of a job's metric points written beside them; metric indexes
 
-- ``metricrollup``: one row per block of 16 or 256 consecutive points of a job (app/core/rollups.py), found by
+- ``metricrollup``: one row per block of 16, 64 or 256 consecutive points of a job (app/core/rollups.py), found by
   ``(job_id, size, last_id)``.
 - ``metricpoint (job_id, step)``: a resume deletes the points after its checkpoint's step; without it that
   delete scans every point of the job (Postgres does not index foreign keys by itself; the stream's, series'
