@@ -68,12 +68,20 @@ def _insert_points(job_id: int, points: int, start_step: int = 1, eval_every: in
             )
     table = MetricPoint.__table__  # type: ignore[attr-defined]
     engine = get_engine()
+    # Raw DBAPI executemany with the JSON encoded up front: the insert is set-up, not what is measured.
+    marker = "?" if engine.dialect.name == "sqlite" else "%s"
+    sql = (
+        f'INSERT INTO metricpoint (job_id, step, split, "values", created_at, attempt) '
+        f"VALUES ({', '.join([marker] * 6)})"
+    )
+    stamp = created if engine.dialect.name != "sqlite" else created.strftime("%Y-%m-%d %H:%M:%S.%f")
     with engine.begin() as connection:
         newest = connection.execute(
             sa.select(sa.func.max(table.c.id)).where(table.c.job_id == job_id)
         ).scalar()
-        for start in range(0, len(rows), 50_000):
-            connection.execute(sa.insert(table), rows[start : start + 50_000])
+        encoded = [(job_id, r["step"], r["split"], json.dumps(r["values"]), stamp, 0) for r in rows]
+        for start in range(0, len(encoded), 50_000):
+            connection.exec_driver_sql(sql, encoded[start : start + 50_000])
         ids = (
             connection.execute(
                 sa.select(table.c.id)
