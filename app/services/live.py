@@ -192,7 +192,8 @@ class FeedHub:
         """Join the job's feed (starting it when nobody watches the job yet) for the life of a stream."""
         key = (str(get_engine().url), job_id)
         feed = self.feeds.get(key)
-        if feed is None or (feed.task is not None and feed.task.done() and not feed.finished):
+        if feed is None or feed.finished or (feed.task is not None and feed.task.done()):
+            # A finished feed ends its own viewers; a new viewer (the job may have been resumed) gets a new one.
             feed = JobFeed(job_id, get_settings().stream_poll_seconds)
             self.feeds[key] = feed
         if feed.task is None:
