@@ -260,7 +260,7 @@ async def _client(url: str, job_id: int, received: dict[int, float], state: dict
                             return
                     elif line.startswith("data:") and event == "metric":
                         received[int(json.loads(line[5:])["id"])] = time.time()
-    except Exception:  # noqa: BLE001 - counted, the bench goes on
+    except (Exception, asyncio.CancelledError):  # noqa: BLE001 - counted, the bench goes on
         state["errors"] += 1
 
 
@@ -272,7 +272,7 @@ async def _clients_main(url: str, job_id: int, count: int) -> None:
     while state["connected"] + state["errors"] < count:
         await asyncio.sleep(0.1)
     print("READY", flush=True)
-    await asyncio.gather(*tasks)
+    await asyncio.gather(*tasks, return_exceptions=True)
     print("RESULT " + json.dumps({"state": state, "received": received}), flush=True)
 
 
@@ -285,6 +285,7 @@ def sse_run(web: Web, backend: Backend, clients: int, procs: int) -> dict[str, A
         subprocess.Popen(
             [sys.executable, __file__, "_clients", web.url, str(job_id), str(n)],
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             preexec_fn=raise_nofile,
         )
@@ -310,8 +311,13 @@ def sse_run(web: Web, backend: Backend, clients: int, procs: int) -> dict[str, A
     latencies: list[float] = []
     state = {"connected": 0, "ended": 0, "errors": 0, "missing": 0}
     for child in children:
-        out, _ = child.communicate(timeout=300)
-        result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+        out, err = child.communicate(timeout=300)
+        line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise RuntimeError(
+                f"an SSE client process gave no result (exit {child.returncode}): {err[-800:]}"
+            )
+        result = json.loads(line[7:])
         for name in ("connected", "ended", "errors"):
             state[name] += result["state"][name]
         for got in result["received"]:
@@ -402,10 +408,12 @@ def main() -> None:
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument("--series-points", type=int, default=1_000_000)
     parser.add_argument("--skip", default="", help="comma-separated: sse, big, load, series")
+    parser.add_argument("--codes", default="before,after", help="which of the two to measure")
     options = parser.parse_args()
     raise_nofile()
     skip = set(options.skip.split(","))
     codes = {"before": Path(options.baseline).resolve(), "after": THIS_ROOT}
+    codes = {label: root for label, root in codes.items() if label in options.codes.split(",")}
     results: dict[str, Any] = {"load_average_start": list(os.getloadavg()), "cpus": os.cpu_count()}
     for kind in options.backends.split(","):
         for label, root in codes.items():
