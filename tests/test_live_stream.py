@@ -270,6 +270,8 @@ def test_the_database_is_read_once_per_tick_however_many_watch(
             )
             feeds = [feed for hub in live._hubs.values() for feed in hub.feeds.values()]
             assert len(feeds) == 1 and feeds[0].subscribers == VIEWERS  # one reader for 50 viewers
+            # an open stream holds no pooled connection (Postgres' pool is 5 + 45, not one per viewer)
+            assert get_engine().pool.checkedout() <= 2, get_engine().pool.status()
             feed = feeds[0]
             # when: points arrive over ~2 s while the 50 viewers watch
             ticks_before = feed.reads
