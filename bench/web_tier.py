@@ -26,12 +26,14 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import resource
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -41,6 +43,7 @@ THIS_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "pst_bench-web-tier-token-000000000000"
 POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS = "redis://127.0.0.1:6379"
+CONNECT_SPREAD_SECONDS = 5.0
 CSV = b"text,label\ngood movie,pos\nbad movie,neg\nlovely film,pos\nawful film,neg\ngreat,pos\npoor,neg\n"
 
 
@@ -244,6 +247,9 @@ async def _client(url: str, job_id: int, received: dict[int, float], state: dict
     import httpx
 
     headers = {"Authorization": f"Bearer {TOKEN}"}
+    await asyncio.sleep(
+        random.uniform(0, CONNECT_SPREAD_SECONDS)
+    )  # people open a page over seconds, not at once
     try:
         async with httpx.AsyncClient(timeout=httpx.Timeout(300, connect=60)) as http:
             async with http.stream("GET", f"{url}/api/v1/jobs/{job_id}/stream", headers=headers) as response:
@@ -292,10 +298,20 @@ def sse_run(web: Web, backend: Backend, clients: int, procs: int) -> dict[str, A
         for n in per
         if n
     ]
+    outputs: list[list[str]] = []
+    readers = []
     for child in children:
         assert child.stdout is not None
         line = child.stdout.readline()
         assert line.startswith("READY"), line
+        # The rest is read on a thread through the same buffered file (communicate() would read the raw pipe
+        # and lose what readline already buffered).
+        outputs.append([])
+        reader = threading.Thread(
+            target=lambda c=child, o=outputs[-1]: o.append(c.stdout.read()), daemon=True
+        )
+        reader.start()
+        readers.append(reader)
     time.sleep(2)  # connections settle
     before, started = cpu_seconds(web.process.pid), time.monotonic()
     time.sleep(10)
@@ -310,8 +326,11 @@ def sse_run(web: Web, backend: Backend, clients: int, procs: int) -> dict[str, A
     points.status("succeeded")
     latencies: list[float] = []
     state = {"connected": 0, "ended": 0, "errors": 0, "missing": 0}
-    for child in children:
-        out, err = child.communicate(timeout=300)
+    for child, reader, output in zip(children, readers, outputs, strict=True):
+        reader.join(timeout=300)
+        child.wait(timeout=30)
+        assert child.stderr is not None
+        out, err = "".join(output), child.stderr.read()
         line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             raise RuntimeError(
