@@ -1,11 +1,12 @@
 """The ``peft-studio`` command: serve the studio, run a worker, migrate the database, make a tiny LM."""
 
+import copy
 import os
 import secrets
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -46,6 +47,14 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(help="Training workers to start beside the web app (0: none).")] = 1,
+    web_workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Web processes (uvicorn workers) on the one port; the job reaper and the webhook dispatcher run "
+            "in one of them.",
+        ),
+    ] = 1,
 ) -> None:
     """Start the web app and one training worker on the configured (by default embedded) database and broker.
 
@@ -70,9 +79,28 @@ def serve(
     typer.echo(f"PEFT Studio on http://{host}:{port}  (data: {settings.resolved_data_dir})")
     _print_login_link(host, port)
     try:
-        uvicorn.run("app.main:app", host=host, port=port, log_level="info")
+        # One process by default; with --web-workers N uvicorn forks N processes that share the socket
+        # (docs/scale-out.md: what one process holds and how many to run).
+        uvicorn.run(
+            "app.main:app",
+            host=host,
+            port=port,
+            log_level="info",
+            workers=web_workers,
+            log_config=_log_config(),
+        )
     finally:
         supervisor.stop()
+
+
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, plus the studio's own ``peft_studio.*`` loggers at INFO on the same handler (which
+    web process runs the background duties, the supervisor's restarts)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["peft_studio"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
 
 
 @cli.command()

@@ -19,7 +19,7 @@ from app.core.db import PROJECT_ROOT, run_migrations
 from app.http import errors, gate
 from app.http.auth import AUTH_DEPENDENCIES
 from app.services.accounts import bootstrap_accounts
-from app.services.recovery import start_reaper
+from app.services.background import BackgroundDuties
 from app.web import (
     api_docs,
     auth_pages,
@@ -43,10 +43,12 @@ def create_app(migrate: bool = True) -> FastAPI:
         if migrate:
             run_migrations()
             bootstrap_accounts()  # the admin exists; PEFT_STUDIO_ADMIN_TOKEN is registered
-        reaper = start_reaper()  # requeues running jobs whose worker vanished (app/services/recovery.py)
+        # The reaper (requeues running jobs whose worker vanished) and the webhook dispatcher run in one web
+        # process of those sharing the data folder (app/services/background.py), however many serve starts.
+        duties = BackgroundDuties()
+        duties.start()
         yield
-        if reaper is not None:
-            reaper.cancel()
+        await duties.stop()
 
     # Every route, including routers added later, requires a signed-in user (app/http/auth.py; public: /healthz, /login*).
     app = FastAPI(

@@ -11,34 +11,44 @@ temporary folder. Points are inserted with one executemany (not through the API)
 - compare view of 10 jobs x 10,000 points: the page's HTML, ``/api/v1/compare`` and ten ``/series`` requests,
   as the browser makes them (sequentially here), cold and warm.
 
+Points get the roll-up blocks the metric writer would have written beside them (app/core/rollups.py, built from
+the same rows after the insert); code without roll-ups (``--app-root`` of an older tree) gets the points only.
+
 Prints a table, then one JSON line with every number (bench/run_all.py reads the last line).
-Usage: ``python bench/dashboard.py [--points 1000000] [--repeats 9]``.
+Usage: ``python bench/dashboard.py [--points 1000000] [--repeats 9] [--app-root DIR] [--database-url URL]``
+(``--app-root``: measure the app of another checkout, e.g. a worktree of main as the baseline;
+``--database-url``: a fresh, empty Postgres database instead of SQLite).
 """
 
 import argparse
 import json
 import os
 import random
-import sqlite3
 import statistics
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(os.environ.get("BENCH_APP_ROOT") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(ROOT))
 TOKEN = "pst_bench-dashboard-token-0000000000"
 
 
-def _insert_points(db: Path, job_id: int, points: int, start_step: int = 1, eval_every: int = 1000) -> None:
-    """Train points (loss, lr, grad norm, samples/s, memory) with an eval point every ``eval_every`` steps."""
-    connection = sqlite3.connect(db)
-    created = "2026-11-26 04:00:00.000000"
+def _insert_points(job_id: int, points: int, start_step: int = 1, eval_every: int = 1000) -> None:
+    """Train points (loss, lr, grad norm, samples/s, memory) with an eval point every ``eval_every`` steps, and
+    (when the app has them) the roll-up blocks the metric writer keeps beside them."""
+    import sqlalchemy as sa
+
+    from app.core.db import get_engine
+    from app.core.models import MetricPoint
+
+    created = datetime(2026, 11, 26, 4, 0, 0, tzinfo=UTC)
     rng = random.Random(job_id)
     loss = 2.5
-    rows = []
+    rows: list[dict[str, Any]] = []
     for step in range(start_step, start_step + points):
         loss = max(0.05, loss * 0.99999 + rng.gauss(0, 0.01))
         values = {
@@ -48,17 +58,54 @@ def _insert_points(db: Path, job_id: int, points: int, start_step: int = 1, eval
             "samples_per_second": 30 + rng.random(),
             "peak_rss_mb": 900.0 + step / 10_000,
         }
-        rows.append((job_id, step, None, "train", json.dumps(values), created))
+        rows.append(
+            {"job_id": job_id, "step": step, "split": "train", "values": values, "created_at": created}
+        )
         if eval_every and step % eval_every == 0:
+            evaluation = {"loss": loss, "accuracy": rng.random()}
             rows.append(
-                (job_id, step, None, "eval", json.dumps({"loss": loss, "accuracy": rng.random()}), created)
+                {"job_id": job_id, "step": step, "split": "eval", "values": evaluation, "created_at": created}
             )
-    connection.executemany(
-        'INSERT INTO metricpoint (job_id, step, epoch, split, "values", created_at) VALUES (?, ?, ?, ?, ?, ?)',
-        rows,
+    table = MetricPoint.__table__  # type: ignore[attr-defined]
+    engine = get_engine()
+    # Raw DBAPI executemany with the JSON encoded up front: the insert is set-up, not what is measured.
+    marker = "?" if engine.dialect.name == "sqlite" else "%s"
+    sql = (
+        f'INSERT INTO metricpoint (job_id, step, split, "values", created_at, attempt) '
+        f"VALUES ({', '.join([marker] * 6)})"
     )
-    connection.commit()
-    connection.close()
+    stamp = created if engine.dialect.name != "sqlite" else created.strftime("%Y-%m-%d %H:%M:%S.%f")
+    with engine.begin() as connection:
+        newest = connection.execute(
+            sa.select(sa.func.max(table.c.id)).where(table.c.job_id == job_id)
+        ).scalar()
+        encoded = [(job_id, r["step"], r["split"], json.dumps(r["values"]), stamp, 0) for r in rows]
+        for start in range(0, len(encoded), 50_000):
+            connection.exec_driver_sql(sql, encoded[start : start + 50_000])
+        ids = (
+            connection.execute(
+                sa.select(table.c.id)
+                .where(table.c.job_id == job_id, table.c.id > (newest or 0))
+                .order_by(table.c.id)
+            )
+            .scalars()
+            .all()
+        )
+    try:
+        from app.core.models import MetricRollup
+        from app.core.rollups import RawPoint, RollupBuilder
+    except ImportError:  # an app from before roll-ups: points only
+        return
+    builder = _builders.setdefault(job_id, RollupBuilder())
+    blocks = builder.add(
+        RawPoint(int(i), row["step"], row["split"], row["values"]) for i, row in zip(ids, rows, strict=True)
+    )
+    if blocks:
+        with engine.begin() as connection:
+            connection.execute(sa.insert(MetricRollup.__table__), [b.row(job_id) for b in blocks])  # type: ignore[attr-defined]
+
+
+_builders: dict[int, Any] = {}
 
 
 def _timed(call: Any) -> tuple[float, Any]:
@@ -73,12 +120,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9, help="timed requests per warm measurement")
     parser.add_argument("--compare-jobs", type=int, default=10)
     parser.add_argument("--compare-points", type=int, default=10_000)
+    parser.add_argument("--app-root", help="the checkout whose app is measured (default: this one)")
+    parser.add_argument("--database-url", help="an empty database (default: SQLite in a temporary folder)")
     args = parser.parse_args()
+    if args.app_root:  # re-run this script against another checkout's app (its own imports, its migrations)
+        env = {**os.environ, "BENCH_APP_ROOT": args.app_root, "PYTHONPATH": args.app_root}
+        argv = [a for a in sys.argv[1:] if a != args.app_root and a != "--app-root"]
+        os.execve(sys.executable, [sys.executable, __file__, *argv], env)
 
     data_dir = Path(tempfile.mkdtemp(prefix="bench-dashboard-"))
     os.environ["PEFT_STUDIO_DATA_DIR"] = str(data_dir)
     os.environ["PEFT_STUDIO_ADMIN_TOKEN"] = TOKEN
     os.environ["HF_HUB_OFFLINE"] = "1"
+    if args.database_url:
+        os.environ["PEFT_STUDIO_DATABASE_URL"] = args.database_url
     from fastapi.testclient import TestClient
     from sqlmodel import Session
 
@@ -86,9 +141,8 @@ def main() -> None:
     from app.core.models import Job, JobStatus
     from app.main import create_app
 
-    results: dict[str, Any] = {"bench": "dashboard", "points": args.points}
+    results: dict[str, Any] = {"bench": "dashboard", "points": args.points, "app_root": str(ROOT)}
     with TestClient(create_app(), headers={"Authorization": f"Bearer {TOKEN}"}) as client:
-        db = data_dir / "studio.db"
         with Session(get_engine()) as session:
             jobs = [
                 Job(
@@ -110,9 +164,9 @@ def main() -> None:
         big, compared = ids[0], ids[1:]
 
         t0 = time.perf_counter()
-        _insert_points(db, big, args.points)
+        _insert_points(big, args.points)
         for job_id in compared:
-            _insert_points(db, job_id, args.compare_points, eval_every=100)
+            _insert_points(job_id, args.compare_points, eval_every=100)
         results["insert_seconds"] = round(time.perf_counter() - t0, 1)
 
         url = f"/api/v1/jobs/{big}/series?max_points=2000"
@@ -125,7 +179,7 @@ def main() -> None:
         live = []
         next_step = args.points + 1
         for _ in range(args.repeats):
-            _insert_points(db, big, 100, start_step=next_step, eval_every=0)
+            _insert_points(big, 100, start_step=next_step, eval_every=0)
             next_step += 100
             elapsed, response = _timed(lambda: client.get(url))
             live.append(elapsed)

@@ -13,13 +13,14 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import insert, update
 from sqlmodel import col, select
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from app.core.db import session_scope
 from app.core.events import publish
-from app.core.models import Job, MetricPoint, utcnow
+from app.core.models import Job, MetricPoint, MetricRollup, utcnow
+from app.core.rollups import RawPoint, RollupBuilder
 from app.core.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -28,15 +29,16 @@ log = logging.getLogger(__name__)
 class MetricWriter:
     """Writes a job's metric points and progress to the database on a background thread, in batches.
 
-    The training loop only puts items on a bounded queue (it blocks only when the writer is that far behind,
-    so nothing is ever dropped); the thread writes whatever has queued up in one transaction, publishes the
-    news for live streams (Redis pub/sub when the broker is Redis) and, every ``cancel_poll`` seconds, writes
-    the heartbeat and reads the job's cancel flag. ``close`` writes everything still queued, in order.
+        The training loop only puts items on a bounded queue (it blocks only when the writer is that far behind,
+        so nothing is ever dropped); the thread writes whatever has queued up in one transaction, publishes the
+        news for live streams (Redis pub/sub when the broker is Redis) and, every ``cancel_poll`` seconds, writes
+        the heartbeat and reads the job's cancel flag. ``close`` writes everything still queued, in order. With the
+    points it writes the roll-up blocks they complete (app/core/rollups.py), which long charts read instead.
 
-    With a ``run_token``, every write is fenced by it: one transaction first updates the job row only while it
-    still carries the token (which also locks the row against a requeue), then adds the points. When the token is
-    gone (the job was requeued to another worker, or finished), nothing is written, ``lost`` is set (the
-    heartbeat's event, so the training loop stops) and the writer drops whatever else it is handed.
+        With a ``run_token``, every write is fenced by it: one transaction first updates the job row only while it
+        still carries the token (which also locks the row against a requeue), then adds the points. When the token is
+        gone (the job was requeued to another worker, or finished), nothing is written, ``lost`` is set (the
+        heartbeat's event, so the training loop stops) and the writer drops whatever else it is handed.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class MetricWriter:
         self.error: BaseException | None = None
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=capacity)
         self._last_check = 0.0
+        self._rollups = RollupBuilder()  # per-block summaries for charts (app/core/rollups.py)
         self._thread = threading.Thread(target=self._run, name=f"metrics-job-{job_id}", daemon=True)
         self._thread.start()
 
@@ -145,9 +148,23 @@ class MetricWriter:
                     if cancel.scalar():
                         self.cancel_requested.set()
             session.add_all(rows)
-            session.commit()
+            builder: RollupBuilder | None = None
             if rows:
-                last_id = rows[-1].id
+                # The points get their ids here; the blocks they complete are written in the same transaction
+                # (a copy of the builder is kept only once it commits, so a failed write is fed again).
+                session.flush()
+                last_id = rows[
+                    -1
+                ].id  # read now: after the commit it would cost a SELECT (expired attributes)
+                builder = self._rollups.copy()
+                blocks = builder.add(
+                    RawPoint(int(row.id or 0), row.step, row.split, row.values) for row in rows
+                )
+                if blocks:
+                    session.execute(insert(MetricRollup), [block.row(self.job_id) for block in blocks])
+            session.commit()
+            if builder is not None:
+                self._rollups = builder
         self.written += len(rows)
         if rows or progress:
             publish(self.job_id, last_id)

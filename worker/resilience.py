@@ -19,7 +19,7 @@ from sqlmodel import col, delete, func, select
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from app.core.db import session_scope
-from app.core.models import Job, JobStatus, MetricPoint, utcnow
+from app.core.models import Job, JobStatus, MetricPoint, MetricRollup, utcnow
 from app.core.settings import get_settings
 from app.core.storage import ArtifactStore
 from app.services import checkpoints
@@ -212,6 +212,17 @@ def prepare_resume(job_id: int, store: ArtifactStore, work_dir: Path) -> tuple[P
                 )
                 checkpoints.delete_all(session, job_id)
                 local, step = None, 0
+        first_removed = session.exec(
+            select(func.min(MetricPoint.id)).where(
+                col(MetricPoint.job_id) == job_id, col(MetricPoint.step) > step
+            )
+        ).one()
+        if first_removed is not None:  # the roll-up blocks that summarise a removed point go with it
+            session.execute(
+                delete(MetricRollup).where(
+                    col(MetricRollup.job_id) == job_id, col(MetricRollup.last_id) >= first_removed
+                )
+            )
         removed = session.execute(
             delete(MetricPoint).where(col(MetricPoint.job_id) == job_id, col(MetricPoint.step) > step)
         ).rowcount  # type: ignore[attr-defined]

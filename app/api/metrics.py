@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
-from fastapi import APIRouter, BackgroundTasks, Query
+from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from sqlmodel import Session, col
 
@@ -20,11 +20,12 @@ from app.core.errors import NotFound
 from app.core.files import zip_folder
 from app.core.models import MetricPoint
 from app.core.storage import get_store
+from app.http import etag
 from app.http.auth import OwnerScope
 from app.http.deps import SessionDep
 from app.services import compare as compare_service
 from app.services import jobs as jobs_service
-from app.services.series import DEFAULT_MAX_POINTS, get_cache, job_series
+from app.services.series import DEFAULT_MAX_POINTS, get_cache, series_answer
 
 router = APIRouter(prefix="/api/v1", tags=["metrics"])
 
@@ -40,6 +41,7 @@ def _json(body: Any) -> Response:
 @router.get("/jobs/{job_id}/series")
 def job_series_endpoint(
     session: SessionDep,
+    request: Request,
     owner_id: OwnerScope,
     job_id: int,
     max_points: Annotated[int, Query(ge=1, le=100_000)] = DEFAULT_MAX_POINTS,
@@ -47,10 +49,12 @@ def job_series_endpoint(
 ) -> Response:
     """Every metric series of a job (``train.loss``, ``eval.accuracy``, ...), each downsampled to at most
     ``max_points`` points by min/max per bucket (first and last points kept). ``keys`` picks series
-    (comma-separated); ``cursor`` is the newest point id included, to continue the SSE stream after it."""
+    (comma-separated); ``cursor`` is the newest point id included, to continue the SSE stream after it.
+    Answers 304 to a matching ``If-None-Match`` (the tag changes when a point arrives)."""
     jobs_service.get_job(session, job_id, owner_id)
     wanted = [key.strip() for key in keys.split(",") if key.strip()] if keys else None
-    return _json(job_series(session, job_id, max_points, wanted))
+    version, make = series_answer(session, job_id, max_points, wanted)
+    return etag.versioned_json(request, version, lambda: json.dumps(make(), separators=(",", ":")).encode())
 
 
 def _clean(value: Any) -> Any:

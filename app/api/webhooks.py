@@ -1,18 +1,14 @@
 """/api/v1/webhooks: register URLs for job events, see every delivery attempt; the /webhooks page.
 
-The router carries the webhook dispatcher's lifespan (FastAPI merges router lifespans into the app's), so
-including the router is all it takes to run the dispatcher thread in a web process.
+The webhook dispatcher thread is started by the app's lifespan in one web process (app/services/background.py).
 """
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Form, Request, status
+from fastapi import APIRouter, Form, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from app.core.errors import StudioError
 from app.core.models import Webhook, WebhookDelivery
@@ -21,17 +17,7 @@ from app.http.deps import SessionDep
 from app.services import audit
 from app.services import webhooks as service
 
-
-@asynccontextmanager
-async def _dispatcher_lifespan(_: FastAPI) -> AsyncIterator[None]:
-    dispatcher = service.start_dispatcher()
-    try:
-        yield
-    finally:
-        await run_in_threadpool(service.stop_dispatcher, dispatcher)
-
-
-router = APIRouter(lifespan=_dispatcher_lifespan)
+router = APIRouter()
 
 
 class WebhookCreate(BaseModel):

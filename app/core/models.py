@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index
+from sqlalchemy import JSON, BigInteger, Column, Index, Text
 from sqlmodel import Field, SQLModel
 
 
@@ -170,7 +170,11 @@ class JobEventPublic(SQLModel):
 class MetricPoint(SQLModel, table=True):
     """One logged step of a job (train or eval); its id doubles as the SSE event id (never reused)."""
 
-    __table_args__ = (Index("ix_metricpoint_job_id_id", "job_id", "id"), AUTOINCREMENT)
+    __table_args__ = (
+        Index("ix_metricpoint_job_id_id", "job_id", "id"),
+        Index("ix_metricpoint_job_id_step", "job_id", "step"),
+        AUTOINCREMENT,
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="job.id")
@@ -182,6 +186,27 @@ class MetricPoint(SQLModel, table=True):
     attempt: int = Field(
         default=0,
         description="The job's attempt (start) that logged it; 0: logged before attempts were kept.",
+    )
+
+
+class MetricRollup(SQLModel, table=True):
+    """A block of ``size`` consecutive metric points of a job, summarised per series as it was written
+    (app/core/rollups.py): charts of long runs read these instead of every point."""
+
+    __table_args__ = (Index("ix_metricrollup_job_id_size_last_id", "job_id", "size", "last_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="job.id")
+    size: int = Field(description="Points per block: 16, 64 or 256.")
+    prev_id: int | None = Field(
+        default=None, description="The job's point before the block, as its writer saw it."
+    )
+    first_id: int
+    last_id: int
+    points: int
+    series: str = Field(
+        sa_column=Column(Text, nullable=False),
+        description="JSON: per series key, [count, step, value, ...] (every point, or first/min/max/last).",
     )
 
 

@@ -191,7 +191,10 @@ class Settings(BaseSettings):
         default=5, ge=1, description="Postgres: connections kept open per process."
     )
     database_max_overflow: int = Field(
-        default=10, ge=0, description="Postgres: extra connections a process may open at peak."
+        default=45,
+        ge=0,
+        description="Postgres: extra connections a process may open at peak (closed when returned). With the pool "
+        "it must exceed the web's 40 request threads, or requests wait on each other for a connection.",
     )
     database_pool_recycle_seconds: int = Field(
         default=1800, ge=-1, description="Postgres: reopen connections older than this (-1: never)."

@@ -137,6 +137,11 @@ async def authenticate(
         if request.method in UNSAFE_METHODS:
             await _check_csrf(request, request.state.csrf_token)
     request.state.user = user
+    # Give the connection back before the handler runs: between here and the handler's own first query a busy
+    # process may take a while (and a stream never ends its dependencies' sessions until the viewer leaves), so
+    # holding it made a thousand arriving viewers exhaust the pool. ``user`` stays usable, detached; the session
+    # opens a new connection for the handler's first query.
+    session.close()
 
 
 # The largest id a database integer column holds everywhere (Postgres INTEGER); larger ids cannot exist.

@@ -116,6 +116,11 @@ def waiting_reason(session: Session, job: Job) -> str | None:
     workers = session.exec(select(Worker).where(col(Worker.status) == "online")).all()
     if any(queue in worker.queues for worker in workers if is_alive(worker)):
         return None
+    return _no_worker_reason(resources)
+
+
+def _no_worker_reason(resources: Any) -> str:
+    """Why a job with these resources waits when no live worker consumes its queue."""
     if resources.wants_gpu:
         needs = []
         if resources.gpu_class:
@@ -164,6 +169,68 @@ def job_public(session: Session, job: Job) -> JobPublic:
             "queue_position": queue_position(session, job),
         },
     )
+
+
+def jobs_public(session: Session, jobs: list[Job]) -> list[JobPublic]:
+    """The public shapes of many jobs with a fixed number of queries, however many there are (``job_public``
+    per row would ask for each one's adapter, and each queued one's workers and queue)."""
+    ids = [job.id for job in jobs]
+    adapters: dict[int | None, int | None] = dict(
+        session.exec(select(Adapter.job_id, Adapter.id).where(col(Adapter.job_id).in_(ids))).all()
+        if ids
+        else []
+    )
+    queued = [job for job in jobs if job.status == JobStatus.queued]
+    reasons: dict[int | None, str | None] = {}
+    positions: dict[int | None, int | None] = {}
+    if queued:
+        from app.core.queue import queue_for
+        from app.core.spec import ResourceSettings
+        from app.services.workers import is_alive
+
+        online = session.exec(select(Worker).where(col(Worker.status) == "online")).all()
+        live_queues = {queue for worker in online if is_alive(worker) for queue in worker.queues}
+        waiting = session.exec(
+            select(Job.id, Job.spec)
+            .where(col(Job.status) == JobStatus.queued, col(Job.id) <= max(job.id or 0 for job in queued))
+            .order_by(col(Job.id))
+        ).all()
+        seen: dict[str, int] = {}
+        place: dict[int, int] = {}
+        for other_id, spec in waiting:
+            queue = _queue_of(dict(spec))
+            seen[queue] = seen.get(queue, 0) + 1
+            place[int(other_id or 0)] = seen[queue]
+        for job in queued:
+            positions[job.id] = place.get(int(job.id or 0))
+            try:
+                resources = ResourceSettings.model_validate(job.spec.get("resources") or {})
+            except ValueError:
+                reasons[job.id] = None
+                continue
+            reasons[job.id] = None if queue_for(resources) in live_queues else _no_worker_reason(resources)
+    return [
+        JobPublic.model_validate(
+            job,
+            update={
+                "adapter_id": adapters.get(job.id),
+                "waiting_reason": reasons.get(job.id),
+                "queue_position": positions.get(job.id),
+            },
+        )
+        for job in jobs
+    ]
+
+
+def metrics_version(session: Session, job_id: int, after_id: int = 0) -> tuple[int, int]:
+    """(newest point id, point count) after ``after_id``: one indexed query that changes whenever the job's
+    points do (ids are never reused, so a replaced point changes the newest id or the count)."""
+    newest, count = session.exec(
+        select(func.max(MetricPoint.id), func.count()).where(
+            MetricPoint.job_id == job_id, col(MetricPoint.id) > after_id
+        )
+    ).one()
+    return int(newest or 0), int(count or 0)
 
 
 def cancel_job(session: Session, job_id: int, owner_id: int | None = None) -> Job:

@@ -1,0 +1,89 @@
+"""``peft-studio serve --web-workers N``: N web processes answer on one port, and the job reaper and the webhook
+dispatcher run in exactly one of them (app/services/background.py); when that one dies, another takes over."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import suppress
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.studio import PROJECT_ROOT, free_port, studio_env
+
+pytestmark = pytest.mark.e2e
+
+LEADER = re.compile(
+    r"background duties \(job reaper, webhook dispatcher\) run in this web process, pid (\d+)"
+)
+FOLLOWER = "background duties run in another web process"
+
+
+def _wait(condition: object, seconds: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{log.read_text(errors='replace')}"
+        time.sleep(0.2)
+
+
+def test_web_workers_run_the_background_duties_once(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    port = free_port()
+    token = "pst_web-workers-test-token-0000000"
+    env = studio_env(data_dir, PEFT_STUDIO_ADMIN_TOKEN=token)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        serve = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--workers",
+                "0",
+                "--web-workers",
+                "3",
+            ],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert serve.poll() is None, log.read_text(errors="replace")
+            with suppress(httpx.HTTPError):
+                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+            return False
+
+        _wait(up, 90, "serve", log)
+        _wait(lambda: log.read_text().count(FOLLOWER) == 2, 60, "three web processes", log)
+        # then: one of the three runs the duties, the lock file names it, and the API answers from all of them
+        leaders = LEADER.findall(log.read_text())
+        assert len(leaders) == 1, log.read_text()
+        leader = int(leaders[0])
+        assert (data_dir / "web-background.lock").read_text().strip() == str(leader)
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as api:
+            assert all(api.get("/api/v1/jobs").status_code == 200 for _ in range(10))
+        # when: that process dies
+        os.kill(leader, signal.SIGKILL)
+        # then: another web process takes the duties over (the kernel released the lock)
+        _wait(lambda: len(LEADER.findall(log.read_text())) == 2, 30, "a new leader", log)
+        assert int(LEADER.findall(log.read_text())[1]) != leader
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(serve.pid, signal.SIGTERM)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
