@@ -83,13 +83,22 @@ def save_every(spec: JobSpec, steps: int | None) -> int:
 
 
 def training_arguments(
-    spec: JobSpec, output_dir: Path, has_eval: bool, save_steps: int = 0
+    spec: JobSpec,
+    output_dir: Path,
+    has_eval: bool,
+    save_steps: int = 0,
+    args_class: Any = None,
+    extra: dict[str, Any] | None = None,
 ) -> TrainingArguments:
-    """The Trainer's arguments for a job: its training settings, evaluation and checkpoint cadence, precision."""
+    """The Trainer's arguments for a job: its training settings, evaluation and checkpoint cadence, precision.
+
+    ``args_class`` is a TrainingArguments subclass a task's trainer takes (trl's DPOConfig), with ``extra`` its own
+    values (the loss and its settings) over the studio's.
+    """
     training = spec.training
     if needs_resolution(training):  # a spec from outside a queued job (a test): the rule without row counts
         training = resolve_training(training, rule_inputs_for(spec, 0, 0)).training
-    return TrainingArguments(
+    values: dict[str, Any] = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=training.batch_size,
         per_device_eval_batch_size=max(training.batch_size, 32),
@@ -120,6 +129,9 @@ def training_arguments(
         fp16=resolved_precision(training.precision) == "fp16",
         dataloader_num_workers=0,
     )
+    values.update(extra or {})
+    built: TrainingArguments = (args_class or TrainingArguments)(**values)
+    return built
 
 
 def resolved_precision(choice: str) -> str:
@@ -190,6 +202,8 @@ def build_trainable(spec: JobSpec) -> tuple[Prepared, MethodInfo, Any, Any, list
     )
     # The method adds random weights next (e.g. LoRA's A matrices): seed them so a job is repeatable.
     set_seed(training.seed)
+    if prepared.trainable:  # the recipe continued a saved adapter: training goes on from its weights
+        return prepared, method, prepared.model, None, []
     try:
         built = method.build(prepared.model, settings, context)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
@@ -219,6 +233,16 @@ def train(
     resume_from, resume_step = prepare_resume(job_id, store, work_dir / "output")
     set_seed(spec.training.seed)  # the new head's random init too: a rerun or resumed run starts the same
     prepared, method, model, optimizer, method_callbacks = build_trainable(spec)
+    reference = prepared.metadata.get("reference")
+    if reference and main_process:  # preference tuning: say what the reference model is (and what it costs)
+        with session_scope() as session:
+            add_event(
+                session,
+                job_id,
+                "config",
+                f"{prepared.metadata.get('preference_loss')}: reference model {reference}",
+            )
+            session.commit()
     has_eval = bool(prepared.eval_dataset)
     examples = len(prepared.train_dataset) if hasattr(prepared.train_dataset, "__len__") else None
     save_steps = save_every(spec, total_steps(spec, examples))
@@ -266,17 +290,27 @@ def train(
         else None
     )
     best_callbacks = [best] if best is not None else []
-    trainer = resumable_trainer_class(
-        Trainer, method
-    )(  # training.Trainer: benchmarks swap it for a timed one
+    # training.Trainer: benchmarks swap it for a timed one; a task may name its own (trl's DPOTrainer, ...).
+    trainer_class = prepared.trainer_class or Trainer
+    metric_kwargs: dict[str, Any] = (
+        {}
+        if prepared.trainer_class is not None
+        else {
+            "compute_metrics": prepared.compute_metrics,
+            "preprocess_logits_for_metrics": prepared.preprocess_logits,
+        }
+    )
+    trainer = resumable_trainer_class(trainer_class, method)(
         model=model,
-        args=training_arguments(spec, work_dir / "output", has_eval, save_steps),
+        args=training_arguments(
+            spec, work_dir / "output", has_eval, save_steps, prepared.args_class, prepared.args_extra
+        ),
         train_dataset=prepared.train_dataset,
         eval_dataset=prepared.eval_dataset if has_eval else None,
         data_collator=prepared.collator,
         processing_class=prepared.tokenizer,
-        compute_metrics=prepared.compute_metrics,
-        preprocess_logits_for_metrics=prepared.preprocess_logits,
+        **metric_kwargs,
+        **prepared.trainer_kwargs,
         callbacks=(
             [
                 TelemetryCallback(job_id, prepared.compute_metrics),
@@ -292,6 +326,8 @@ def train(
         ),
         optimizers=(optimizer, None),
     )
+    if prepared.after_trainer is not None:
+        prepared.after_trainer(trainer)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
