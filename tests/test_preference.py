@@ -383,3 +383,78 @@ def test_estimate_counts_two_sequences_and_the_reference_copy(api: Any, tiny_lm:
     # full fine-tuning loads a frozen reference: the base weights twice; ORPO needs no reference
     assert full["memory"]["weights_bytes"] == 2 * orpo_full["memory"]["weights_bytes"]
     assert any("frozen reference copy" in line for line in full["assumptions"])
+
+
+# ---- reference model: full fine-tuning loads a frozen copy; a job may continue a supervised adapter ------
+
+
+def events(session: Session, job_id: int) -> list[str]:
+    from app.core.models import JobEvent
+
+    return [e.message for e in session.exec(select(JobEvent).where(JobEvent.job_id == job_id)).all()]
+
+
+def test_full_fine_tuning_loads_a_frozen_reference_and_says_what_it_costs(
+    session: Session, tiny_lm: Path, pairs: int
+) -> None:
+    job, adapter = run(
+        session,
+        preference_spec(tiny_lm, pairs, method="full", training={"max_steps": 4, "learning_rate": 1e-3}),
+    )
+    train = [p for p in points(session, job.id or 0, "train") if "loss" in p]
+    assert train[-1]["rewards/margins"] > train[0]["rewards/margins"]
+    assert any(
+        "reference model a frozen copy of the base model" in m and "MB more memory" in m
+        for m in events(session, job.id or 0)
+    )
+
+
+def test_a_job_continues_a_supervised_adapter_which_is_its_reference_and_try_out_starting_point(
+    api: Any, session: Session, tiny_lm: Path, pairs: int
+) -> None:
+    from app.core.storage import get_store
+
+    # given a supervised (causal-LM) LoRA adapter trained on the chosen answers
+    sft_job = create_job(
+        session,
+        task="causal-lm",
+        base_model=str(tiny_lm),
+        dataset_id=pairs,
+        validation_fraction=0.0,
+        causal_lm={"format": "prompt-completion", "completion_column": "chosen"},
+        training={"max_steps": 2, "batch_size": 8, "max_length": 64, "save_steps": 0},
+    )
+    from worker.engine import run_job
+
+    run_job(sft_job.id)
+    session.expire_all()
+    sft = session.exec(select(Adapter).where(Adapter.job_id == sft_job.id)).one()
+    # when a DPO job continues it
+    job, adapter = run(
+        session, preference_spec(tiny_lm, pairs, preference={"continue_from_adapter_id": sft.id})
+    )
+    # then the reference is the supervised adapter (trl's copy of its starting weights), not saved with the result
+    assert any(f"reference model supervised adapter {sft.id}" in m for m in events(session, job.id or 0))
+    folder = get_store().local_dir(adapter.storage_key)
+    assert (folder / "adapter_model.safetensors").exists() and not (folder / "ref").exists()
+    train = [p for p in points(session, job.id or 0, "train") if "loss" in p]
+    assert train[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # policy == reference at the start
+    assert train[-1]["rewards/margins"] > train[0]["rewards/margins"]
+    # and try-out chats with the aligned adapter beside the supervised one it started from
+    page = api.get(f"/adapters/{adapter.id}/chat")
+    assert page.status_code == 200, page.text
+    assert f"Starting point: supervised adapter {sft.id}" in page.text
+    assert f'data-base-model="ft:{tiny_lm.name}:ftjob-{sft_job.id}"' in page.text
+
+
+def test_continuing_needs_the_same_base_and_method(
+    api: Any, session: Session, tiny_lm: Path, pairs: int
+) -> None:
+    adapter = session.exec(select(Adapter).where(Adapter.task == "preference")).first()
+    assert adapter is not None
+    spec = preference_spec(tiny_lm, pairs, method="ia3", preference={"continue_from_adapter_id": adapter.id})
+    response = api.post("/api/v1/jobs", json=spec)
+    assert response.status_code == 422 and response.json()["field"] == "method", response.text
+    spec = preference_spec(tiny_lm, pairs, preference={"continue_from_adapter_id": 9999})
+    response = api.post("/api/v1/jobs", json=spec)
+    assert response.status_code == 422 and "does not exist" in response.json()["detail"]
