@@ -419,7 +419,7 @@
     var task = document.getElementById("f-task");
     if (!task) return;
     document.querySelectorAll("[data-only-for-task]").forEach(function (section) {
-      section.hidden = section.dataset.onlyForTask !== task.value;
+      section.hidden = section.dataset.onlyForTask.split(" ").indexOf(task.value) < 0;
     });
   }
 

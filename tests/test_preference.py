@@ -205,7 +205,7 @@ def jsonl(rows: list[dict[str, Any]]) -> bytes:
         (
             "dpo_en_demo.json",
             (PREFERENCE_DATA / "dpo_en_demo.json").read_bytes(),
-            {"format": "preference", "prompt_column": "conversations", "chosen_column": "chosen"},
+            {"format": "pairs", "prompt_column": "conversations", "chosen_column": "chosen"},
         ),
         (
             "kto_en_demo.json",
@@ -215,7 +215,7 @@ def jsonl(rows: list[dict[str, Any]]) -> bytes:
         (
             "pairs.json",
             json.dumps(PAIRS).encode(),
-            {"format": "preference", "prompt_column": "prompt", "rejected_column": "rejected"},
+            {"format": "pairs", "prompt_column": "prompt", "rejected_column": "rejected"},
         ),
         (
             "message-lists.json",
@@ -229,7 +229,7 @@ def jsonl(rows: list[dict[str, Any]]) -> bytes:
                     for p in PAIRS
                 ]
             ).encode(),
-            {"format": "preference", "prompt_column": "prompt"},
+            {"format": "pairs", "prompt_column": "prompt"},
         ),
         (
             "openai.jsonl",
@@ -458,3 +458,45 @@ def test_continuing_needs_the_same_base_and_method(
     spec = preference_spec(tiny_lm, pairs, preference={"continue_from_adapter_id": 9999})
     response = api.post("/api/v1/jobs", json=spec)
     assert response.status_code == 422 and "does not exist" in response.json()["detail"]
+
+
+# ---- every method that makes an adapter (and the others, with a reference copy) -----------------------
+
+
+# One of each kind (every method's build is the same code as for causal LM, tests/test_methods.py): a 4-bit base,
+# DoRA, scaling vectors, virtual tokens, prefix key/values, the studio's own adapter (not peft: a reference copy),
+# layer-wise rates (a full-weight method). LoRA and full fine-tuning are trained above.
+METHODS = [
+    ("qlora", {}),
+    ("lora", {"use_dora": True}),
+    ("ia3", {}),
+    ("prompt", {}),
+    ("prefix", {}),
+    ("houlsby", {}),
+    ("llrd", {}),
+]
+
+
+@pytest.mark.parametrize(("method", "config"), METHODS)
+def test_dpo_trains_with_each_kind_of_method(
+    session: Session, tiny_lm: Path, pairs: int, method: str, config: dict[str, Any]
+) -> None:
+    job, adapter = run(
+        session,
+        preference_spec(
+            tiny_lm,
+            pairs,
+            method=method,
+            method_config=config,
+            validation_fraction=0.0,
+            training={"max_steps": 2, "eval_steps": None},
+        ),
+    )
+    train = [p for p in points(session, job.id or 0, "train") if "rewards/margins" in p]
+    assert train and all(abs(p["loss"]) < 1e6 for p in train)
+    assert adapter.method == method and adapter.trainable_params > 0
+
+
+def test_adalora_is_not_offered_for_preference_tuning(api: Any, tiny_lm: Path, pairs: int) -> None:
+    response = api.post("/api/v1/jobs", json=preference_spec(tiny_lm, pairs, method="adalora"))
+    assert response.status_code == 422 and "does not support task 'preference'" in response.text

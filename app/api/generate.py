@@ -18,7 +18,7 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from app.core.formats import GenerationSettings
 from app.core.spec import JobSpec
-from app.core.tasks import PREFERENCE
+from app.core.tasks import CAUSAL_LM, PREFERENCE
 from app.http.auth import CurrentUser, OwnerScope
 from app.http.deps import SessionDep
 from app.services import adapters as adapters_service
@@ -63,9 +63,7 @@ class PreviewExample(BaseModel):
 
 class PreviewResponse(BaseModel):
     dataset_id: int
-    task: str = Field(
-        default="causal-lm", description="causal-lm, or preference (chosen and rejected apart)."
-    )
+    task: str = Field(default=CAUSAL_LM, description="causal-lm, or preference (chosen and rejected apart).")
     format: str
     loss: str | None = Field(default=None, description="Preference: the loss (dpo, ipo, orpo, simpo, kto).")
     template: str | None = Field(description="The chat template used: tokenizer (the model's own) or a name.")

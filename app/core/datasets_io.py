@@ -1294,9 +1294,9 @@ def propose_preference(leaf: dict[str, str], infos: dict[str, Any]) -> dict[str,
             )
             return {
                 "task": PREFERENCE,
-                "format": "preference",
-                "preference": {
-                    "format": "preference",
+                "format": "pairs",
+                PREFERENCE: {
+                    "format": "pairs",
                     "prompt_column": prompt,
                     "chosen_column": chosen,
                     "rejected_column": rejected,
@@ -1312,7 +1312,7 @@ def propose_preference(leaf: dict[str, str], infos: dict[str, Any]) -> dict[str,
         return {
             "task": PREFERENCE,
             "format": "kto",
-            "preference": {
+            PREFERENCE: {
                 "format": "kto",
                 "loss": "kto",
                 "messages_column": conversation,

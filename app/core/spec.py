@@ -203,7 +203,7 @@ class CausalLMSettings(BaseModel):
     )
 
 
-PreferenceFormat = Literal["preference", "kto"]
+PreferenceFormat = Literal["pairs", "kto"]
 PreferenceLoss = Literal["dpo", "ipo", "orpo", "simpo", "kto"]
 # The loss's own default beta (trl's defaults; SimPO's paper recommends 2.0 to 2.5).
 DEFAULT_BETA: dict[str, float] = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
@@ -247,8 +247,8 @@ class PreferenceSettings(BaseModel):
         default=1.0, gt=0, le=100, description="KTO: loss weight of answers marked bad."
     )
     format: PreferenceFormat = Field(
-        default="preference",
-        description="preference: a prompt and a chosen and a rejected answer per row (text, a message or a list "
+        default="pairs",
+        description="pairs: a prompt and a chosen and a rejected answer per row (text, a message or a list "
         "of messages each: prompt/chosen/rejected columns, ShareGPT conversations/chosen/rejected, OpenAI's "
         "input/preferred_output/non_preferred_output); kto: a conversation whose last answer is marked good "
         "or bad by a true/false label.",

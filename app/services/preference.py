@@ -145,7 +145,7 @@ def starting_point(session: Session, job: Any, owner_id: int | None = None) -> t
     from app.core.models import Adapter, Job
     from app.services.openai_compat import fine_tuned_model_name
 
-    adapter_id = ((job.spec or {}).get("preference") or {}).get("continue_from_adapter_id")
+    adapter_id = ((job.spec or {}).get(PREFERENCE) or {}).get("continue_from_adapter_id")
     if not adapter_id:
         return None
     start = session.get(Adapter, adapter_id)

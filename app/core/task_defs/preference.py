@@ -6,7 +6,7 @@ from app.core.tasks import PREFERENCE, TaskInfo
 TASK = TaskInfo(
     name=PREFERENCE,
     label="Preference tuning (DPO, IPO, ORPO, SimPO, KTO)",
-    formats=("preference", "kto"),
+    formats=("pairs", "kto"),
     metrics=("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "loss"),
     primary_metric="rewards/accuracies",
     higher_is_better=True,

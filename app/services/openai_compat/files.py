@@ -20,7 +20,7 @@ from app.services.openai_compat.common import FILE_PREFIX, id_number, unix
 # OpenAI's preference fine-tuning file: {"input": {"messages": [...]}, "preferred_output": [...],
 # "non_preferred_output": [...]} per line, read by the preference task's own format under these column names.
 OPENAI_PREFERENCE = {
-    "format": "preference",
+    "format": "pairs",
     "prompt_column": "input",
     "chosen_column": "preferred_output",
     "rejected_column": "non_preferred_output",
@@ -31,7 +31,7 @@ def data_format(columns: list[str]) -> str | None:
     """The format a file's columns hold: chat, prompt-completion, alpaca, text (causal LM), preference (OpenAI's
     DPO file), or None."""
     if all(column in columns for column in ("input", "preferred_output", "non_preferred_output")):
-        return "preference"
+        return "pairs"
     if "messages" in columns:
         return "chat"
     if "prompt" in columns and "completion" in columns:
@@ -60,7 +60,7 @@ def file_object(dataset: Dataset) -> dict[str, Any]:
 
 def _check_fine_tune_rows(columns: list[str], rows: list[dict[str, Any]], filename: str) -> None:
     fmt = data_format(columns)
-    if fmt == "preference":
+    if fmt == "pairs":
         preference = PreferenceSettings.model_validate(OPENAI_PREFERENCE)
         for number, row in enumerate(rows, start=1):
             preference_example_from_row(row, preference, number)

@@ -188,9 +188,9 @@ def build_spec(
             field="training_file",
         )
     dpo = (body.method or Method()).type == "dpo"
-    if dpo != (fmt == "preference"):
+    if dpo != (fmt == "pairs"):
         raise InvalidSpec(
-            f"File {body.training_file} is a {'preference' if fmt == 'preference' else fmt} file, but method.type "
+            f"File {body.training_file} is a {'preference (pairs)' if fmt == 'pairs' else fmt} file, but method.type "
             f"is {(body.method or Method()).type!r}: dpo trains on preference files (input, preferred_output, "
             "non_preferred_output), supervised on messages or prompt/completion files.",
             field="training_file",
@@ -217,7 +217,7 @@ def build_spec(
         beta = getattr(hyper, "beta", None)
         task_fields = {
             "task": PREFERENCE,
-            "preference": {
+            PREFERENCE: {
                 **OPENAI_PREFERENCE,
                 "loss": "dpo",
                 **({"beta": beta} if isinstance(beta, int | float) else {}),
