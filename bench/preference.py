@@ -135,7 +135,7 @@ def run_script(options: argparse.Namespace) -> dict[str, Any]:
     from bench.perf_train import METER, timed_trainer
 
     train_rows, held_rows = demo_rows(options)
-    role = {"human": "user", "gpt": "assistant"}
+    role = {"human": "user", "gpt": "assistant", "system": "system"}
 
     def conversational(rows: list[dict[str, Any]]) -> Dataset:
         def message(turn: dict[str, str]) -> dict[str, str]:

@@ -500,3 +500,48 @@ def test_dpo_trains_with_each_kind_of_method(
 def test_adalora_is_not_offered_for_preference_tuning(api: Any, tiny_lm: Path, pairs: int) -> None:
     response = api.post("/api/v1/jobs", json=preference_spec(tiny_lm, pairs, method="adalora"))
     assert response.status_code == 422 and "does not support task 'preference'" in response.text
+
+
+# ---- checkpoints and resume after a crash, as for every task -------------------------------------------
+
+
+def test_a_crashed_dpo_job_resumes_from_its_checkpoint_and_ends_as_the_uninterrupted_run(
+    session: Session, tiny_lm: Path, pairs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from app.core.storage import get_store
+    from app.services.jobs import resume_job
+    from worker import training
+    from worker.engine import run_job
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 3:
+                raise RuntimeError("simulated crash at step 3")
+
+    fields = {"validation_fraction": 0.0, "training": {"max_steps": 4, "save_steps": 2, "eval_steps": None}}
+    _, reference = run(session, preference_spec(tiny_lm, pairs, **fields))
+    job = create_job(session, **preference_spec(tiny_lm, pairs, **fields))
+    real = training.build_trainable
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "build_trainable", lambda spec: (*real(spec)[:4], [Crash()]))
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_job(job.id)
+    session.expire_all()
+    resumed = resume_job(session, job.id or 0)
+    run_job(job.id, run_token=resumed.run_token)
+    session.expire_all()
+    done = session.get(Job, job.id)
+    assert done is not None and done.status == JobStatus.succeeded, done and done.error
+    assert any("resuming from the checkpoint at step 2" in m for m in events(session, job.id or 0))
+    adapter = session.exec(select(Adapter).where(Adapter.job_id == job.id)).one()
+
+    def tensors(row: Adapter) -> dict[str, torch.Tensor]:
+        return load_file(str(get_store().local_dir(row.storage_key) / "adapter_model.safetensors"))
+
+    expected, actual = tensors(reference), tensors(adapter)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
