@@ -40,6 +40,56 @@ def demo_rows(options: argparse.Namespace) -> tuple[list[dict[str, Any]], list[d
     return rows[: options.pairs], rows[options.pairs : options.pairs + options.held_out]
 
 
+class Meter:
+    """What a timed trainer measured: train() seconds without evaluation, and the pairs its batches carried."""
+
+    train_seconds = 0.0
+    eval_seconds = 0.0
+    examples = 0
+    training = False
+
+
+METER = Meter()
+
+
+def timed_trainer(base: Any) -> Any:
+    """A trl trainer subclass that times train() without evaluation and counts the pairs of training batches (the
+    preference batches hold prompt/chosen/rejected ids, not input_ids, so bench/perf_train.py's counter does not
+    fit)."""
+
+    class TimedTrainer(base):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            collate = self.data_collator
+
+            def counting(features: list[dict[str, Any]]) -> Any:
+                if METER.training:
+                    METER.examples += len(features)
+                return collate(features)
+
+            self.data_collator = counting
+
+        def train(self, *args: Any, **kwargs: Any) -> Any:
+            METER.training = True
+            started = time.perf_counter()
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                METER.training = False
+                METER.train_seconds = time.perf_counter() - started - METER.eval_seconds
+
+        def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+            training, METER.training = METER.training, False
+            started = time.perf_counter()
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                METER.eval_seconds += time.perf_counter() - started
+                METER.training = training
+
+    return TimedTrainer
+
+
 def peak_memory_mib() -> float:
     """Peak CUDA memory allocated (on a GPU) or the process's peak RSS, in MiB."""
     import torch
@@ -71,7 +121,6 @@ def run_studio(options: argparse.Namespace) -> dict[str, Any]:
     from app.core.models import Adapter, Job
     from app.core.spec import JobSpec
     from app.services.datasets import create_dataset
-    from bench.perf_train import METER, timed_trainer
     from worker import engine
 
     run_migrations()
@@ -131,8 +180,6 @@ def run_script(options: argparse.Namespace) -> dict[str, Any]:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
-
-    from bench.perf_train import METER, timed_trainer
 
     train_rows, held_rows = demo_rows(options)
     role = {"human": "user", "gpt": "assistant", "system": "system"}

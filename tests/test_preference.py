@@ -545,3 +545,42 @@ def test_a_crashed_dpo_job_resumes_from_its_checkpoint_and_ends_as_the_uninterru
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- sweeps and compare, as for every task ---------------------------------------------------------------
+
+
+def test_a_sweep_over_beta_and_compare_by_reward_accuracy(
+    api: Any, session: Session, tiny_lm: Path, pairs: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[int] = []
+    monkeypatch.setattr("app.core.queue.enqueue_training", lambda job_id, *a, **k: sent.append(job_id) or "t")
+    # a sweep over the loss's beta queues one job per value (the queue is not under test here)
+    request = {"base": preference_spec(tiny_lm, pairs), "grid": {"preference.beta": [0.05, 0.5]}}
+    response = api.post("/api/v1/sweeps", json=request)
+    assert response.status_code == 201, response.text
+    assert sorted(j["spec"]["preference"]["beta"] for j in response.json()["jobs"]) == [0.05, 0.5]
+    assert len(sent) == 2
+    # two finished DPO jobs compare by their reward accuracy, the task's primary metric
+    finished = session.exec(select(Job).where(Job.status == JobStatus.succeeded)).all()
+    ids = [
+        j.id for j in finished if j.spec.get("task") == "preference" and j.spec.get("validation_fraction")
+    ][:2]
+    compared = api.get("/api/v1/compare", params={"jobs": ",".join(map(str, ids))})
+    assert compared.status_code == 200, compared.text
+    rows = compared.json()["summary"]
+    assert [row["metric"] for row in rows] == ["rewards/accuracies"] * 2
+    assert all(row["best_metric"] is not None for row in rows)
+
+
+def test_auto_learning_rate_is_a_tenth_of_the_supervised_one() -> None:
+    from app.core.autoconfig import RuleInputs, resolve_training
+    from app.core.spec import TrainingSettings
+
+    def rate(task: str) -> float:
+        inputs = RuleInputs(task, "lora", 5e-4, 1_000_000, 100, 10, 8)
+        resolution = resolve_training(TrainingSettings(), inputs)
+        assert "learning_rate" in resolution.chosen
+        return float(resolution.training.learning_rate)
+
+    assert rate("preference") == pytest.approx(rate("causal-lm") / 10)

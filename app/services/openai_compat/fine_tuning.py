@@ -249,9 +249,7 @@ def build_spec(
     inputs = autoconfig.rule_inputs(session, spec)
     base_rate = spec.training.learning_rate
     if isinstance(base_rate, str):  # auto
-        base_rate = autoconfig.learning_rate_for(
-            inputs.method_learning_rate, inputs.model_params, inputs.adapter
-        )
+        base_rate = autoconfig.auto_learning_rate(inputs)
     if isinstance(multiplier, int | float):
         rate = float(f"{base_rate * multiplier:.6g}")
         try:
