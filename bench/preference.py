@@ -1,7 +1,7 @@
 """Preference tuning: a studio DPO job against a hand-written trl script, same model, data, hyper-parameters, seed.
 
     python bench/preference.py                      # both runs, each in its own process; prints the ratios
-    python bench/preference.py --pairs 200 --held-out 60 --steps 30
+    python bench/preference.py --pairs 160 --held-out 60 --steps 20 --repeat 3
     python bench/preference.py --base /path/to/model --gpu [--liger]   # the GPU check (~1B model), not run here
 
 ``studio`` runs the real worker path (``worker.engine.run_job`` on a fresh SQLite database: the dataset profiled
@@ -303,14 +303,14 @@ def main() -> None:
     )
     parser.add_argument("--mode", choices=["both", "studio", "script"], default="both")
     parser.add_argument("--base", default=None, help="a causal-LM folder; default: the bench's tiny Llama")
-    parser.add_argument("--pairs", type=int, default=160, help="training pairs (the demo's first rows)")
-    parser.add_argument("--held-out", type=int, default=60, help="held-out pairs after them")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--pairs", type=int, default=96, help="training pairs (the demo's first rows)")
+    parser.add_argument("--held-out", type=int, default=48, help="held-out pairs after them")
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=1, help="alternate studio/script runs this many times")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1 on a shared CPU)")
+    parser.add_argument("--repeat", type=int, default=2, help="alternate studio/script runs this many times")
     parser.add_argument("--gpu", action="store_true", help="the GPU check: needs --base (~1B model) and CUDA")
     parser.add_argument("--liger", action="store_true", help="trl's Liger-kernel DPO loss (use_liger_kernel)")
     options = parser.parse_args()
