@@ -255,7 +255,8 @@ def child(options: argparse.Namespace) -> None:
     result = run_studio(options) if options.mode == "studio" else run_script(options)
     result.update(
         mode=options.mode,
-        samples_per_second=round(result["examples"] / result["train_seconds"], 3),
+        # pairs the optimizer steps saw (steps x batch); "examples" counts what the collator was handed
+        samples_per_second=round(options.steps * options.batch_size / result["train_seconds"], 3),
         peak_memory_mib=peak_memory_mib(),
         wall_seconds=round(time.perf_counter() - started, 1),
     )

@@ -445,6 +445,8 @@ def test_a_job_continues_a_supervised_adapter_which_is_its_reference_and_try_out
     assert page.status_code == 200, page.text
     assert f"Starting point: supervised adapter {sft.id}" in page.text
     assert f'data-base-model="ft:{tiny_lm.name}:ftjob-{sft_job.id}"' in page.text
+    adapter_page = api.get(f"/adapters/{adapter.id}").text
+    assert 'data-testid="chat-link"' in adapter_page and 'data-testid="merged-download"' in adapter_page
 
 
 def test_continuing_needs_the_same_base_and_method(
