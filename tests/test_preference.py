@@ -252,7 +252,11 @@ def test_the_job_form_preselects_the_detected_preference_columns(api: Any) -> No
     dataset_id = upload(api, "kto.json", (PREFERENCE_DATA / "kto_en_demo.json").read_bytes())["id"]
     page = api.get(f"/jobs/new?dataset_id={dataset_id}")
     assert page.status_code == 200
-    assert 'value="preference" selected' in page.text or 'value="preference" selected' in page.text
+    assert 'value="preference" selected' in page.text
+    # choosing the dataset in the form swaps in its proposal: the KTO columns and loss
+    swapped = api.get(f"/jobs/new/columns?dataset_id={dataset_id}")
+    assert swapped.status_code == 200, swapped.text
+    assert 'id="f-preference-label-column"' in swapped.text and 'value="kto" selected' in swapped.text
 
 
 BAD_ROW = 3
