@@ -325,7 +325,8 @@
   // The compare view (and a sweep's page): one chart per metric, one line per job, refreshed every 3 s while a
   // compared job is still queued or running.
   var COMPARE_ORDER = ["train.loss", "eval.loss", "eval.accuracy", "eval.f1_macro", "eval.token_accuracy",
-                       "eval.perplexity", "train.learning_rate", "train.grad_norm", "train.samples_per_second",
+                       "eval.perplexity", "eval.rewards/accuracies", "eval.rewards/margins", "train.rewards/margins",
+                       "train.learning_rate", "train.grad_norm", "train.samples_per_second",
                        "train.tokens_per_second", "train.peak_rss_mb", "train.cuda_peak_mb"];
   var COMPARE_SKIP = ["eval.runtime", "eval.samples_per_second", "eval.steps_per_second",
                       "train.num_input_tokens_seen", "eval.num_input_tokens_seen", "train.total_flos"];
@@ -419,7 +420,7 @@
     var task = document.getElementById("f-task");
     if (!task) return;
     document.querySelectorAll("[data-only-for-task]").forEach(function (section) {
-      section.hidden = section.dataset.onlyForTask !== task.value;
+      section.hidden = section.dataset.onlyForTask.split(" ").indexOf(task.value) < 0;
     });
   }
 

@@ -6,7 +6,7 @@
     var task = document.getElementById("f-task");
     if (!task) return;
     document.querySelectorAll("[data-only-for-task]").forEach(function (section) {
-      section.hidden = section.dataset.onlyForTask !== task.value;
+      section.hidden = section.dataset.onlyForTask.split(" ").indexOf(task.value) < 0;
     });
   }
   // The base model's suggestions are the library's models for the chosen task (GET /api/v1/models?task=);

@@ -76,6 +76,10 @@ ALLOWED_LAZY_WORKER_IMPORTS: dict[str, tuple[frozenset[str], str]] = {
         frozenset({"worker.preview"}),
         "the formatted-example preview needs the tokenizer",
     ),
+    "app.services.preference": (
+        frozenset({"worker.preview"}),
+        "the preference preview (prompt, chosen, rejected as trained) needs the tokenizer",
+    ),
     "app.cli": (
         frozenset({"worker.hardware", "worker.tiny_lm"}),
         "process entry point: `worker` prints the hardware, `make-tiny-lm` writes a tiny model",

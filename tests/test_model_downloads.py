@@ -136,7 +136,7 @@ def test_a_download_streams_its_progress_and_lands_verified_in_the_library(
     assert any(p["bytes_per_second"] > 0 and p["eta_seconds"] for p in partial)
     assert progress[-1]["done_files"] == progress[-1]["total_files"] == len(list(tiny_lm.iterdir()))
     model = client.get("/api/v1/models/acme/tiny-chat").json()
-    assert model["source"] == "hub" and model["tasks"] == ["causal-lm"]
+    assert model["source"] == "hub" and model["tasks"] == ["causal-lm", "preference"]
     assert model["revision"] == hub.repos["acme/tiny-chat"].commit
     from app.core.base_models import resolve_base_model
 

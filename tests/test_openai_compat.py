@@ -348,3 +348,58 @@ def test_a_classification_adapter_answers_with_its_label(
     assert answer.choices[0].message.content == labels[0] and answer.choices[0].finish_reason == "stop"
     completion = client.completions.create(model=model, prompt="dull")
     assert completion.choices[0].text == labels[1]
+
+
+def _preference_jsonl() -> bytes:
+    """OpenAI's preference file: input messages, a preferred and a non-preferred answer."""
+    rows = [
+        {
+            "input": {"messages": [{"role": "user", "content": prompt_of(row)}]},
+            "preferred_output": [{"role": "assistant", "content": row["output"]}],
+            "non_preferred_output": [{"role": "assistant", "content": "I would rather not say."}],
+        }
+        for row in MEMORISE * 4
+    ]
+    return "\n".join(json.dumps(row) for row in rows).encode()
+
+
+def test_a_dpo_job_from_openais_preference_file(
+    client: openai.OpenAI, studio: RunningStudio, tiny_lm: Path
+) -> None:
+    # given OpenAI's preference JSONL
+    training = client.files.create(file=("prefs.jsonl", _preference_jsonl()), purpose="fine-tune")
+    # when a job asks for method dpo with a beta
+    job = client.fine_tuning.jobs.create(
+        model=str(tiny_lm),
+        training_file=training.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 8}}},
+        extra_body={"peft": {"training": {"max_steps": 4, "logging_steps": 1, "max_length": 64}}},
+    )
+    # then a DPO job runs on the worker and reports back as OpenAI's dpo method
+    assert job.method is not None and job.method.type == "dpo"
+    deadline = time.monotonic() + 300
+    while job.status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"job still {job.status}"
+        time.sleep(1)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job.error
+    assert job.method is not None and job.method.dpo is not None
+    hyper = job.method.dpo.hyperparameters
+    assert hyper is not None and hyper.beta == 0.2
+    number = int(job.id.removeprefix("ftjob-"))
+    with studio.client() as http:
+        spec = http.get(f"/api/v1/jobs/{number}").json()["spec"]
+        metrics = http.get(f"/api/v1/jobs/{number}/metrics").json()
+    assert spec["task"] == "preference" and spec["preference"]["loss"] == "dpo"
+    assert spec["preference"]["prompt_column"] == "input" and spec["preference"]["beta"] == 0.2
+    assert "rewards/margins" in json.dumps(metrics)
+    # the aligned model answers through the OpenAI layer like any fine-tuned model
+    assert job.fine_tuned_model is not None
+    reply = client.chat.completions.create(
+        model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert reply.choices[0].message.content is not None
+    # a supervised request on a preference file is refused, naming the file
+    with pytest.raises(openai.BadRequestError) as mismatch:
+        client.fine_tuning.jobs.create(model=str(tiny_lm), training_file=training.id)
+    assert isinstance(mismatch.value.body, dict) and mismatch.value.body["param"] == "training_file"

@@ -8,7 +8,7 @@ from typing import get_args
 import pytest
 
 from app.core.spec import JobSpec
-from app.core.tasks import CAUSAL_LM, CLASSIFICATION, discover, get_task, registry, task_names
+from app.core.tasks import CAUSAL_LM, CLASSIFICATION, PREFERENCE, discover, get_task, registry, task_names
 
 ROOT = Path(__file__).resolve().parent.parent
 # Files another part of issue 16 still has to move onto the constants (app/web, app/http: the web helper; the
@@ -18,8 +18,9 @@ PENDING_RAW_TASK_NAMES = frozenset({"app/client/cli.py"})
 
 
 def test_the_builtin_tasks_are_registered_in_form_order() -> None:
-    assert task_names() == (CLASSIFICATION, CAUSAL_LM)
+    assert task_names() == (CLASSIFICATION, CAUSAL_LM, PREFERENCE)
     assert get_task(CAUSAL_LM).generates_text and not get_task(CLASSIFICATION).generates_text
+    assert get_task(PREFERENCE).generates_text
 
 
 def test_the_spec_offers_exactly_the_registered_tasks() -> None:

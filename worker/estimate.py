@@ -19,7 +19,7 @@ from app.core.base_models import ResolvedModel, resolve_base_model
 from app.core.errors import InvalidSpec
 from app.core.safety import remote_code_allowed
 from app.core.spec import JobSpec
-from app.core.tasks import CAUSAL_LM, CLASSIFICATION
+from app.core.tasks import CAUSAL_LM, CLASSIFICATION, PREFERENCE
 from worker.methods import BuildContext, MethodInfo, count_parameters, get_method
 
 FP32 = 4
@@ -67,7 +67,7 @@ def meta_model(base: ResolvedModel, task: str, num_labels: int | None) -> Any:
             str(base.path), num_labels=num_labels or 2, trust_remote_code=trust
         )
         auto: Any = AutoModelForSequenceClassification
-    elif task == CAUSAL_LM:
+    elif task in (CAUSAL_LM, PREFERENCE):
         config = AutoConfig.from_pretrained(str(base.path), trust_remote_code=trust)
         auto = AutoModelForCausalLM
     else:
@@ -145,7 +145,7 @@ def activation_bytes(model: Any, task: str, batch: int, length: int, checkpointi
         elements = layers * batch * length * hidden + per_layer
     else:
         elements = layers * per_layer
-    if task == CAUSAL_LM:
+    if task in (CAUSAL_LM, PREFERENCE):
         elements += 2 * batch * length * int(getattr(config, "vocab_size", 0) or 0)
     return int(elements * FP32)
 
@@ -188,8 +188,13 @@ def estimate(
     total_steps: int | None = None,
     gradient_checkpointing: bool = False,
     optimizer: str = "adamw_torch",
+    reference_copy: bool = False,
 ) -> JobEstimate:
-    """Build the method on a meta-device base model: exact parameter counts and a memory estimate."""
+    """Build the method on a meta-device base model: exact parameter counts and a memory estimate.
+
+    Preference tuning runs two sequences per example (chosen and rejected, or KTO's answer and its KL partner),
+    so activations count twice the batch; ``reference_copy`` adds the frozen reference model a method that
+    changes the base's own weights loads (full fine-tuning), and its activations are not kept (no gradient)."""
     base = resolve_base_model(base_model)
     context = BuildContext(
         task=task,
@@ -208,9 +213,22 @@ def estimate(
     weights = base_bytes + max(0, total - base_total) * FP32
     # The job's training.gradient_checkpointing, or QLoRA's own method setting.
     checkpointing = gradient_checkpointing or bool(getattr(settings, "gradient_checkpointing", False))
-    activations = activation_bytes(built, task, batch_size, max_length, checkpointing)
     # bitsandbytes' 8-bit AdamW keeps each moment in one byte (plus small per-block scales, left out).
     state_bytes = 1 if optimizer in ("adamw_8bit", "paged_adamw_8bit") else FP32
+    sequences = batch_size * (2 if task == PREFERENCE else 1)
+    activations = activation_bytes(built, task, sequences, max_length, checkpointing)
+    assumptions: list[str] = []
+    if task == PREFERENCE:
+        assumptions.append(
+            "preference tuning: two sequences per example (chosen and rejected), so activations for "
+            f"{sequences} sequences"
+        )
+        if reference_copy:
+            weights += base_bytes
+            assumptions.append(
+                f"a frozen reference copy of the base model ({base_bytes / 10**9:.2f} GB) is loaded: this method "
+                "changes the base's own weights, so they cannot be switched off"
+            )
     memory = MemoryEstimate(
         weights_bytes=weights,
         gradients_bytes=trainable * FP32,
@@ -235,6 +253,7 @@ def estimate(
             "AdamW: two fp32 moments per trainable parameter, fp32 gradients",
             "excludes the framework itself (on a CPU worker, ~0.5–1 GB of process memory for torch and "
             "transformers)",
+            *assumptions,
         ],
     )
 
@@ -260,6 +279,9 @@ def estimate_job(spec: JobSpec, profile: dict[str, Any] | None) -> JobEstimate:
             total_steps=steps,
             gradient_checkpointing=spec.training.gradient_checkpointing == "on",
             optimizer=spec.training.optimizer,
+            reference_copy=spec.task == PREFERENCE
+            and spec.preference.loss not in ("orpo", "simpo")
+            and method.saved_as != "peft",
         )
     except ValueError as problem:
         # The method cannot be applied as configured (e.g. no such target modules in this architecture): the

@@ -98,3 +98,77 @@ def _base_path(spec: JobSpec) -> Any:
     from app.core.base_models import resolve_base_model
 
     return resolve_base_model(spec.base_model).path
+
+
+def _answer_tokens(tokenizer: Any, text: str, room: int) -> dict[str, Any]:
+    """An answer's token pieces, and how many of them fit in the room max length leaves after the prompt."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return {
+        "text": text,
+        "tokens": [tokenizer.decode([token_id], skip_special_tokens=False) for token_id in ids],
+        "token_ids": ids,
+        "kept": max(0, min(len(ids), room)),
+        "truncated": len(ids) > room,
+    }
+
+
+def preference_preview(spec: JobSpec, dataset: Dataset, count: int) -> dict[str, Any]:
+    """The first ``count`` training examples of a preference job as trl gets them: the prompt with the chat
+    template applied (masked: no loss), the chosen and rejected answers side by side (or KTO's answer and its
+    label), each with the tokens that max length cuts off marked."""
+    from worker.recipes.preference_data import (
+        PreferenceRenderer,
+        held_out,
+        read_preference_examples,
+        unpaired,
+    )
+
+    tokenizer = _tokenizer(str(_base_path(spec)))  # shared: its own chat template stays as it is
+    template_name, template = resolve_template(spec.preference.template, tokenizer.chat_template)
+    renderer = PreferenceRenderer(tokenizer, template, spec.training.max_length)
+    examples = read_preference_examples(dataset, spec)
+    if spec.validation_dataset_id is None and spec.validation_fraction > 0:
+        held = held_out(len(examples), spec.validation_fraction, spec.training.seed)
+        examples = [example for index, example in enumerate(examples) if index not in held]
+    if spec.preference.loss == "kto":
+        examples = unpaired(examples)
+    shown: list[dict[str, Any]] = []
+    for row, example in examples[:count]:
+        rendered = renderer.render(example, row)
+        prompt_ids = list(tokenizer(rendered.prompt, add_special_tokens=True)["input_ids"])
+        room = spec.training.max_length - len(prompt_ids)
+        item: dict[str, Any] = {
+            "row": row,
+            "tokens": rendered.prompt_tokens + max(rendered.answer_tokens),
+            "trained_tokens": sum(min(room, tokens) for tokens in rendered.answer_tokens if room > 0),
+            "truncated": rendered.truncated,
+            "dropped": room <= 0,
+            "spans": [
+                {
+                    "masked": True,
+                    "text": rendered.prompt,
+                    "tokens": [tokenizer.decode([i], skip_special_tokens=False) for i in prompt_ids],
+                    "token_ids": prompt_ids,
+                }
+            ],
+            "prompt": rendered.prompt,
+        }
+        if rendered.completion is not None:
+            item["completion"] = _answer_tokens(tokenizer, rendered.completion, room)
+            item["label"] = rendered.label
+        else:
+            item["chosen"] = _answer_tokens(tokenizer, rendered.chosen or "", room)
+            item["rejected"] = _answer_tokens(tokenizer, rendered.rejected or "", room)
+        shown.append(item)
+    return {
+        "dataset_id": dataset.id,
+        "task": spec.task,
+        "format": spec.preference.format,
+        "loss": spec.preference.loss,
+        "template": template_name,
+        "chat_template": template,
+        "train_on_prompt": False,
+        "packing": False,
+        "max_length": spec.training.max_length,
+        "examples": shown,
+    }

@@ -101,13 +101,19 @@ def training_arguments(
     has_eval: bool,
     save_steps: int = 0,
     sharding: dict[str, Any] | None = None,
+    args_class: Any = None,
+    extra: dict[str, Any] | None = None,
 ) -> TrainingArguments:
     """The Trainer's arguments for a job: its training settings, evaluation and checkpoint cadence, precision,
-    the speed settings (worker/speed.py) and, for FSDP, ``sharding``."""
+    the speed settings (worker/speed.py) and, for FSDP, ``sharding``.
+
+    ``args_class`` is a TrainingArguments subclass a task's trainer takes (trl's DPOConfig), with ``extra`` its own
+    values (the loss and its settings) over the studio's.
+    """
     training = spec.training
     if needs_resolution(training):  # a spec from outside a queued job (a test): the rule without row counts
         training = resolve_training(training, rule_inputs_for(spec, 0, 0)).training
-    return TrainingArguments(
+    values: dict[str, Any] = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=training.batch_size,
         per_device_eval_batch_size=max(training.batch_size, 32),
@@ -140,6 +146,9 @@ def training_arguments(
         **trainer_options(spec),  # optimizer, gradient checkpointing, torch.compile (issue 22)
         **(sharding or {}),
     )
+    values.update(extra or {})
+    built: TrainingArguments = (args_class or TrainingArguments)(**values)
+    return built
 
 
 def resolved_precision(choice: str) -> str:
@@ -218,6 +227,8 @@ def build_trainable(spec: JobSpec, sharded: bool = False) -> tuple[Prepared, Met
     )
     # The method adds random weights next (e.g. LoRA's A matrices): seed them so a job is repeatable.
     set_seed(training.seed)
+    if prepared.trainable:  # the recipe continued a saved adapter: training goes on from its weights
+        return prepared, method, prepared.model, None, []
     try:
         built = method.build(prepared.model, settings, context)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
@@ -260,6 +271,9 @@ def train(
         prepared.notes.append(
             "fsdp: the adapter keeps the final weights (keeping the best evaluation's is not done under FSDP)"
         )
+    reference = prepared.metadata.get("reference")
+    if reference:  # preference tuning: say what the reference model is (and what it costs)
+        prepared.notes.append(f"{prepared.metadata.get('preference_loss')}: reference model {reference}")
     if main_process and prepared.notes:
         with session_scope() as session:
             for note in prepared.notes:
@@ -320,20 +334,35 @@ def train(
         else None
     )
     best_callbacks = [best] if best is not None else []
-    trainer_class = resumable_trainer_class(Trainer, method)  # training.Trainer: benchmarks swap it
+    # training.Trainer: benchmarks swap it for a timed one; a task may name its own (trl's DPOTrainer, ...).
+    trainer_class = resumable_trainer_class(prepared.trainer_class or Trainer, method)
     if sharded:
         trainer_class = sharded_trainer_class(trainer_class, gathered, on_cpu=not torch.cuda.is_available())
+    metric_kwargs: dict[str, Any] = (
+        {}
+        if prepared.trainer_class is not None
+        else {
+            "compute_metrics": prepared.compute_metrics,
+            "preprocess_logits_for_metrics": prepared.preprocess_logits,
+        }
+    )
     trainer = trainer_class(
         model=model,
         args=training_arguments(
-            spec, work_dir / "output", has_eval, save_steps, fsdp_arguments(model) if sharded else None
+            spec,
+            work_dir / "output",
+            has_eval,
+            save_steps,
+            fsdp_arguments(model) if sharded else None,
+            prepared.args_class,
+            prepared.args_extra,
         ),
         train_dataset=prepared.train_dataset,
         eval_dataset=prepared.eval_dataset if has_eval else None,
         data_collator=prepared.collator,
         processing_class=prepared.tokenizer,
-        compute_metrics=prepared.compute_metrics,
-        preprocess_logits_for_metrics=prepared.preprocess_logits,
+        **metric_kwargs,
+        **prepared.trainer_kwargs,
         callbacks=(
             [
                 TelemetryCallback(job_id, prepared.compute_metrics),
@@ -349,6 +378,8 @@ def train(
         ),
         optimizers=(optimizer, None),
     )
+    if prepared.after_trainer is not None:
+        prepared.after_trainer(trainer)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:

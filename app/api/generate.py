@@ -18,12 +18,14 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from app.core.formats import GenerationSettings
 from app.core.spec import JobSpec
+from app.core.tasks import CAUSAL_LM, PREFERENCE
 from app.http.auth import CurrentUser, OwnerScope
 from app.http.deps import SessionDep
 from app.services import adapters as adapters_service
 from app.services import audit
 from app.services import causal_lm as causal_service
 from app.services import generation as service
+from app.services import preference as preference_service
 
 router = APIRouter()
 
@@ -35,6 +37,14 @@ class TokenSpan(BaseModel):
     token_ids: list[int]
 
 
+class PreferenceAnswer(BaseModel):
+    text: str = Field(description="The answer as the model writes it (template markup and EOS included).")
+    tokens: list[str]
+    token_ids: list[int]
+    kept: int = Field(description="Tokens within max_length after the prompt; the rest are cut off.")
+    truncated: bool
+
+
 class PreviewExample(BaseModel):
     row: int = Field(description="The dataset row (from 1) the example comes from.")
     tokens: int
@@ -42,11 +52,20 @@ class PreviewExample(BaseModel):
     truncated: bool = Field(description="The example was longer than training.max_length and was cut.")
     dropped: bool = Field(description="Nothing of the response is left within max_length: training skips it.")
     spans: list[TokenSpan]
+    prompt: str | None = Field(
+        default=None, description="Preference: the prompt, chat template applied (masked)."
+    )
+    chosen: PreferenceAnswer | None = Field(default=None, description="Preference: the better answer.")
+    rejected: PreferenceAnswer | None = Field(default=None, description="Preference: the worse answer.")
+    completion: PreferenceAnswer | None = Field(default=None, description="KTO: the answer the label judges.")
+    label: bool | None = Field(default=None, description="KTO: true when the answer is good.")
 
 
 class PreviewResponse(BaseModel):
     dataset_id: int
+    task: str = Field(default=CAUSAL_LM, description="causal-lm, or preference (chosen and rejected apart).")
     format: str
+    loss: str | None = Field(default=None, description="Preference: the loss (dpo, ipo, orpo, simpo, kto).")
     template: str | None = Field(description="The chat template used: tokenizer (the model's own) or a name.")
     chat_template: str | None = Field(description="The template's Jinja source.")
     train_on_prompt: bool
@@ -103,7 +122,10 @@ def _event_stream(adapter: Any, body: GenerateRequest) -> EventSourceResponse:
 async def preview_job(
     session: SessionDep, owner_id: OwnerScope, spec: JobSpec, count: Annotated[int, Query(ge=1, le=20)] = 3
 ) -> dict[str, Any]:
-    """The first `count` training examples of a causal-LM spec, rendered and tokenized as the model sees them."""
+    """The first `count` training examples of a causal-LM or preference spec, rendered and tokenized as the model
+    sees them (preference: the prompt masked, chosen and rejected apart)."""
+    if spec.task == PREFERENCE:
+        return await preference_service.preview(session, spec, count, owner_id)
     return await causal_service.preview(session, spec, count, owner_id)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from sqlmodel import Session
 
 from app.core.spec import AUTO, JobSpec, TrainingSettings
+from app.core.tasks import PREFERENCE
 
 # Enough optimizer steps to learn: 1,000 rows at batch 32 is 29 steps, and a LoRA classifier on MiniLM stays at
 # chance after them (DESIGN.md); with ~200 steps it reaches 0.8+ on the demo and 0.87 on SST-2 (one epoch).
@@ -93,6 +94,20 @@ def learning_rate_for(method_learning_rate: float, model_params: int | None, ada
     return float(f"{method_learning_rate * scale:.3g}")
 
 
+# Preference tuning starts from a model that already answers well and moves it a little: its auto learning rate
+# is this share of the method's supervised rate (trl's DPO examples train LoRA at 5e-6 to 5e-5, about a tenth of
+# the supervised LoRA rates; docs/preference.md).
+PREFERENCE_LR_SHARE = 0.1
+
+
+def auto_learning_rate(inputs: "RuleInputs") -> float:
+    """The learning rate ``auto`` picks: the method's (scaled for small models), a tenth of it for preference."""
+    rate = learning_rate_for(inputs.method_learning_rate, inputs.model_params, inputs.adapter)
+    if inputs.task == PREFERENCE:
+        rate = float(f"{rate * PREFERENCE_LR_SHARE:.3g}")
+    return rate
+
+
 def _is_auto(value: Any) -> bool:
     return isinstance(value, str) and value == AUTO
 
@@ -128,12 +143,13 @@ def resolve_training(training: TrainingSettings, inputs: RuleInputs) -> Resoluti
         steps = max(1, math.ceil(float(epochs or 1.0) * steps_per_epoch))
 
     if _is_auto(training.learning_rate):
-        rate = learning_rate_for(inputs.method_learning_rate, inputs.model_params, inputs.adapter)
+        rate = auto_learning_rate(inputs)
         values["learning_rate"] = rate
         chosen.append("learning_rate")
         size = f"{inputs.model_params / 1e6:.0f}M-parameter model" if inputs.model_params else "model"
+        share = ", a tenth for preference tuning" if inputs.task == PREFERENCE else ""
         notes.append(
-            f"learning rate {rate:g} ({inputs.method} typical {inputs.method_learning_rate:g}, {size})"
+            f"learning rate {rate:g} ({inputs.method} typical {inputs.method_learning_rate:g}, {size}{share})"
         )
     if _is_auto(training.warmup_ratio):
         values["warmup_ratio"] = WARMUP_RATIO

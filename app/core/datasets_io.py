@@ -49,7 +49,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from app.core.errors import InvalidDataset
-from app.core.tasks import CAUSAL_LM, CLASSIFICATION
+from app.core.tasks import CAUSAL_LM, CLASSIFICATION, PREFERENCE
 
 FORMATS = ("csv", "tsv", "txt", "json", "jsonl", "parquet", "arrow", "hf-dataset")
 DELIMITED = ("csv", "tsv", "txt")
@@ -1272,6 +1272,57 @@ def _by_leaf(columns: list[str]) -> dict[str, str]:
     return found
 
 
+# Preference data: (prompt column names, chosen, rejected) in order of preference; the last is OpenAI's shape.
+_PREFERENCE_PROMPTS = ("prompt", "conversations", "messages", "input", "question", "instruction", "query")
+_PREFERENCE_PAIRS = (("chosen", "rejected"), ("preferred_output", "non_preferred_output"))
+
+
+def propose_preference(leaf: dict[str, str], infos: dict[str, Any]) -> dict[str, Any] | None:
+    """Preference data, if the columns say so: a prompt with chosen and rejected answers (prompt/chosen/rejected,
+    ShareGPT conversations/chosen/rejected, OpenAI input/preferred_output/non_preferred_output), or KTO's
+    conversation with a true/false label (``messages`` + a boolean ``label``)."""
+    prompt = _first(leaf, _PREFERENCE_PROMPTS)
+    for chosen_name, rejected_name in _PREFERENCE_PAIRS:
+        if chosen_name in leaf and rejected_name in leaf and prompt is not None:
+            chosen, rejected = leaf[chosen_name], leaf[rejected_name]
+            shape = (
+                "OpenAI preference"
+                if chosen_name == "preferred_output"
+                else "ShareGPT"
+                if prompt.rsplit(".", 1)[-1].lower() == "conversations"
+                else "prompt/chosen/rejected"
+            )
+            return {
+                "task": PREFERENCE,
+                "format": "pairs",
+                PREFERENCE: {
+                    "format": "pairs",
+                    "prompt_column": prompt,
+                    "chosen_column": chosen,
+                    "rejected_column": rejected,
+                },
+                "reason": f"{shape} pairs: {prompt!r} answered by {chosen!r} (better) and {rejected!r} (worse)",
+            }
+    conversation = _first(leaf, ("messages", "conversations"))
+    label = _first(leaf, ("label", "kto_tag", "desirable"))
+    label_info = infos.get(label or "", {})
+    # A mixed column with booleans is still proposed, so that the job form names the row that is not one.
+    booleans = label_info.get("type") == "bool" or "bool" in (label_info.get("kinds") or {})
+    if conversation is not None and label is not None and booleans:
+        return {
+            "task": PREFERENCE,
+            "format": "kto",
+            PREFERENCE: {
+                "format": "kto",
+                "loss": "kto",
+                "messages_column": conversation,
+                "label_column": label,
+            },
+            "reason": f"KTO: answers in {conversation!r} marked good or bad by {label!r}",
+        }
+    return None
+
+
 def propose(columns: list[str], profile: dict[str, Any]) -> dict[str, Any]:
     """The task, format and columns a dataset most likely is, from its column names and profile.
 
@@ -1285,6 +1336,9 @@ def propose(columns: list[str], profile: dict[str, Any]) -> dict[str, Any]:
     infos: dict[str, Any] = profile.get("columns", {})
     leaf = _by_leaf(columns)
     nested = (profile.get("import") or {}).get("nested_columns") or {}
+    preference = propose_preference(leaf, infos)
+    if preference is not None:
+        return preference
     chat = next((c for c in columns if nested.get(c) == "messages"), None) or next(
         (leaf[name] for name in ("messages", "conversations") if name in leaf), None
     )

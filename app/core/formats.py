@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.core.errors import InvalidDataset
-from app.core.spec import CausalLMSettings
+from app.core.spec import CausalLMSettings, PreferenceSettings
 
 Message = dict[str, str]
 # render(messages, add_generation_prompt) -> the template's text
@@ -204,3 +204,128 @@ def prompt_and_response(messages: list[Message], render: Render, eos_token: str 
     segments = render_segments(messages, render, eos_token)
     last = max(index for index, segment in enumerate(segments) if segment.trained)
     return "".join(segment.text for segment in segments[:last]), segments[last].text
+
+
+# Preference data (task ``preference``): a prompt with a chosen and a rejected answer, or (KTO) a conversation whose
+# last answer is labelled good or bad. Each value may be text, one message object or a list of messages, so
+# prompt/chosen/rejected columns, ShareGPT ``conversations``/``chosen``/``rejected`` objects and OpenAI's
+# ``input``/``preferred_output``/``non_preferred_output`` are the same format with other column names.
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One preference example: the prompt conversation and either two answers (chosen, rejected) or, for KTO, one
+    answer with its label (``completion``, ``desirable``)."""
+
+    prompt: list[Message]
+    chosen: list[Message] | None = None
+    rejected: list[Message] | None = None
+    completion: list[Message] | None = None
+    desirable: bool | None = None
+
+
+def preference_columns(settings: PreferenceSettings) -> dict[str, str]:
+    """The dataset columns a preference format needs, by spec field name."""
+    if settings.format == "kto":
+        return {
+            "preference.messages_column": settings.messages_column,
+            "preference.label_column": settings.label_column,
+        }
+    return {
+        "preference.prompt_column": settings.prompt_column,
+        "preference.chosen_column": settings.chosen_column,
+        "preference.rejected_column": settings.rejected_column,
+    }
+
+
+def _prompt_messages(value: Any, column: str, number: int) -> list[Message]:
+    if isinstance(value, dict) and "messages" in value:  # OpenAI's input: {"messages": [...], "tools": ...}
+        value = value["messages"]
+    if isinstance(value, str):
+        if not value.strip():
+            raise InvalidDataset(f"Row {number}: column {column!r} (the prompt) is empty.", row=number)
+        return [{"role": "user", "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    messages = _messages(value, column, number)
+    if messages[-1]["role"] == "assistant":
+        raise InvalidDataset(
+            f"Row {number}: the prompt in column {column!r} ends with an assistant message; it should end with "
+            "the user's turn that the chosen and rejected answers reply to.",
+            row=number,
+        )
+    return messages
+
+
+def _answer_messages(value: Any, column: str, number: int) -> list[Message]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise InvalidDataset(f"Row {number}: column {column!r} (an answer) is empty.", row=number)
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    messages = _messages(value, column, number)
+    if messages[-1]["role"] != "assistant":
+        raise InvalidDataset(
+            f"Row {number}: the answer in column {column!r} must end with an assistant message, not "
+            f"{messages[-1]['role']!r}.",
+            row=number,
+        )
+    return messages
+
+
+def _kto_label(value: Any, column: str, number: int) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise InvalidDataset(
+        f"Row {number}: column {column!r} must be true or false (is the answer good?), not {value!r}.",
+        row=number,
+    )
+
+
+def preference_example_from_row(
+    row: Mapping[str, Any], settings: PreferenceSettings, number: int
+) -> PreferenceExample:
+    """The preference example a row holds; InvalidDataset names the row, the column and what is wrong."""
+    for column in preference_columns(settings).values():
+        if column not in row:
+            raise InvalidDataset(f"Row {number}: column {column!r} is missing.", row=number)
+    if settings.format == "kto":
+        conversation = _messages(row.get(settings.messages_column), settings.messages_column, number)
+        if conversation[-1]["role"] != "assistant" or len(conversation) < 2:
+            raise InvalidDataset(
+                f"Row {number}: the conversation in column {settings.messages_column!r} must end with the "
+                "assistant answer that the label judges, after at least one prompt message.",
+                row=number,
+            )
+        desirable = _kto_label(row.get(settings.label_column), settings.label_column, number)
+        prompt, completion = conversation[:-1], conversation[-1:]
+        return PreferenceExample(
+            prompt=_with_system(prompt, settings), completion=completion, desirable=desirable
+        )
+    prompt = _prompt_messages(row.get(settings.prompt_column), settings.prompt_column, number)
+    chosen = _answer_messages(row.get(settings.chosen_column), settings.chosen_column, number)
+    rejected = _answer_messages(row.get(settings.rejected_column), settings.rejected_column, number)
+    if chosen == rejected:
+        raise InvalidDataset(
+            f"Row {number}: the chosen answer ({settings.chosen_column!r}) and the rejected answer "
+            f"({settings.rejected_column!r}) are the same; a preference pair needs two different answers.",
+            row=number,
+        )
+    return PreferenceExample(prompt=_with_system(prompt, settings), chosen=chosen, rejected=rejected)
+
+
+def _with_system(prompt: list[Message], settings: PreferenceSettings) -> list[Message]:
+    if settings.system_prompt and prompt[0]["role"] != "system":
+        return [{"role": "system", "content": settings.system_prompt}, *prompt]
+    return prompt
+
+
+def render_preference(
+    prompt: list[Message], answer: list[Message], render: Render, eos_token: str | None
+) -> tuple[str, str]:
+    """The prompt (chat template applied, up to the generation prompt) and the answer as the model writes it
+    (ending with EOS), for one answer of a preference example."""
+    return prompt_and_response([*prompt, *answer], render, eos_token)

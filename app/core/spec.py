@@ -244,6 +244,92 @@ class CausalLMSettings(BaseModel):
         return value
 
 
+PreferenceFormat = Literal["pairs", "kto"]
+PreferenceLoss = Literal["dpo", "ipo", "orpo", "simpo", "kto"]
+# The loss's own default beta (trl's defaults; SimPO's paper recommends 2.0 to 2.5).
+DEFAULT_BETA: dict[str, float] = {"dpo": 0.1, "ipo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
+
+
+class PreferenceSettings(BaseModel):
+    """Preference tuning: where the prompts and the better and worse answers are, the loss and its settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loss: PreferenceLoss = Field(
+        default="dpo",
+        description="dpo: Direct Preference Optimization (sigmoid loss against the reference model); ipo: its "
+        "IPO variant (squared loss, less prone to overfitting); orpo: odds-ratio loss plus the chosen answer's "
+        "language-model loss, no reference model; simpo: length-normalised reward with a target margin, no "
+        "reference model; kto: answers marked good or bad (Kahneman-Tversky Optimization).",
+    )
+    beta: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="How far the model may move from the reference (DPO, KTO: the KL weight; IPO: tau; ORPO: the "
+        "odds-ratio weight lambda; SimPO: the reward scale). Empty: the loss's usual value (0.1; SimPO 2.0).",
+    )
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description="DPO: the share of pairs assumed to be mislabelled (conservative DPO); 0 trusts every pair.",
+    )
+    simpo_gamma: float = Field(
+        default=0.5,
+        ge=0,
+        le=10,
+        description="SimPO: the target reward margin (gamma) between chosen and rejected.",
+    )
+    desirable_weight: float = Field(
+        default=1.0, gt=0, le=100, description="KTO: loss weight of answers marked good."
+    )
+    undesirable_weight: float = Field(
+        default=1.0, gt=0, le=100, description="KTO: loss weight of answers marked bad."
+    )
+    format: PreferenceFormat = Field(
+        default="pairs",
+        description="pairs: a prompt and a chosen and a rejected answer per row (text, a message or a list "
+        "of messages each: prompt/chosen/rejected columns, ShareGPT conversations/chosen/rejected, OpenAI's "
+        "input/preferred_output/non_preferred_output); kto: a conversation whose last answer is marked good "
+        "or bad by a true/false label.",
+    )
+    prompt_column: str = Field(
+        default="prompt",
+        min_length=1,
+        description="Preference: the prompt (text, a list of messages, or an object with messages).",
+    )
+    chosen_column: str = Field(default="chosen", min_length=1, description="Preference: the better answer.")
+    rejected_column: str = Field(
+        default="rejected", min_length=1, description="Preference: the worse answer."
+    )
+    messages_column: str = Field(
+        default="messages",
+        min_length=1,
+        description="KTO: the conversation; its last message is the answer the label judges.",
+    )
+    label_column: str = Field(
+        default="label", min_length=1, description="KTO: true when the answer is good, false when bad."
+    )
+    template: TemplateName = Field(
+        default="auto",
+        description="Chat template: auto uses the tokenizer's own and falls back to alpaca when it has none.",
+    )
+    system_prompt: str | None = Field(
+        default=None, max_length=4000, description="A system message put before every prompt that has none."
+    )
+    continue_from_adapter_id: int | None = Field(
+        default=None,
+        ge=1,
+        description="Start from this supervised adapter (a causal-LM adapter the studio made, of the same base "
+        "model and method) instead of a new one; it is also the reference model.",
+    )
+
+    def resolved_beta(self) -> float:
+        """The beta the loss uses: the one set, or the loss's usual value."""
+        return self.beta if self.beta is not None else DEFAULT_BETA[self.loss]
+
+
 GpuClass = Literal["16gb", "24gb", "40gb", "48gb", "80gb", "141gb"]
 GPU_CLASS_BYTES: dict[str, int] = {name: int(name.removesuffix("gb")) * 10**9 for name in get_args(GpuClass)}
 
@@ -364,6 +450,7 @@ class JobSpec(BaseModel):
     )
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     causal_lm: CausalLMSettings = Field(default_factory=CausalLMSettings)
+    preference: PreferenceSettings = Field(default_factory=PreferenceSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
     resources: ResourceSettings = Field(default_factory=ResourceSettings)
 

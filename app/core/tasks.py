@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 CLASSIFICATION = "sequence-classification"
 SEQUENCE_CLASSIFICATION = CLASSIFICATION
 CAUSAL_LM = "causal-lm"
+PREFERENCE = "preference"
 
 # A spec check: (session, spec, owner_id) -> None, raising InvalidSpec naming the field.
 SpecValidator = Callable[["Session", "JobSpec", "int | None"], None]

@@ -21,7 +21,7 @@ from app.core.datasets_io import load_rows
 from app.core.errors import InvalidSpec
 from app.core.models import Dataset
 from app.core.storage import get_store
-from app.core.tasks import CAUSAL_LM
+from app.core.tasks import CAUSAL_LM, PREFERENCE
 
 # Examples tokenized for a report: a seeded sample of larger datasets (percentiles move little beyond this).
 SAMPLE_ROWS = 5000
@@ -130,6 +130,13 @@ def columns_for(values: Mapping[str, Any], dataset: Dataset) -> list[str]:
     from app.core.formats import required_columns
     from app.core.spec import CausalLMSettings
 
+    if values.get("task") == PREFERENCE:  # the prompt and both answers (KTO: the conversation)
+        from app.core.formats import preference_columns
+        from app.core.spec import PreferenceSettings
+
+        preference = PreferenceSettings.model_validate(values.get(PREFERENCE) or {})
+        wanted = [c for f, c in preference_columns(preference).items() if f != "preference.label_column"]
+        return [column for column in wanted if column in dataset.columns] or wanted
     if values.get("task") == CAUSAL_LM:
         settings = CausalLMSettings.model_validate(values.get("causal_lm") or {})
         columns = list(required_columns(settings, str(values.get("text_column") or "text")).values())

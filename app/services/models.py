@@ -19,7 +19,7 @@ from typing import Any
 
 from app.core.base_models import BUNDLED_MODEL_ID, bundled_model_path, registered_folders
 from app.core.errors import Forbidden, InvalidSpec, NotFound
-from app.core.tasks import CAUSAL_LM, CLASSIFICATION
+from app.core.tasks import CAUSAL_LM, CLASSIFICATION, PREFERENCE
 
 # The largest safetensors header we read: real ones are a few hundred KiB even for 70B models.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -135,11 +135,12 @@ def safetensors_parameters(folder: Path) -> tuple[int | None, str | None]:
 
 
 def tasks_for(config: dict[str, Any]) -> list[str]:
-    """Which studio tasks a model suits, from its config: causal LMs instruction-tune, encoders classify."""
+    """Which studio tasks a model suits, from its config: causal LMs instruction-tune and preference-tune, encoders
+    classify."""
     architectures = [str(a) for a in config.get("architectures") or []]
     model_type = str(config.get("model_type") or "")
     if any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in architectures):
-        return [CAUSAL_LM]
+        return [CAUSAL_LM, PREFERENCE]
     if model_type in _ENCODER_TYPES or any(a.endswith("ForSequenceClassification") for a in architectures):
         return [CLASSIFICATION]
     return []

@@ -9,11 +9,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from app.core.errors import InvalidSpec
-from app.core.tasks import CAUSAL_LM
+from app.core.tasks import PREFERENCE, generating_tasks
 from app.http.auth import OwnerScope
 from app.http.deps import SessionDep
 from app.services import adapters as adapters_service
 from app.services import causal_lm as causal_service
+from app.services import preference as preference_service
 from app.web import forms
 from app.web.render import render
 
@@ -28,7 +29,7 @@ def generate_page(
 ) -> HTMLResponse:
     """Try-out for a causal-LM adapter: one prompt, the adapter's and the base model's answers streaming."""
     adapter = adapters_service.adapter_public(adapters_service.get_adapter(session, adapter_id, owner_id))
-    if adapter.task != CAUSAL_LM:
+    if adapter.task not in generating_tasks():
         raise InvalidSpec(f"Adapter {adapter_id} is a {adapter.task} adapter; try it on its own page.")
     return render(request, "generate.html", {"nav": "adapters", "adapter": adapter})
 
@@ -42,7 +43,7 @@ def chat_page(request: Request, session: SessionDep, owner_id: OwnerScope, adapt
 
     row = adapters_service.get_adapter(session, adapter_id, owner_id)
     adapter = adapters_service.adapter_public(row)
-    if adapter.task != CAUSAL_LM:
+    if adapter.task not in generating_tasks():
         raise InvalidSpec(f"Adapter {adapter_id} is a {adapter.task} adapter; try it on its own page.")
     job = session.get(Job, row.job_id)
     if job is None:
@@ -50,7 +51,14 @@ def chat_page(request: Request, session: SessionDep, owner_id: OwnerScope, adapt
             f"Adapter {adapter_id} has lost its job; chat needs the job's fine-tuned model name."
         )
     models = {"adapter": fine_tuned_model_name(session, job), "base": row.base_model}
-    return render(request, "chat.html", {"nav": "adapters", "adapter": adapter, "models": models})
+    start_label = "base"
+    if adapter.task == PREFERENCE:
+        # An aligned adapter answers next to its starting point: the supervised adapter it continued, else the base.
+        start = preference_service.starting_point(session, job, owner_id)
+        if start is not None:
+            models["base"], start_label = start
+    context = {"nav": "adapters", "adapter": adapter, "models": models, "start_label": start_label}
+    return render(request, "chat.html", context)
 
 
 @router.post("/jobs/preview", response_class=HTMLResponse)
@@ -61,5 +69,8 @@ async def preview_fragment(request: Request, session: SessionDep, owner_id: Owne
     spec, errors = forms.validate_job_input(data)
     if spec is None:
         raise InvalidSpec("; ".join(f"{name}: {message}" for name, message in errors.items()))
-    preview = await causal_service.preview(session, spec, PREVIEW_EXAMPLES, owner_id)
+    if spec.task == PREFERENCE:
+        preview = await preference_service.preview(session, spec, PREVIEW_EXAMPLES, owner_id)
+    else:
+        preview = await causal_service.preview(session, spec, PREVIEW_EXAMPLES, owner_id)
     return render(request, "_preview.html", {"preview": preview})

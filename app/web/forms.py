@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 
 from app.core.method_registry import registry
 from app.core.spec import JobSpec
+from app.core.tasks import PREFERENCE
 from app.http.errors import validation_items
 
 InputKind = Literal["number", "checkbox", "select", "multiselect", "text", "list"]
@@ -127,6 +128,7 @@ _ADVANCED_TITLES = {
     "job": "Data and evaluation",
     "training": "Training",
     "causal_lm": "Causal-LM data",
+    PREFERENCE: "Preference tuning",
     "tracking": "Experiment tracking",
     "resources": "Where it runs",
 }

@@ -20,6 +20,7 @@ from app.core.method_registry import registry
 from app.core.models import Dataset
 from app.core.presets import PRESETS, PRESETS_BY_KEY, estimate_seconds, preset_values
 from app.core.settings import BUNDLED_MODEL_ID
+from app.core.tasks import PREFERENCE
 from app.http.auth import CurrentUser, OwnerScope
 from app.http.deps import SessionDep
 from app.services import adapters as adapters_service
@@ -213,6 +214,11 @@ COLUMN_FIELDS = (
     "causal_lm.prompt_column",
     "causal_lm.completion_column",
     "causal_lm.messages_column",
+    "preference.prompt_column",
+    "preference.chosen_column",
+    "preference.rejected_column",
+    "preference.messages_column",
+    "preference.label_column",
 )
 
 
@@ -225,8 +231,9 @@ def _proposed_values(dataset: Dataset) -> dict[str, Any]:
     for name in ("text_column", "label_column", "text_columns"):
         if proposal.get(name):
             values[name] = proposal[name]
-    if proposal.get("causal_lm"):
-        values["causal_lm"] = {key: value for key, value in proposal["causal_lm"].items()}
+    for section in ("causal_lm", PREFERENCE):
+        if proposal.get(section):
+            values[section] = {key: value for key, value in proposal[section].items()}
     return values
 
 
@@ -385,7 +392,7 @@ async def job_form_lengths(request: Request, session: SessionDep, owner_id: Owne
 
 
 # Fields the column swap replaces: the task, the causal-LM format and every column field.
-_SWAPPED_FIELDS = ("task", "causal_lm.format", *COLUMN_FIELDS)
+_SWAPPED_FIELDS = ("task", "causal_lm.format", "preference.format", "preference.loss", *COLUMN_FIELDS)
 
 
 @router.get("/jobs/new/columns", response_class=HTMLResponse)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from app.core.discovery import discover
-from app.core.tasks import CAUSAL_LM, CLASSIFICATION
+from app.core.tasks import CAUSAL_LM, CLASSIFICATION, PREFERENCE
 
 # How a method's output folder loads outside the studio (shown on the adapter page and in docs/methods.md).
 SavedAs = Literal["peft", "transformers", "studio"]
@@ -56,7 +56,15 @@ def no_load_kwargs(config: BaseModel, context: BuildContext) -> dict[str, Any]:
 
 
 def save_with_save_pretrained(model: Any, folder: str) -> None:
-    """Save through the model's own ``save_pretrained`` (peft models write only the adapter)."""
+    """Save through the model's own ``save_pretrained`` (peft models write only the adapter).
+
+    Only the active adapter is written: a preference job that continues an adapter keeps a frozen copy of its
+    starting weights as the reference (trl's ``ref`` adapter), which is not part of what it made.
+    """
+    adapters = getattr(model, "peft_config", None)
+    if isinstance(adapters, dict) and len(adapters) > 1:
+        model.save_pretrained(folder, selected_adapters=[model.active_adapter])
+        return
     model.save_pretrained(folder)
 
 
@@ -87,7 +95,7 @@ class MethodInfo:
     summary: str
     config: type[BaseModel]
     build: Callable[[Any, BaseModel, BuildContext], BuiltModel]
-    tasks: tuple[str, ...] = (CLASSIFICATION, CAUSAL_LM)
+    tasks: tuple[str, ...] = (CLASSIFICATION, CAUSAL_LM, PREFERENCE)
     load_kwargs: Callable[[BaseModel, BuildContext], dict[str, Any]] = no_load_kwargs
     save: Callable[[Any, str], None] = save_with_save_pretrained
     load: Callable[[Any, str, str], Any] = load_peft_adapter

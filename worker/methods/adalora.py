@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.core.tasks import CAUSAL_LM, CLASSIFICATION
 from worker.methods import BuildContext, BuiltModel, MethodInfo
 from worker.methods._common import CHECKPOINT_STATE, CheckpointState, peft_task_type
 
@@ -176,6 +177,9 @@ METHOD = MethodInfo(
     summary="LoRA whose rank budget is re-allocated during training to the matrices that matter most.",
     config=AdaLoraSettings,
     build=build,
+    # Not preference tuning: trl's DPO/KTO trainers add a second ("ref") adapter to a peft model, and peft's
+    # AdaLoRA allows only one trainable adapter per model.
+    tasks=(CLASSIFICATION, CAUSAL_LM),
     paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning (ICLR 2023, "
     "arXiv:2303.10512)",
     learning_rate=5e-3,

@@ -31,6 +31,16 @@ class Prepared:
     metadata: dict[str, Any] = field(default_factory=dict)
     preprocess_logits: Callable[[Any, Any], Any] | None = None
     notes: list[str] = field(default_factory=list)  # choices made on the job's behalf: "config" events
+    # A task whose loss is not the model's own (preference tuning: trl's trainers) names its Trainer class, the
+    # TrainingArguments subclass it takes with the task's settings, and extra Trainer keyword arguments.
+    trainer_class: Any = None
+    args_class: Any = None
+    args_extra: dict[str, Any] = field(default_factory=dict)
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Called with the Trainer once it is built (before training), e.g. to drop what the task does not need.
+    after_trainer: Callable[[Any], None] | None = None
+    # The recipe already made the model trainable (it continues a saved adapter): the method is not applied again.
+    trainable: bool = False
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,28 @@ from sqlmodel import Session, col, select
 from app.core.datasets_io import detect_format, parse_rows
 from app.core.errors import InvalidDataset, InvalidSpec, NotFound
 from app.core.files import receive_upload
-from app.core.formats import example_from_row
+from app.core.formats import example_from_row, preference_example_from_row
 from app.core.models import Dataset
 from app.core.settings import get_settings
-from app.core.spec import CausalLMSettings
+from app.core.spec import CausalLMSettings, PreferenceSettings
 from app.services import datasets as datasets_service
 from app.services.openai_compat.common import FILE_PREFIX, id_number, unix
 
+# OpenAI's preference fine-tuning file: {"input": {"messages": [...]}, "preferred_output": [...],
+# "non_preferred_output": [...]} per line, read by the preference task's own format under these column names.
+OPENAI_PREFERENCE = {
+    "format": "pairs",
+    "prompt_column": "input",
+    "chosen_column": "preferred_output",
+    "rejected_column": "non_preferred_output",
+}
+
 
 def data_format(columns: list[str]) -> str | None:
-    """The causal-LM format a file's columns hold: chat, prompt-completion, alpaca, text, or None."""
+    """The format a file's columns hold: chat, prompt-completion, alpaca, text (causal LM), preference (OpenAI's
+    DPO file), or None."""
+    if all(column in columns for column in ("input", "preferred_output", "non_preferred_output")):
+        return "pairs"
     if "messages" in columns:
         return "chat"
     if "prompt" in columns and "completion" in columns:
@@ -48,11 +60,17 @@ def file_object(dataset: Dataset) -> dict[str, Any]:
 
 def _check_fine_tune_rows(columns: list[str], rows: list[dict[str, Any]], filename: str) -> None:
     fmt = data_format(columns)
+    if fmt == "pairs":
+        preference = PreferenceSettings.model_validate(OPENAI_PREFERENCE)
+        for number, row in enumerate(rows, start=1):
+            preference_example_from_row(row, preference, number)
+        return
     if fmt not in ("chat", "prompt-completion"):
         raise InvalidDataset(
             f"{filename!r} holds columns {', '.join(map(repr, columns[:10]))}; a fine-tune file needs one JSON "
             'object per line, either {"messages": [{"role": ..., "content": ...}, ...]} or '
-            '{"prompt": ..., "completion": ...}.',
+            '{"prompt": ..., "completion": ...}, or for DPO {"input": {"messages": [...]}, '
+            '"preferred_output": [...], "non_preferred_output": [...]}.',
             field="file",
         )
     settings = CausalLMSettings(format=fmt)  # type: ignore[arg-type]

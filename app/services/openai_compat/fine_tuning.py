@@ -1,4 +1,5 @@
-"""OpenAI fine-tuning jobs: a request becomes a native causal-LM job (``ftjob-<n>`` is job ``n``).
+"""OpenAI fine-tuning jobs: a request becomes a native causal-LM job (``method.type`` supervised) or a preference job
+with the DPO loss (``method.type`` dpo, OpenAI's preference file); ``ftjob-<n>`` is job ``n``.
 
 What OpenAI's request carries beyond our spec (the model as named, suffix, metadata, the hyperparameters as
 asked) is kept in ``finetuningjoblink``. Our method and its settings come from the ``peft`` extension field or
@@ -18,11 +19,11 @@ from app.core import autoconfig, models
 from app.core.errors import InvalidSpec, NotFound
 from app.core.models import Adapter, FineTuningJobLink, Job, JobStatus
 from app.core.spec import JobSpec, TrainingSettings
-from app.core.tasks import CAUSAL_LM
+from app.core.tasks import CAUSAL_LM, PREFERENCE
 from app.services import jobs as jobs_service
 from app.services.openai_compat.common import FILE_PREFIX, FT_NAME, JOB_PREFIX, ORGANIZATION, id_number, unix
 from app.services.openai_compat.errors import openai_param
-from app.services.openai_compat.files import data_format, get_file
+from app.services.openai_compat.files import OPENAI_PREFERENCE, data_format, get_file
 
 # learning_rate_multiplier 1.0 is the rate the studio's auto rule picks for the job (app/core/autoconfig.py); this
 # is only the reference for jobs created before that rule, whose hyperparameters were not recorded.
@@ -48,11 +49,28 @@ class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: Literal["auto"] | float | None = Field(
+        default="auto",
+        description="DPO's beta: how far the model may move from the reference; auto is 0.1.",
+    )
+
+
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    type: str = Field(default="supervised", description="Only supervised is supported.")
+    type: str = Field(
+        default="supervised",
+        description="supervised (instruction tuning) or dpo (preference tuning on OpenAI's preference file).",
+    )
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
 
 
 class PeftOptions(BaseModel):
@@ -70,6 +88,10 @@ class PeftOptions(BaseModel):
     )
     causal_lm: dict[str, Any] = Field(
         default_factory=dict, description="Causal-LM data settings (template, system_prompt, packing, ...)."
+    )
+    preference: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Preference settings of a dpo job (loss ipo, label_smoothing, template, system_prompt, ...).",
     )
     validation_fraction: float | None = Field(
         default=None, description="Hold out this share when there is no validation_file (default 0)."
@@ -129,9 +151,12 @@ def _check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
 
 def _hyperparameters(body: FineTuningJobCreate) -> Hyperparameters:
     method = body.method or Method()
+    if method.type == "dpo":
+        from_dpo = method.dpo.hyperparameters if method.dpo else None
+        return from_dpo or DpoHyperparameters()
     if method.type != "supervised":
         raise InvalidSpec(
-            f"method.type {method.type!r} is not supported; the studio fine-tunes with 'supervised'.",
+            f"method.type {method.type!r} is not supported; the studio fine-tunes with 'supervised' or 'dpo'.",
             field="method.type",
         )
     from_method = method.supervised.hyperparameters if method.supervised else None
@@ -162,6 +187,14 @@ def build_spec(
             "needs 'messages', or 'prompt' and 'completion'.",
             field="training_file",
         )
+    dpo = (body.method or Method()).type == "dpo"
+    if dpo != (fmt == "pairs"):
+        raise InvalidSpec(
+            f"File {body.training_file} is a {'preference (pairs)' if fmt == 'pairs' else fmt} file, but method.type "
+            f"is {(body.method or Method()).type!r}: dpo trains on preference files (input, preferred_output, "
+            "non_preferred_output), supervised on messages or prompt/completion files.",
+            field="training_file",
+        )
     validation = (
         get_file(session, body.validation_file, owner_id, "validation_file") if body.validation_file else None
     )
@@ -179,9 +212,20 @@ def build_spec(
     multiplier = hyper.learning_rate_multiplier
     if body.seed is not None:
         training["seed"] = body.seed
+    task_fields: dict[str, Any] = {"task": CAUSAL_LM, "causal_lm": {"format": fmt, **peft.causal_lm}}
+    if dpo:
+        beta = getattr(hyper, "beta", None)
+        task_fields = {
+            "task": PREFERENCE,
+            PREFERENCE: {
+                **OPENAI_PREFERENCE,
+                "loss": "dpo",
+                **({"beta": beta} if isinstance(beta, int | float) else {}),
+                **peft.preference,
+            },
+        }
     fields: dict[str, Any] = {
         "name": peft.name or (f"{body.suffix} ({body.model})" if body.suffix else None),
-        "task": CAUSAL_LM,
         "base_model": body.model,
         "dataset_id": train.id,
         "validation_dataset_id": validation.id if validation else None,
@@ -191,7 +235,7 @@ def build_spec(
         "method": peft.method or "lora",
         "method_config": peft.config,
         "training": training,
-        "causal_lm": {"format": fmt, **peft.causal_lm},
+        **task_fields,
     }
     try:
         spec = JobSpec.model_validate(fields)
@@ -205,9 +249,7 @@ def build_spec(
     inputs = autoconfig.rule_inputs(session, spec)
     base_rate = spec.training.learning_rate
     if isinstance(base_rate, str):  # auto
-        base_rate = autoconfig.learning_rate_for(
-            inputs.method_learning_rate, inputs.model_params, inputs.adapter
-        )
+        base_rate = autoconfig.auto_learning_rate(inputs)
     if isinstance(multiplier, int | float):
         rate = float(f"{base_rate * multiplier:.6g}")
         try:
@@ -223,11 +265,13 @@ def build_spec(
             param = "hyperparameters.learning_rate_multiplier"
             raise InvalidSpec(f"{param}: {multiplier} × {base_rate:g} {message}", field=param) from None
     resolved = autoconfig.resolve_training(spec.training, inputs).training
-    reported = {
+    reported: dict[str, Any] = {
         "n_epochs": resolved.num_epochs if spec.training.max_steps is None else "auto",
         "batch_size": spec.training.batch_size,
         "learning_rate_multiplier": float(resolved.learning_rate) / base_rate,
     }
+    if dpo:
+        reported["beta"] = spec.preference.resolved_beta()
     return spec, reported
 
 
@@ -334,7 +378,9 @@ def job_object(session: Session, job: Job) -> dict[str, Any]:
         "estimated_finish": estimated,
         "integrations": [],
         "metadata": (link.user_metadata or None) if link else None,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "method": {"type": "dpo", "dpo": {"hyperparameters": hyper}}
+        if spec.get("task") == PREFERENCE
+        else {"type": "supervised", "supervised": {"hyperparameters": hyper}},
         "peft": {
             "job_id": job.id,
             "task": spec.get("task"),
