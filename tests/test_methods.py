@@ -183,8 +183,8 @@ def test_method_trains_reloads_downloads_and_predicts(
     built: dict[str, Any] = {}
     real_build = training.build_trainable
 
-    def spy(spec_: JobSpec) -> Any:
-        result = real_build(spec_)
+    def spy(spec_: JobSpec, *rest: Any) -> Any:
+        result = real_build(spec_, *rest)
         built.update(model=result[2], optimizer=result[3])
         return result
 

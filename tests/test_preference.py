@@ -532,7 +532,7 @@ def test_a_crashed_dpo_job_resumes_from_its_checkpoint_and_ends_as_the_uninterru
     job = create_job(session, **preference_spec(tiny_lm, pairs, **fields))
     real = training.build_trainable
     with monkeypatch.context() as patch:
-        patch.setattr(training, "build_trainable", lambda spec: (*real(spec)[:4], [Crash()]))
+        patch.setattr(training, "build_trainable", lambda spec, *rest: (*real(spec, *rest)[:4], [Crash()]))
         with pytest.raises(RuntimeError, match="simulated crash"):
             run_job(job.id)
     session.expire_all()
@@ -551,6 +551,41 @@ def test_a_crashed_dpo_job_resumes_from_its_checkpoint_and_ends_as_the_uninterru
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_cancelling_a_running_dpo_job_stops_it_and_keeps_no_adapter(
+    session: Session, tiny_lm: Path, pairs: int
+) -> None:
+    import threading
+    import time
+
+    from app.services.jobs import cancel_job
+    from worker.engine import run_job
+
+    # given a long DPO job that has started logging
+    fields = {"validation_fraction": 0.0, "training": {"max_steps": 10_000, "eval_steps": None}}
+    job = create_job(session, **preference_spec(tiny_lm, pairs, **fields))
+    runner = threading.Thread(target=run_job, args=(job.id,))
+    runner.start()
+    deadline = time.monotonic() + 240
+    while not session.exec(select(MetricPoint).where(MetricPoint.job_id == job.id)).first():
+        assert time.monotonic() < deadline and runner.is_alive(), "the job never logged a step"
+        time.sleep(0.2)
+
+    # when it is cancelled
+    cancel_job(session, job.id or 0)
+    runner.join(timeout=120)
+
+    # then training stopped long before its 10,000 steps, the job is cancelled and no adapter was registered
+    assert not runner.is_alive()
+    session.expire_all()
+    cancelled = session.get(Job, job.id)
+    assert cancelled is not None and cancelled.status == JobStatus.cancelled, cancelled and cancelled.error
+    assert (
+        max(point.step for point in session.exec(select(MetricPoint).where(MetricPoint.job_id == job.id)))
+        < 10_000
+    )
+    assert session.exec(select(Adapter).where(Adapter.job_id == job.id)).first() is None
 
 
 # ---- sweeps and compare, as for every task ---------------------------------------------------------------

@@ -82,8 +82,8 @@ def _with_callbacks(monkeypatch: pytest.MonkeyPatch, *extra: TrainerCallback, mo
 
     real = training.build_trainable
 
-    def build(spec: JobSpec):
-        prepared, method, model, optimizer, callbacks = real(spec)
+    def build(spec: JobSpec, *rest: Any):
+        prepared, method, model, optimizer, callbacks = real(spec, *rest)
         if models is not None:
             models.append(model)
         return prepared, method, model, optimizer, [*callbacks, *extra]
