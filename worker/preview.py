@@ -168,7 +168,7 @@ def preference_preview(spec: JobSpec, dataset: Dataset, count: int) -> dict[str,
         "template": template_name,
         "chat_template": template,
         "train_on_prompt": False,
-        "packing": False,
+        "packing": "off",  # preference pairs are never packed
         "max_length": spec.training.max_length,
         "examples": shown,
     }
