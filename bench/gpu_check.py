@@ -691,6 +691,12 @@ def main() -> None:
     parser.add_argument(
         "--checkpointing", action="store_true", help="--issue22: studio with gradient checkpointing on"
     )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="build the random model here and keep it (another bench, e.g. bench/preference.py --base, reuses it)",
+    )
     args = parser.parse_args()
 
     if args.site:
@@ -766,7 +772,9 @@ def main() -> None:
     say(f"versions: {json.dumps(report['versions'])}")
     write()
 
-    model_dir = Path(tempfile.mkdtemp(prefix="gpu-check-model-"))
+    keep_model = args.model_dir is not None
+    model_dir = args.model_dir or Path(tempfile.mkdtemp(prefix="gpu-check-model-"))
+    model_dir.mkdir(parents=True, exist_ok=True)
     rows = alpaca_rows(data_file, cfg["rows"])
     built: dict[str, Any] = {"run": "build-model"}
 
@@ -815,7 +823,8 @@ def main() -> None:
     for label, run in plan:
         measured(label, results, budget, run)
         write()
-    shutil.rmtree(model_dir, ignore_errors=True)
+    if not keep_model:
+        shutil.rmtree(model_dir, ignore_errors=True)
     shutil.rmtree(data_dir, ignore_errors=True)
     write()
     print(markdown(report), flush=True)

@@ -136,7 +136,13 @@ def run_studio(options: argparse.Namespace) -> dict[str, Any]:
                 "validation_dataset_id": held.id,
                 "method": "lora",
                 "method_config": LORA,
-                "training": {**training_values(options), "eval_steps": options.steps, "save_steps": 0},
+                "training": {
+                    **training_values(options),
+                    "eval_steps": options.steps,
+                    "save_steps": 0,
+                    # like the script: Liger's kernels only in the --liger round (auto would apply them on CUDA)
+                    "liger": "auto" if options.liger else "off",
+                },
                 "preference": {"loss": "dpo", "beta": BETA, "prompt_column": "conversations"},
             }
         )

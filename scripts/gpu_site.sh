@@ -20,6 +20,8 @@ WHEELS=(
   transformers==5.23.0 peft==0.21.2
   # issue 22: Liger Kernel (pure Python + Triton, which the CUDA torch image ships)
   liger-kernel==0.8.5
+  # issue 21: preference tuning (trl's DPOTrainer and its datasets layer; pyarrow, xxhash, pandas are in the image)
+  trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
   sqlmodel==0.0.50 sqlalchemy==2.1.9 alembic==1.20.1 mako==1.4.3
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   typing-extensions==4.16.0 pydantic-settings==2.16.3 python-dotenv==1.2.4 starlette==1.10.0
