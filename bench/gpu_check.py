@@ -692,6 +692,13 @@ def main() -> None:
         "--checkpointing", action="store_true", help="--issue22: studio with gradient checkpointing on"
     )
     parser.add_argument(
+        "--packing",
+        choices=["auto", "on", "rows", "off"],
+        default="auto",
+        help="--issue22: the studio's causal_lm.packing (rows: batch_size counts max-length rows, as the script's "
+        "blocks do)",
+    )
+    parser.add_argument(
         "--model-dir",
         type=Path,
         default=None,
@@ -735,7 +742,7 @@ def main() -> None:
             steps=cfg["steps"] if args.smoke else 30,
             warmup_steps=cfg["warmup_steps"] if args.smoke else 3,
             logging_steps=1,
-            packing="auto",
+            packing=args.packing,
             studio_training={
                 "gradient_checkpointing": "on" if args.checkpointing else "off",
                 "liger": "auto",

@@ -31,15 +31,20 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 "$PY" -c 'import liger_kernel, triton; print("liger-kernel ok, triton", triton.__version__)' 2>&1 | tail -1
 
 MODEL=/tmp/gpu-model-1b
+# PACKING="--packing rows": the studio's batch counts rows of max_length tokens, as the script's blocks do (the
+# same tokens per step); the default (auto = padding-free) batches batch_size examples.
+PACKING=${PACKING:-}
+DPO=.gpu_site/data/dpo_en_demo.json
+[ -f "$DPO" ] || DPO=../shared/data/preference/dpo_en_demo.json
 echo "== step 1: issue 22, 1.1 B ($(left) s left)"
 mkdir -p "$OUT/g1b"
-timeout 200 "$PY" bench/gpu_check.py $SMOKE --issue22 --size 1b --budget 170 --model-dir "$MODEL" \
+timeout 200 "$PY" bench/gpu_check.py $SMOKE --issue22 --size 1b --budget 170 --model-dir "$MODEL" $PACKING \
     --out "$OUT/g1b" >"$OUT/g1b/log.txt" 2>&1
 echo "step 1 exit $?"; tail -n 25 "$OUT/g1b/gpu.md" 2>/dev/null
 
 echo "== step 2: preference (DPO), studio vs trl script, without and with Liger ($(left) s left)"
-PREF=(--gpu --base "$MODEL" --pairs 256 --held-out 64 --steps 30 --batch-size 8 --max-length 512 --repeat 1)
-[ -n "$SMOKE" ] && PREF=(--base "$MODEL" --pairs 32 --held-out 16 --steps 2 --batch-size 4 --max-length 128 --repeat 1)
+PREF=(--gpu --base "$MODEL" --data "$DPO" --pairs 240 --held-out 60 --steps 30 --batch-size 8 --max-length 512 --repeat 1)
+[ -n "$SMOKE" ] && PREF=(--base "$MODEL" --data "$DPO" --pairs 32 --held-out 16 --steps 2 --batch-size 4 --max-length 128 --repeat 1)
 for liger in "" "--liger"; do
     echo "-- preference ${liger:-without Liger}"
     timeout 130 "$PY" bench/preference.py "${PREF[@]}" $liger 2>&1
@@ -52,7 +57,7 @@ echo "== step 3: issue 22, 6.7 B ($REST s for it)"
 if [ "$REST" -gt 90 ]; then
     mkdir -p "$OUT/g7b"
     rm -rf "$MODEL"
-    timeout "$REST" "$PY" bench/gpu_check.py $SMOKE --issue22 --size 7b --batch 2 --budget $((REST - 15)) \
+    timeout "$REST" "$PY" bench/gpu_check.py $SMOKE --issue22 --size 7b --batch 2 --budget $((REST - 15)) $PACKING \
         --out "$OUT/g7b" >"$OUT/g7b/log.txt" 2>&1
     echo "step 3 exit $?"; tail -n 25 "$OUT/g7b/gpu.md" 2>/dev/null
 fi

@@ -36,7 +36,7 @@ LORA = {"r": 8, "alpha": 16}
 
 def demo_rows(options: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Training pairs and held-out pairs: the first ``pairs`` rows of the demo, then ``held_out`` more."""
-    rows = json.loads(DPO_DEMO.read_text(encoding="utf-8"))
+    rows = json.loads(Path(options.data).read_text(encoding="utf-8"))
     return rows[: options.pairs], rows[options.pairs : options.pairs + options.held_out]
 
 
@@ -303,7 +303,7 @@ def passthrough(options: argparse.Namespace) -> list[str]:
         "--batch-size", str(options.batch_size), "--max-length", str(options.max_length),
         "--learning-rate", str(options.learning_rate), "--threads", str(options.threads),
     ]  # fmt: skip
-    return values + (["--liger"] if options.liger else [])
+    return values + ["--data", str(options.data)] + (["--liger"] if options.liger else [])
 
 
 def main() -> None:
@@ -312,6 +312,7 @@ def main() -> None:
     )
     parser.add_argument("--mode", choices=["both", "studio", "script"], default="both")
     parser.add_argument("--base", default=None, help="a causal-LM folder; default: the bench's tiny Llama")
+    parser.add_argument("--data", default=str(DPO_DEMO), help="a ShareGPT DPO JSON file (default: the demo)")
     parser.add_argument("--pairs", type=int, default=96, help="training pairs (the demo's first rows)")
     parser.add_argument("--held-out", type=int, default=48, help="held-out pairs after them")
     parser.add_argument("--steps", type=int, default=12)

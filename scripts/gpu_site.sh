@@ -52,6 +52,7 @@ cp "$TMP"/wheels/*.whl "$SITE/wheels/"
 find "$SITE/bitsandbytes" -maxdepth 1 -name 'libbitsandbytes_*.so' \
   ! -name 'libbitsandbytes_cpu.so' ! -name 'libbitsandbytes_cuda130.so' -delete
 cp "$ALPACA" "$SITE/data/alpaca.json"
+cp "${DPO:-../shared/data/preference/dpo_en_demo.json}" "$SITE/data/dpo_en_demo.json"
 EXCLUDE="$(git rev-parse --git-common-dir)/info/exclude"
 mkdir -p "$(dirname "$EXCLUDE")"
 if [ "$SITE" = .gpu_site ] && ! grep -qx '/.gpu_site/' "$EXCLUDE" 2>/dev/null; then echo '/.gpu_site/' >>"$EXCLUDE"; fi
