@@ -429,6 +429,14 @@ class Studio:
             adapter = session.exec(select(Adapter).where(Adapter.job_id == job_id)).first()
             if adapter is None:
                 raise RuntimeError(f"studio job ended {finished.status}: {finished.error}")
+            from app.core.models import JobEvent
+
+            # what the job chose (packing, Liger, precision): its events say so
+            record["job_notes"] = [
+                event.message
+                for event in session.exec(select(JobEvent).where(JobEvent.job_id == job_id)).all()
+                if any(word in event.message.lower() for word in ("liger", "packing", "precision", "bf16"))
+            ][:6]
             record["adapter_bytes"] = adapter.size_bytes
             record["train_loss"] = adapter.metrics.get("train_loss")
 

@@ -47,6 +47,7 @@ class Meter:
     eval_seconds = 0.0
     examples = 0
     training = False
+    train_peak_mib = 0.0
 
 
 METER = Meter()
@@ -77,8 +78,12 @@ def timed_trainer(base: Any) -> Any:
             finally:
                 METER.training = False
                 METER.train_seconds = time.perf_counter() - started - METER.eval_seconds
+                # the training peak, before any held-out evaluation's batches (the studio evaluates inside train())
+                METER.train_peak_mib = METER.train_peak_mib or peak_memory_mib()
 
         def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+            if METER.training and not METER.train_peak_mib:
+                METER.train_peak_mib = peak_memory_mib()
             training, METER.training = METER.training, False
             started = time.perf_counter()
             try:
@@ -264,6 +269,7 @@ def child(options: argparse.Namespace) -> None:
         # pairs the optimizer steps saw (steps x batch); "examples" counts what the collator was handed
         samples_per_second=round(options.steps * options.batch_size / result["train_seconds"], 3),
         peak_memory_mib=peak_memory_mib(),
+        train_peak_memory_mib=METER.train_peak_mib,
         wall_seconds=round(time.perf_counter() - started, 1),
     )
     print("RESULT " + json.dumps(result), flush=True)
@@ -343,11 +349,15 @@ def main() -> None:
     rounds = list(zip(runs["studio"], runs["script"], strict=True))
     speed = sorted(studio["samples_per_second"] / script["samples_per_second"] for studio, script in rounds)
     memory = sorted(studio["peak_memory_mib"] / script["peak_memory_mib"] for studio, script in rounds)
+    train_memory = sorted(
+        studio["train_peak_memory_mib"] / script["train_peak_memory_mib"] for studio, script in rounds
+    )
     summary = {
         "samples_per_second_ratio": round(speed[len(speed) // 2], 3),  # the median round
         "samples_per_second_ratios": [round(r, 3) for r in speed],
         "peak_memory_ratio": round(memory[len(memory) // 2], 3),
         "peak_memory_ratios": [round(r, 3) for r in memory],
+        "train_peak_memory_ratio": round(train_memory[len(train_memory) // 2], 3),
         "reward_accuracy": {mode: [r["reward_accuracy"] for r in results] for mode, results in runs.items()},
         "load_average": os.getloadavg(),
         "liger": options.liger,
