@@ -320,6 +320,10 @@ def main() -> None:
     options = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("PEFT_STUDIO_DATA_DIR", tempfile.mkdtemp(prefix="bench-perf-"))
+    if options.base:  # the studio trains only on models inside folders the admin registered
+        os.environ.setdefault(
+            "PEFT_STUDIO_MODEL_FOLDERS", json.dumps([str(Path(options.base).resolve().parent)])
+        )
     import torch
 
     threads = options.threads or int(os.environ.get("BENCH_THREADS", "0"))
