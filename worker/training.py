@@ -267,10 +267,6 @@ def train(
     sharded = strategy == "fsdp"
     prepared, method, model, optimizer, method_callbacks = build_trainable(spec, sharded)
     gathered = GatheredState()  # FSDP: the full weights the last checkpoint gathered
-    if sharded and prepared.eval_dataset:
-        prepared.notes.append(
-            "fsdp: the adapter keeps the final weights (keeping the best evaluation's is not done under FSDP)"
-        )
     reference = prepared.metadata.get("reference")
     if reference:  # preference tuning: say what the reference model is (and what it costs)
         prepared.notes.append(f"{prepared.metadata.get('preference_loss')}: reference model {reference}")
@@ -319,9 +315,9 @@ def train(
     # The adapter keeps the best evaluation's weights (worker/best.py); every rank decides alike.
     # AdaLoRA is left out: its final rank pattern decides which of the weights are saved, so earlier ones
     # put back would not be the ones evaluated.
-    # FSDP: each rank holds a shard of the best weights; putting them back is left out for now (the final
-    # weights are kept, and the job's events say so).
-    keeps_best = has_eval and spec.method != "adalora" and not sharded
+    # FSDP: each rank snapshots and restores its own shards of them (the parameters are DTensors), every rank
+    # before the final gather.
+    keeps_best = has_eval and spec.method != "adalora"
     best_metric = metric_for(spec.training.best_metric, spec.task) if keeps_best else None
     best = (
         BestModelCallback(
@@ -399,6 +395,9 @@ def train(
                 )
                 add_event(session, job_id, "config", message)
                 session.commit()
+    if sharded and best is not None:
+        # every rank puts its own shards of the best evaluation's weights back before the gather reads them
+        best.restore(trainer.state.global_step)
     final_state = gather_state(trainer.model_wrapped) if sharded else None  # every rank joins
     if callback is None:  # DDP rank > 0: rank 0 writes the adapter and finishes the job
         return

@@ -1,0 +1,105 @@
+"""FSDP keeps the best evaluation's weights: each rank snapshots and restores its own shards (DTensors) before
+the final gather, so the adapter of a two-rank FSDP job is the best evaluation's, as a one-process job's is.
+"""
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from sqlmodel import Session, select
+
+from app.core.db import get_engine
+from app.core.models import Adapter, Job, JobEvent, JobStatus
+from app.core.storage import get_store
+from tests import lm
+from tests.factories import create_dataset, create_job
+from tests.lm import alpaca_rows, json_bytes
+
+pytestmark = pytest.mark.timeout(300)
+
+tiny_lm = lm.tiny_lm  # the session fixture, made available to this module
+
+LEARNING_RATE = 0.03  # measured: held-out loss 6.857, 6.864, 6.918, 6.939 (step 1 is the best by 0.007)
+
+
+@pytest.fixture
+def session(studio_settings: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PEFT_STUDIO_TORCH_THREADS", "1")
+    from app.core.settings import get_settings
+
+    get_settings.cache_clear()
+    with Session(get_engine()) as db:
+        yield db
+
+
+def test_an_fsdp_job_keeps_its_best_evaluation_as_one_process_does(session: Session, tiny_lm: Path) -> None:
+    from worker.engine import run_job
+
+    # given eight English training examples and four held-out ones of digits, which training on English makes
+    # less likely after the first step: the first evaluation is the best
+    rows = [row | {"output": row["output"][:120]} for row in alpaca_rows(8)]
+    digits = random.Random(0)
+    held_rows = [
+        {
+            "instruction": "Digits.",
+            "input": "",
+            "output": " ".join(str(digits.randrange(10)) for _ in range(40)),
+        }
+        for _ in range(4)
+    ]
+    train = create_dataset(session, json_bytes(rows), "alpaca8.json")
+    held_out = create_dataset(session, json_bytes(held_rows), "digits4.json")
+    training = {
+        "max_steps": 4,
+        "batch_size": 4,
+        "learning_rate": LEARNING_RATE,
+        "lr_scheduler": "constant",
+        "warmup_ratio": 0,
+        "logging_steps": 1,
+        "eval_steps": 1,
+        "best_metric": "loss",
+        "max_length": 128,
+        "group_by_length": False,
+        "save_steps": 0,
+        "seed": 0,
+    }
+    common = {
+        "task": "causal-lm",
+        "base_model": str(tiny_lm),
+        "dataset_id": train.id,
+        "validation_dataset_id": held_out.id,
+    }
+    sharded = create_job(
+        session,
+        **common,
+        training=training,
+        resources={"num_processes": 2, "strategy": "fsdp", "accelerator": "cpu"},
+    )
+    single = create_job(session, **common, training={**training, "batch_size": 8})
+
+    # when both run
+    run_job(sharded.id, worker_name="fsdp-best")
+    run_job(single.id, worker_name="single-best")
+
+    # then both kept the same earlier evaluation and put its weights back
+    session.expire_all()
+    kept = {}
+    for job_id in (sharded.id, single.id):
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.succeeded, job and job.error
+        events = [e.message for e in session.exec(select(JobEvent).where(JobEvent.job_id == job_id)).all()]
+        kept[job_id] = next((m for m in events if "kept the best evaluation" in m), events)
+    assert "restored its weights" in str(kept[single.id]), kept
+    assert str(kept[sharded.id]).split(",")[0] == str(kept[single.id]).split(",")[0], kept
+
+    # and the FSDP adapter (gathered after every rank restored its shards) is the one-process adapter
+    def weights(job_id: int) -> dict[str, torch.Tensor]:
+        adapter = session.exec(select(Adapter).where(Adapter.job_id == job_id)).one()
+        return load_file(str(get_store().local_dir(adapter.storage_key) / "adapter_model.safetensors"))
+
+    fsdp_weights, one_weights = weights(sharded.id), weights(single.id)
+    assert fsdp_weights.keys() == one_weights.keys()
+    for name, tensor in one_weights.items():
+        torch.testing.assert_close(fsdp_weights[name], tensor, atol=1e-4, rtol=0, msg=name)
