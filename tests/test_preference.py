@@ -452,6 +452,23 @@ def test_a_job_continues_a_supervised_adapter_which_is_its_reference_and_try_out
     adapter_page = api.get(f"/adapters/{adapter.id}").text
     assert 'data-testid="chat-link"' in adapter_page and 'data-testid="merged-download"' in adapter_page
 
+    # and its evaluation on the job's held-out pairs scores them against the supervised adapter, as training did
+    from worker.evaluation import run_evaluation
+    from worker.recipes.preference_data import held_out
+
+    rows = PAIRS * 8
+    split = sorted(held_out(len(rows), job.spec["validation_fraction"], job.spec["training"]["seed"]))
+    held = dataset(session, [rows[i] for i in split], "continued-held-out.json")
+    response = api.post(f"/api/v1/adapters/{adapter.id}/evaluations", json={"dataset_id": held})
+    assert response.status_code == 201 and response.json()["settings"]["reference_adapter_id"] == sft.id
+    run_evaluation(response.json()["id"])
+    result = api.get(f"/api/v1/evaluations/{response.json()['id']}").json()
+    assert result["status"] == "succeeded", result["error"]
+    assert result["details"]["reference"] == "the supervised adapter the job started from"
+    kept = min(points(session, job.id or 0, "eval"), key=lambda p: p["loss"])  # the best evaluation is kept
+    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "loss"):
+        assert result["metrics"][key] == pytest.approx(kept[key], rel=1e-3, abs=1e-4), (key, kept)
+
 
 def test_continuing_needs_the_same_base_and_method(
     api: Any, session: Session, tiny_lm: Path, pairs: int
@@ -625,3 +642,162 @@ def test_auto_learning_rate_is_a_tenth_of_the_supervised_one() -> None:
         return float(resolution.training.learning_rate)
 
     assert rate("preference") == pytest.approx(rate("causal-lm") / 10)
+
+
+# ---- evaluation: held-out reward accuracy and margin, on the real worker path ---------------------------------
+
+
+def kto_rows(pairs: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Pairs as KTO data: each chosen answer marked good, each rejected one bad."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": p["prompt"]},
+                {"role": "assistant", "content": p[answer]},
+            ],
+            "label": answer == "chosen",
+        }
+        for p in pairs
+        for answer in ("chosen", "rejected")
+    ]
+
+
+@pytest.fixture(scope="module")
+def held_out(session: Session) -> int:
+    """Eight held-out pairs (the four, last first, twice)."""
+    return dataset(session, list(reversed(PAIRS)) * 2, "held-out.json")
+
+
+def test_a_dpo_adapter_is_evaluated_on_held_out_pairs_as_training_scored_them(
+    api: Any, session: Session, tiny_lm: Path, pairs: int, held_out: int
+) -> None:
+    import csv
+    import io
+
+    from worker.evaluation import run_evaluation
+
+    # given a DPO adapter whose training evaluated it on a held-out file at its last step
+    job, adapter = run(
+        session,
+        preference_spec(
+            tiny_lm,
+            pairs,
+            validation_fraction=0.0,
+            validation_dataset_id=held_out,
+            preference={"beta": 0.2},
+            training={"max_steps": 4, "eval_steps": 4},
+        ),
+    )
+    trained = points(session, job.id or 0, "eval")[-1]
+
+    # when the adapter is evaluated on that file, through the API and the worker's evaluation
+    response = api.post(f"/api/v1/adapters/{adapter.id}/evaluations", json={"dataset_id": held_out})
+    assert response.status_code == 201, response.text
+    assert response.json()["settings"]["beta"] == 0.2  # the job's beta
+    assert response.json()["settings"]["preference"]["chosen_column"] == "chosen"  # as detected on upload
+    run_evaluation(response.json()["id"])
+    result = api.get(f"/api/v1/evaluations/{response.json()['id']}").json()
+
+    # then it reports what trl reported for the same rows in training: rewards, accuracy, margin, DPO's loss
+    assert result["status"] == "succeeded", result["error"]
+    metrics = result["metrics"]
+    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "loss"):
+        assert metrics[key] == pytest.approx(trained[key], rel=1e-3, abs=1e-4), (key, metrics, trained)
+    assert metrics["rewards/margins"] > 0 and metrics["examples"] == 8
+    assert result["details"]["reference"] == "the base model (adapter switched off)"
+    rows = list(
+        csv.DictReader(io.StringIO(api.get(f"/api/v1/evaluations/{result['id']}/predictions.csv").text))
+    )
+    assert len(rows) == 8 and rows[0]["chosen"].startswith(PAIRS[-1]["chosen"])
+    for row in rows:
+        margin = float(row["reward_chosen"]) - float(row["reward_rejected"])
+        assert float(row["margin"]) == pytest.approx(margin, abs=1e-5)
+        assert float(row["reward_chosen"]) == pytest.approx(
+            0.2 * (float(row["logp_chosen"]) - float(row["ref_logp_chosen"])), abs=1e-3
+        )
+        assert row["correct"] == str(int(margin > 0))
+    page = api.get(f"/evaluations/{result['id']}").text
+    assert "rewards/accuracies" in page and 'data-testid="evaluation-rewards-note"' in page
+
+    # and KTO data of the same answers: each answer's reward, its sign against its label
+    kto = dataset(session, kto_rows(list(reversed(PAIRS)) * 2), "held-out-kto.json")
+    response = api.post(f"/api/v1/adapters/{adapter.id}/evaluations", json={"dataset_id": kto})
+    assert response.status_code == 201, response.text
+    assert response.json()["settings"]["preference"]["format"] == "kto"
+    run_evaluation(response.json()["id"])
+    by_label = api.get(f"/api/v1/evaluations/{response.json()['id']}").json()
+    assert by_label["status"] == "succeeded", by_label["error"]
+    assert by_label["metrics"]["rewards/chosen"] == pytest.approx(metrics["rewards/chosen"], abs=1e-4)
+    assert by_label["metrics"]["rewards/rejected"] == pytest.approx(metrics["rewards/rejected"], abs=1e-4)
+    assert "loss" not in by_label["metrics"] and by_label["metrics"]["desirable_examples"] == 8
+
+    # and the adapter page's form queues one with the detected format (no text or format fields to fill)
+    fragment = api.get(f"/adapters/{adapter.id}/evaluations").text
+    assert 'name="text_column"' not in fragment and 'name="causal_lm.format"' not in fragment
+    form = api.post(
+        f"/adapters/{adapter.id}/evaluations", data={"dataset_id": str(held_out)}, follow_redirects=False
+    )
+    assert form.status_code == 303, form.text
+
+
+def test_evaluating_a_preference_adapter_on_other_data_is_refused_clearly(
+    api: Any, session: Session, tiny_lm: Path
+) -> None:
+    adapter = session.exec(select(Adapter).where(Adapter.task == "preference")).first()
+    assert adapter is not None
+    url = f"/api/v1/adapters/{adapter.id}/evaluations"
+    # a classification file is not preference data: 422 on the dataset, naming its columns
+    labelled = dataset(
+        session, [{"text": "good film", "label": 1}, {"text": "bad film", "label": 0}], "sst.json"
+    )
+    response = api.post(url, json={"dataset_id": labelled})
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "dataset_id" and "not preference data" in response.json()["detail"]
+    assert "'text'" in response.json()["detail"]
+    # columns named that the file lacks: the same message as a preference job's
+    response = api.post(url, json={"dataset_id": labelled, "preference": {"prompt_column": "text"}})
+    assert response.status_code == 422 and response.json()["field"] == "preference.chosen_column", (
+        response.text
+    )
+    # a malformed row of preference data is named, as for training
+    same = dataset(session, [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Hello."}], "same.json")
+    response = api.post(url, json={"dataset_id": same})
+    assert response.status_code == 422 and f"Dataset {same}, row 1" in response.json()["detail"], (
+        response.text
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "reference"),
+    [
+        ("prompt", "the base model (adapter switched off)"),  # virtual tokens: trl keeps the real positions
+        ("houlsby", "a frozen copy of the base model"),  # the studio's own adapter changes the base model
+        ("full", "a frozen copy of the base model"),
+    ],
+)
+def test_each_kind_of_reference_is_evaluated_as_training_scored_it(
+    api: Any, session: Session, tiny_lm: Path, pairs: int, held_out: int, method: str, reference: str
+) -> None:
+    from worker.evaluation import run_evaluation
+
+    job, adapter = run(
+        session,
+        preference_spec(
+            tiny_lm,
+            pairs,
+            method=method,
+            validation_fraction=0.0,
+            validation_dataset_id=held_out,
+            training={"max_steps": 2, "eval_steps": 2, "learning_rate": 1e-3},
+        ),
+    )
+    trained = points(session, job.id or 0, "eval")[-1]
+    response = api.post(f"/api/v1/adapters/{adapter.id}/evaluations", json={"dataset_id": held_out})
+    assert response.status_code == 201, response.text
+    run_evaluation(response.json()["id"])
+    result = api.get(f"/api/v1/evaluations/{response.json()['id']}").json()
+    assert result["status"] == "succeeded", result["error"]
+    assert result["details"]["reference"] == reference
+    assert result["metrics"]["rewards/margins"] != 0  # the reference is not the trained model
+    for key in ("rewards/margins", "rewards/chosen", "rewards/rejected", "loss"):
+        assert result["metrics"][key] == pytest.approx(trained[key], rel=1e-3, abs=1e-4), (key, trained)
