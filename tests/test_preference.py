@@ -609,8 +609,9 @@ def test_cancelling_a_running_dpo_job_stops_it_and_keeps_no_adapter(
 
 
 def test_a_sweep_over_beta_and_compare_by_reward_accuracy(
-    api: Any, session: Session, tiny_lm: Path, pairs: int, monkeypatch: pytest.MonkeyPatch
+    session: Session, tiny_lm: Path, pairs: int, api: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # (pairs before api: the order the module's earlier tests make them in; sweeps check the datasets' owner)
     sent: list[int] = []
     monkeypatch.setattr("app.core.queue.enqueue_training", lambda job_id, *a, **k: sent.append(job_id) or "t")
     # a sweep over the loss's beta queues one job per value (the queue is not under test here)
@@ -619,6 +620,37 @@ def test_a_sweep_over_beta_and_compare_by_reward_accuracy(
     assert response.status_code == 201, response.text
     assert sorted(j["spec"]["preference"]["beta"] for j in response.json()["jobs"]) == [0.05, 0.5]
     assert len(sent) == 2
+    # ... and over the loss, each job checked as a preference job (a pair loss on KTO data would be refused)
+    request = {"base": preference_spec(tiny_lm, pairs), "grid": {"preference.loss": ["dpo", "orpo", "kto"]}}
+    response = api.post("/api/v1/sweeps", json=request)
+    assert response.status_code == 201, response.text
+    assert sorted(j["spec"]["preference"]["loss"] for j in response.json()["jobs"]) == ["dpo", "kto", "orpo"]
+    request = {"base": preference_spec(tiny_lm, pairs), "grid": {"preference.loss": ["dpo", "sft"]}}
+    response = api.post("/api/v1/sweeps", json=request)
+    assert response.status_code == 422 and "preference.loss" in response.json()["detail"], response.text
+    # the sweep form offers the preference task with betas and losses to try
+    form = {
+        "dataset_id": str(pairs),
+        "task": "preference",
+        "base_model": str(tiny_lm),
+        "methods": ["lora"],
+        "learning_rates": "5e-4",
+        "ranks": "8",
+        "betas": "0.05, 0.2",
+        "losses": "dpo, ipo",
+        "max_steps": "4",
+        "max_length": "64",
+        "extra": '{"training": {"batch_size": 8}, "validation_fraction": 0.25}',
+    }
+    assert 'name="betas"' in api.get("/sweeps/new").text
+    created = api.post("/sweeps/new", data=form, follow_redirects=False)
+    assert created.status_code == 303, created.text
+    jobs = api.get(f"/api/v1/sweeps/{created.headers['location'].rsplit('/', 1)[1]}").json()["jobs"]
+    combos = {(j["spec"]["preference"]["loss"], j["spec"]["preference"]["beta"]) for j in jobs}
+    assert combos == {("dpo", 0.05), ("dpo", 0.2), ("ipo", 0.05), ("ipo", 0.2)}
+    assert {j["spec"]["task"] for j in jobs} == {"preference"} and len(sent) == 2 + 3 + 4
+    bad = api.post("/sweeps/new", data={**form, "betas": "high"})
+    assert bad.status_code == 422 and "betas" in bad.text
     # two finished DPO jobs compare by their reward accuracy, the task's primary metric
     finished = session.exec(select(Job).where(Job.status == JobStatus.succeeded)).all()
     ids = [
