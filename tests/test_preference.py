@@ -14,7 +14,7 @@ import pytest
 import torch
 from sqlmodel import Session, col, select
 
-from app.core.models import Adapter, Job, JobStatus, MetricPoint
+from app.core.models import Adapter, Job, JobStatus, MetricPoint, Webhook
 from tests import lm
 from tests.conftest import ADMIN_TOKEN
 from tests.factories import create_dataset, create_job
@@ -114,11 +114,15 @@ def preference_spec(base: Path, dataset_id: int, **fields: Any) -> dict[str, Any
     }
 
 
-def run(session: Session, spec: dict[str, Any]) -> tuple[Job, Adapter]:
-    """Run a job in-process; the finished job and its adapter."""
+def run(session: Session, spec: dict[str, Any], owner_id: int | None = None) -> tuple[Job, Adapter]:
+    """Run a job (of ``owner_id``) in-process; the finished job and its adapter."""
     from worker.engine import run_job
 
     job = create_job(session, **spec)
+    if owner_id is not None:
+        job.owner_id = owner_id
+        session.add(job)
+        session.commit()
     run_job(job.id)
     session.expire_all()
     finished = session.get(Job, job.id)
@@ -700,14 +704,33 @@ def held_out(session: Session) -> int:
     return dataset(session, list(reversed(PAIRS)) * 2, "held-out.json")
 
 
-def test_a_dpo_adapter_is_evaluated_on_held_out_pairs_as_training_scored_them(
-    api: Any, session: Session, tiny_lm: Path, pairs: int, held_out: int
+@pytest.fixture
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A loopback webhook receiver the admin allow-lists (tests/webhook_receiver.py)."""
+    from app.core.settings import get_settings
+    from tests.webhook_receiver import webhook_receiver
+
+    monkeypatch.setenv("PEFT_STUDIO_OUTBOUND_ALLOWED_HOSTS", "127.0.0.1")
+    get_settings.cache_clear()
+    with webhook_receiver() as running:
+        yield running
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def test_a_dpo_job_fires_its_webhook_and_its_adapter_evaluates_on_held_out_pairs_as_training_scored_them(
+    api: Any, session: Session, tiny_lm: Path, pairs: int, held_out: int, receiver: Any
 ) -> None:
     import csv
     import io
 
+    from app.services.webhooks import dispatch_once
     from worker.evaluation import run_evaluation
 
+    hook = api.post("/api/v1/webhooks", json={"url": receiver.url, "events": ["job.succeeded"]})
+    assert hook.status_code == 201, hook.text
+    webhook = session.get(Webhook, hook.json()["id"])
+    assert webhook is not None
     # given a DPO adapter whose training evaluated it on a held-out file at its last step
     job, adapter = run(
         session,
@@ -719,8 +742,18 @@ def test_a_dpo_adapter_is_evaluated_on_held_out_pairs_as_training_scored_them(
             preference={"beta": 0.2},
             training={"max_steps": 4, "eval_steps": 4},
         ),
+        owner_id=webhook.owner_id,  # a job of the webhook's owner
     )
     trained = points(session, job.id or 0, "eval")[-1]
+    # the job's webhook fired as for any task: job.succeeded, with its task, spec, adapter and reward metrics
+    dispatch_once()
+    request = receiver.wait_for(lambda r: json.loads(r.body)["data"]["job"]["id"] == job.id)
+    event = json.loads(request.body)
+    assert event["type"] == "job.succeeded" and request.headers["x-peftstudio-event"] == "job.succeeded"
+    assert event["data"]["job"]["spec"]["task"] == "preference"
+    assert event["data"]["job"]["spec"]["preference"]["beta"] == 0.2
+    assert event["data"]["adapter_id"] == adapter.id and "rewards/accuracies" in event["data"]["metrics"]
+    assert api.delete(f"/api/v1/webhooks/{hook.json()['id']}").status_code == 204
 
     # when the adapter is evaluated on that file, through the API and the worker's evaluation
     response = api.post(f"/api/v1/adapters/{adapter.id}/evaluations", json={"dataset_id": held_out})
