@@ -391,6 +391,11 @@ def test_estimate_counts_two_sequences_and_the_reference_copy(api: Any, tiny_lm:
     # full fine-tuning loads a frozen reference: the base weights twice; ORPO needs no reference
     assert full["memory"]["weights_bytes"] == 2 * orpo_full["memory"]["weights_bytes"]
     assert any("frozen reference copy" in line for line in full["assumptions"])
+    # KTO on pairs trains on each answer alone: twice the examples, twice the steps of an epoch
+    epoch = {"max_steps": None, "num_epochs": 1}
+    dpo_epoch = estimate(**preference_spec(tiny_lm, pairs, training=epoch))
+    kto_epoch = estimate(**preference_spec(tiny_lm, pairs, training=epoch, preference={"loss": "kto"}))
+    assert dpo_epoch["total_steps"] == 3 and kto_epoch["total_steps"] == 6  # 24 training pairs, batch 8
 
 
 # ---- reference model: full fine-tuning loads a frozen copy; a job may continue a supervised adapter ------
