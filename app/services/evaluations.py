@@ -215,7 +215,7 @@ def _preference_settings(dataset: Dataset, body: EvaluationCreate, trained: JobS
     loss = trained_settings.loss
     beta = trained_settings.resolved_beta() if loss in KL_BETA_LOSSES else DEFAULT_BETA["dpo"]
     return {
-        "preference": settings.model_dump(mode="json"),
+        PREFERENCE: settings.model_dump(mode="json"),
         "beta": beta,
         "reference_adapter_id": trained_settings.continue_from_adapter_id,
     }

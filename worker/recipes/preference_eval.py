@@ -175,7 +175,7 @@ def _rendered(
     rows: list[dict[str, Any]], settings: PreferenceSettings, spec: JobSpec, tokenizer: Any
 ) -> tuple[list[RenderedExample], int, int]:
     """The rows rendered as in training; (kept, truncated, dropped: prompt alone fills max length)."""
-    probe = spec.model_copy(update={"preference": settings})
+    probe = spec.model_copy(update={PREFERENCE: settings})
     renderer, _ = job_renderer(probe, tokenizer)
     rendered = [
         renderer.render(preference_example_from_row(row, settings, number), number)
@@ -195,7 +195,7 @@ def evaluate_preference(
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Rewards, reward accuracy and margin (and DPO's loss for pairs) of the adapter in ``folder`` over the rows;
     the per-row CSV written to ``target``. Returns (metrics, details)."""
-    data = PreferenceSettings.model_validate(settings["preference"])
+    data = PreferenceSettings.model_validate(settings[PREFERENCE])
     beta = float(settings["beta"])
     loaded = load_for_evaluation(folder, start_folder)
     spec = JobSpec.model_validate(loaded.studio["spec"])
