@@ -98,8 +98,14 @@ def load_for_evaluation(folder: Path, start_folder: Path | None = None) -> Loade
     return LoadedPreferenceModel(model, reference, label, tokenizer, studio)
 
 
-def _trainer(loaded: LoadedPreferenceModel, records: list[dict[str, Any]], spec: JobSpec, beta: float,
-             work_dir: Path, start_folder: Path | None) -> Any:  # fmt: skip
+def _trainer(
+    loaded: LoadedPreferenceModel,
+    records: list[dict[str, Any]],
+    spec: JobSpec,
+    beta: float,
+    work_dir: Path,
+    start_folder: Path | None,
+) -> Any:
     """trl's DPOTrainer over the records, for its tokenization, collator and reference log-probabilities."""
     from datasets import Dataset as HFDataset
     from trl import DPOConfig, DPOTrainer
@@ -124,7 +130,8 @@ def _trainer(loaded: LoadedPreferenceModel, records: list[dict[str, Any]], spec:
     model: Any = trainer.model
     if loaded.reference is None and "ref" in getattr(model, "peft_config", {}):
         # trl copied the adapter as its reference ("re-training an existing adapter"); the reference is the base
-        # with the adapter off, or the supervised adapter the job started from.
+        # with the adapter off, or the supervised adapter the job started from. A copy that cannot be deleted
+        # fails the evaluation rather than scoring the adapter against itself.
         model.delete_adapter("ref")
         if start_folder is not None:
             model.load_adapter(str(start_folder), adapter_name="ref")
