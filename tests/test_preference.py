@@ -14,7 +14,7 @@ import pytest
 import torch
 from sqlmodel import Session, col, select
 
-from app.core.models import Adapter, Job, JobStatus, MetricPoint
+from app.core.models import Adapter, Job, JobStatus, MetricPoint, Webhook
 from tests import lm
 from tests.conftest import ADMIN_TOKEN
 from tests.factories import create_dataset, create_job
@@ -114,11 +114,15 @@ def preference_spec(base: Path, dataset_id: int, **fields: Any) -> dict[str, Any
     }
 
 
-def run(session: Session, spec: dict[str, Any]) -> tuple[Job, Adapter]:
-    """Run a job in-process; the finished job and its adapter."""
+def run(session: Session, spec: dict[str, Any], owner_id: int | None = None) -> tuple[Job, Adapter]:
+    """Run a job (of ``owner_id``) in-process; the finished job and its adapter."""
     from worker.engine import run_job
 
     job = create_job(session, **spec)
+    if owner_id is not None:
+        job.owner_id = owner_id
+        session.add(job)
+        session.commit()
     run_job(job.id)
     session.expire_all()
     finished = session.get(Job, job.id)
@@ -387,6 +391,11 @@ def test_estimate_counts_two_sequences_and_the_reference_copy(api: Any, tiny_lm:
     # full fine-tuning loads a frozen reference: the base weights twice; ORPO needs no reference
     assert full["memory"]["weights_bytes"] == 2 * orpo_full["memory"]["weights_bytes"]
     assert any("frozen reference copy" in line for line in full["assumptions"])
+    # KTO on pairs trains on each answer alone: twice the examples, twice the steps of an epoch
+    epoch = {"max_steps": None, "num_epochs": 1}
+    dpo_epoch = estimate(**preference_spec(tiny_lm, pairs, training=epoch))
+    kto_epoch = estimate(**preference_spec(tiny_lm, pairs, training=epoch, preference={"loss": "kto"}))
+    assert dpo_epoch["total_steps"] == 3 and kto_epoch["total_steps"] == 6  # 24 training pairs, batch 8
 
 
 # ---- reference model: full fine-tuning loads a frozen copy; a job may continue a supervised adapter ------
@@ -451,6 +460,23 @@ def test_a_job_continues_a_supervised_adapter_which_is_its_reference_and_try_out
     assert f'data-base-model="ft:{tiny_lm.name}:ftjob-{sft_job.id}"' in page.text
     adapter_page = api.get(f"/adapters/{adapter.id}").text
     assert 'data-testid="chat-link"' in adapter_page and 'data-testid="merged-download"' in adapter_page
+
+    # and its evaluation on the job's held-out pairs scores them against the supervised adapter, as training did
+    from worker.evaluation import run_evaluation
+    from worker.recipes.preference_data import held_out
+
+    rows = PAIRS * 8
+    split = sorted(held_out(len(rows), job.spec["validation_fraction"], job.spec["training"]["seed"]))
+    held = dataset(session, [rows[i] for i in split], "continued-held-out.json")
+    response = api.post(f"/api/v1/adapters/{adapter.id}/evaluations", json={"dataset_id": held})
+    assert response.status_code == 201 and response.json()["settings"]["reference_adapter_id"] == sft.id
+    run_evaluation(response.json()["id"])
+    result = api.get(f"/api/v1/evaluations/{response.json()['id']}").json()
+    assert result["status"] == "succeeded", result["error"]
+    assert result["details"]["reference"] == "the supervised adapter the job started from"
+    kept = min(points(session, job.id or 0, "eval"), key=lambda p: p["loss"])  # the best evaluation is kept
+    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "loss"):
+        assert result["metrics"][key] == pytest.approx(kept[key], rel=1e-3, abs=1e-4), (key, kept)
 
 
 def test_continuing_needs_the_same_base_and_method(
@@ -592,8 +618,9 @@ def test_cancelling_a_running_dpo_job_stops_it_and_keeps_no_adapter(
 
 
 def test_a_sweep_over_beta_and_compare_by_reward_accuracy(
-    api: Any, session: Session, tiny_lm: Path, pairs: int, monkeypatch: pytest.MonkeyPatch
+    session: Session, tiny_lm: Path, pairs: int, api: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # (pairs before api: the order the module's earlier tests make them in; sweeps check the datasets' owner)
     sent: list[int] = []
     monkeypatch.setattr("app.core.queue.enqueue_training", lambda job_id, *a, **k: sent.append(job_id) or "t")
     # a sweep over the loss's beta queues one job per value (the queue is not under test here)
@@ -602,6 +629,37 @@ def test_a_sweep_over_beta_and_compare_by_reward_accuracy(
     assert response.status_code == 201, response.text
     assert sorted(j["spec"]["preference"]["beta"] for j in response.json()["jobs"]) == [0.05, 0.5]
     assert len(sent) == 2
+    # ... and over the loss, each job checked as a preference job (a pair loss on KTO data would be refused)
+    request = {"base": preference_spec(tiny_lm, pairs), "grid": {"preference.loss": ["dpo", "orpo", "kto"]}}
+    response = api.post("/api/v1/sweeps", json=request)
+    assert response.status_code == 201, response.text
+    assert sorted(j["spec"]["preference"]["loss"] for j in response.json()["jobs"]) == ["dpo", "kto", "orpo"]
+    request = {"base": preference_spec(tiny_lm, pairs), "grid": {"preference.loss": ["dpo", "sft"]}}
+    response = api.post("/api/v1/sweeps", json=request)
+    assert response.status_code == 422 and "preference.loss" in response.json()["detail"], response.text
+    # the sweep form offers the preference task with betas and losses to try
+    form = {
+        "dataset_id": str(pairs),
+        "task": "preference",
+        "base_model": str(tiny_lm),
+        "methods": ["lora"],
+        "learning_rates": "5e-4",
+        "ranks": "8",
+        "betas": "0.05, 0.2",
+        "losses": "dpo, ipo",
+        "max_steps": "4",
+        "max_length": "64",
+        "extra": '{"training": {"batch_size": 8}, "validation_fraction": 0.25}',
+    }
+    assert 'name="betas"' in api.get("/sweeps/new").text
+    created = api.post("/sweeps/new", data=form, follow_redirects=False)
+    assert created.status_code == 303, created.text
+    jobs = api.get(f"/api/v1/sweeps/{created.headers['location'].rsplit('/', 1)[1]}").json()["jobs"]
+    combos = {(j["spec"]["preference"]["loss"], j["spec"]["preference"]["beta"]) for j in jobs}
+    assert combos == {("dpo", 0.05), ("dpo", 0.2), ("ipo", 0.05), ("ipo", 0.2)}
+    assert {j["spec"]["task"] for j in jobs} == {"preference"} and len(sent) == 2 + 3 + 4
+    bad = api.post("/sweeps/new", data={**form, "betas": "high"})
+    assert bad.status_code == 422 and "betas" in bad.text
     # two finished DPO jobs compare by their reward accuracy, the task's primary metric
     finished = session.exec(select(Job).where(Job.status == JobStatus.succeeded)).all()
     ids = [
@@ -625,3 +683,209 @@ def test_auto_learning_rate_is_a_tenth_of_the_supervised_one() -> None:
         return float(resolution.training.learning_rate)
 
     assert rate("preference") == pytest.approx(rate("causal-lm") / 10)
+
+
+# ---- evaluation: held-out reward accuracy and margin, on the real worker path ---------------------------------
+
+
+def kto_rows(pairs: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Pairs as KTO data: each chosen answer marked good, each rejected one bad."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": p["prompt"]},
+                {"role": "assistant", "content": p[answer]},
+            ],
+            "label": answer == "chosen",
+        }
+        for p in pairs
+        for answer in ("chosen", "rejected")
+    ]
+
+
+@pytest.fixture(scope="module")
+def held_out(session: Session) -> int:
+    """Eight held-out pairs (the four, last first, twice)."""
+    return dataset(session, list(reversed(PAIRS)) * 2, "held-out.json")
+
+
+@pytest.fixture
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A loopback webhook receiver the admin allow-lists (tests/webhook_receiver.py)."""
+    from app.core.settings import get_settings
+    from tests.webhook_receiver import webhook_receiver
+
+    monkeypatch.setenv("PEFT_STUDIO_OUTBOUND_ALLOWED_HOSTS", "127.0.0.1")
+    get_settings.cache_clear()
+    with webhook_receiver() as running:
+        yield running
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def test_a_dpo_job_fires_its_webhook_and_its_adapter_evaluates_on_held_out_pairs_as_training_scored_them(
+    api: Any, session: Session, tiny_lm: Path, pairs: int, held_out: int, receiver: Any
+) -> None:
+    import csv
+    import io
+
+    from app.services.webhooks import dispatch_once
+    from worker.evaluation import run_evaluation
+
+    hook = api.post("/api/v1/webhooks", json={"url": receiver.url, "events": ["job.succeeded"]})
+    assert hook.status_code == 201, hook.text
+    webhook = session.get(Webhook, hook.json()["id"])
+    assert webhook is not None
+    # given a DPO adapter whose training evaluated it on a held-out file at its last step
+    job, adapter = run(
+        session,
+        preference_spec(
+            tiny_lm,
+            pairs,
+            validation_fraction=0.0,
+            validation_dataset_id=held_out,
+            preference={"beta": 0.2},
+            training={"max_steps": 4, "eval_steps": 4},
+        ),
+        owner_id=webhook.owner_id,  # a job of the webhook's owner
+    )
+    trained = points(session, job.id or 0, "eval")[-1]
+    # the job's webhook fired as for any task: job.succeeded, with its task, spec, adapter and reward metrics
+    dispatch_once()
+    request = receiver.wait_for(lambda r: json.loads(r.body)["data"]["job"]["id"] == job.id)
+    event = json.loads(request.body)
+    assert event["type"] == "job.succeeded" and request.headers["x-peftstudio-event"] == "job.succeeded"
+    assert event["data"]["job"]["spec"]["task"] == "preference"
+    assert event["data"]["job"]["spec"]["preference"]["beta"] == 0.2
+    assert event["data"]["adapter_id"] == adapter.id and "rewards/accuracies" in event["data"]["metrics"]
+    assert api.delete(f"/api/v1/webhooks/{hook.json()['id']}").status_code == 204
+
+    # when the adapter is evaluated on that file, through the API and the worker's evaluation
+    response = api.post(f"/api/v1/adapters/{adapter.id}/evaluations", json={"dataset_id": held_out})
+    assert response.status_code == 201, response.text
+    assert response.json()["settings"]["beta"] == 0.2  # the job's beta
+    assert response.json()["settings"]["preference"]["chosen_column"] == "chosen"  # as detected on upload
+    run_evaluation(response.json()["id"])
+    result = api.get(f"/api/v1/evaluations/{response.json()['id']}").json()
+
+    # then it reports what trl reported for the same rows in training: rewards, accuracy, margin, DPO's loss
+    assert result["status"] == "succeeded", result["error"]
+    metrics = result["metrics"]
+    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "loss"):
+        assert metrics[key] == pytest.approx(trained[key], rel=1e-3, abs=1e-4), (key, metrics, trained)
+    assert metrics["rewards/margins"] > 0 and metrics["examples"] == 8
+    assert result["details"]["reference"] == "the base model (adapter switched off)"
+    rows = list(
+        csv.DictReader(io.StringIO(api.get(f"/api/v1/evaluations/{result['id']}/predictions.csv").text))
+    )
+    assert len(rows) == 8 and rows[0]["chosen"].startswith(PAIRS[-1]["chosen"])
+    for row in rows:
+        margin = float(row["reward_chosen"]) - float(row["reward_rejected"])
+        assert float(row["margin"]) == pytest.approx(margin, abs=1e-5)
+        assert float(row["reward_chosen"]) == pytest.approx(
+            0.2 * (float(row["logp_chosen"]) - float(row["ref_logp_chosen"])), abs=1e-3
+        )
+        assert row["correct"] == str(int(margin > 0))
+    page = api.get(f"/evaluations/{result['id']}").text
+    assert "rewards/accuracies" in page and 'data-testid="evaluation-rewards-note"' in page
+
+    # and KTO data of the same answers: each answer's reward, its sign against its label
+    kto = dataset(session, kto_rows(list(reversed(PAIRS)) * 2), "held-out-kto.json")
+    response = api.post(f"/api/v1/adapters/{adapter.id}/evaluations", json={"dataset_id": kto})
+    assert response.status_code == 201, response.text
+    assert response.json()["settings"]["preference"]["format"] == "kto"
+    run_evaluation(response.json()["id"])
+    by_label = api.get(f"/api/v1/evaluations/{response.json()['id']}").json()
+    assert by_label["status"] == "succeeded", by_label["error"]
+    assert by_label["metrics"]["rewards/chosen"] == pytest.approx(metrics["rewards/chosen"], abs=1e-4)
+    assert by_label["metrics"]["rewards/rejected"] == pytest.approx(metrics["rewards/rejected"], abs=1e-4)
+    assert "loss" not in by_label["metrics"] and by_label["metrics"]["desirable_examples"] == 8
+
+    # and the adapter page's form queues one with the detected format (no text or format fields to fill)
+    fragment = api.get(f"/adapters/{adapter.id}/evaluations").text
+    assert 'name="text_column"' not in fragment and 'name="causal_lm.format"' not in fragment
+    form = api.post(
+        f"/adapters/{adapter.id}/evaluations", data={"dataset_id": str(held_out)}, follow_redirects=False
+    )
+    assert form.status_code == 303, form.text
+
+
+def test_evaluating_a_preference_adapter_on_other_data_is_refused_clearly(
+    api: Any, session: Session, tiny_lm: Path
+) -> None:
+    adapter = session.exec(select(Adapter).where(Adapter.task == "preference")).first()
+    assert adapter is not None
+    url = f"/api/v1/adapters/{adapter.id}/evaluations"
+    # a classification file is not preference data: 422 on the dataset, naming its columns
+    labelled = dataset(
+        session, [{"text": "good film", "label": 1}, {"text": "bad film", "label": 0}], "sst.json"
+    )
+    response = api.post(url, json={"dataset_id": labelled})
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "dataset_id" and "not preference data" in response.json()["detail"]
+    assert "'text'" in response.json()["detail"]
+    # columns named that the file lacks: the same message as a preference job's
+    response = api.post(url, json={"dataset_id": labelled, "preference": {"prompt_column": "text"}})
+    assert response.status_code == 422 and response.json()["field"] == "preference.chosen_column", (
+        response.text
+    )
+    # a malformed row of preference data is named, as for training
+    same = dataset(session, [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Hello."}], "same.json")
+    response = api.post(url, json={"dataset_id": same})
+    assert response.status_code == 422 and f"Dataset {same}, row 1" in response.json()["detail"], (
+        response.text
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "reference", "tolerance"),
+    [
+        (
+            "prompt",
+            "the base model (adapter switched off)",
+            1e-3,
+        ),  # virtual tokens: trl keeps the real positions
+        ("prefix", "the base model (adapter switched off)", 1e-3),  # prefix key/values
+        # a 4-bit base: the reloaded quantized forward is not bit-for-bit training's (prepared for k-bit training)
+        ("qlora", "the base model (adapter switched off)", 2e-2),
+        (
+            "houlsby",
+            "a frozen copy of the base model",
+            1e-3,
+        ),  # the studio's own adapter changes the base model
+        ("full", "a frozen copy of the base model", 1e-3),
+    ],
+)
+def test_each_kind_of_reference_is_evaluated_as_training_scored_it(
+    api: Any,
+    session: Session,
+    tiny_lm: Path,
+    pairs: int,
+    held_out: int,
+    method: str,
+    reference: str,
+    tolerance: float,
+) -> None:
+    from worker.evaluation import run_evaluation
+
+    job, adapter = run(
+        session,
+        preference_spec(
+            tiny_lm,
+            pairs,
+            method=method,
+            validation_fraction=0.0,
+            validation_dataset_id=held_out,
+            training={"max_steps": 2, "eval_steps": 2, "learning_rate": 1e-3},
+        ),
+    )
+    trained = points(session, job.id or 0, "eval")[-1]
+    response = api.post(f"/api/v1/adapters/{adapter.id}/evaluations", json={"dataset_id": held_out})
+    assert response.status_code == 201, response.text
+    run_evaluation(response.json()["id"])
+    result = api.get(f"/api/v1/evaluations/{response.json()['id']}").json()
+    assert result["status"] == "succeeded", result["error"]
+    assert result["details"]["reference"] == reference
+    assert result["metrics"]["rewards/margins"] != 0  # the reference is not the trained model
+    for key in ("rewards/margins", "rewards/chosen", "rewards/rejected", "loss"):
+        assert result["metrics"][key] == pytest.approx(trained[key], rel=tolerance, abs=1e-4), (key, trained)

@@ -82,3 +82,50 @@ def test_the_form_offers_preference_tuning_and_previews_chosen_beside_rejected(
             assert re.search(r"Row \d+", page.locator("#preview").inner_text())
         finally:
             browser.close()
+
+
+@pytest.mark.timeout(600)
+def test_the_sweep_form_sweeps_preference_betas_and_losses(
+    tmp_path: Path, chromium_path: str, tiny_lm: Path
+) -> None:
+    import json
+
+    from playwright.sync_api import expect, sync_playwright
+
+    pairs = [
+        {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "I do not know."},
+        {"prompt": "Name a primary color.", "chosen": "Blue.", "rejected": "Green is not one."},
+    ] * 4
+    with (
+        run_studio(tmp_path / "data", workers=0) as studio,
+        studio.client() as client,
+        sync_playwright() as playwright,
+    ):
+        upload = client.post("/api/v1/datasets", files={"file": ("pairs.json", json.dumps(pairs).encode())})
+        assert upload.status_code == 201, upload.text
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1366, "height": 1000}).new_page()
+            page.set_default_timeout(WAIT)
+            # given the sweep form on the preference task over the uploaded pairs
+            studio.open_page(page, "/sweeps/new")
+            page.locator("#s-dataset_id").select_option(str(upload.json()["id"]))
+            page.locator("#s-task").select_option("preference")
+            page.locator("#s-base_model").fill(str(tiny_lm))
+            page.locator("#s-max_steps").fill("2")
+            page.locator("#s-max_length").fill("64")
+            page.locator("#s-learning_rates").fill("5e-4")
+            # when two betas and two losses are asked for and the sweep is queued
+            page.locator("#s-betas").fill("0.05, 0.2")
+            page.locator("#s-losses").fill("dpo, ipo")
+            page.get_by_test_id("launch-sweep").click()
+            # then its page lists the four jobs of the grid
+            page.wait_for_url(re.compile(r"/sweeps/\d+$"), timeout=WAIT)
+            sweep_id = page.url.rsplit("/", 1)[1]
+            jobs = client.get(f"/api/v1/sweeps/{sweep_id}").json()["jobs"]
+            combos = {(j["spec"]["preference"]["loss"], j["spec"]["preference"]["beta"]) for j in jobs}
+            assert combos == {("dpo", 0.05), ("dpo", 0.2), ("ipo", 0.05), ("ipo", 0.2)}
+            for job in jobs:
+                expect(page.locator(f'a[href="/jobs/{job["id"]}"]').first).to_be_attached()
+        finally:
+            browser.close()

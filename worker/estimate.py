@@ -265,7 +265,11 @@ def estimate_job(spec: JobSpec, profile: dict[str, Any] | None) -> JobEstimate:
     if needs_resolution(spec.training):  # auto settings: the same rule the job will run with
         inputs = rule_inputs_for(spec, examples or 0, 0)
         spec = spec.model_copy(update={"training": resolve_training(spec.training, inputs).training})
-    steps = planned_steps(spec, examples)
+    # KTO learns from single answers: a pair gives two (its chosen one good, its rejected one bad), so twice the steps
+    kto_on_pairs = (
+        spec.task == PREFERENCE and spec.preference.loss == "kto" and spec.preference.format == "pairs"
+    )
+    steps = planned_steps(spec, examples * 2 if kto_on_pairs and examples is not None else examples)
     try:
         return estimate(
             spec.base_model,

@@ -9,6 +9,8 @@ that is dropped when the evaluation ends, so a training worker does not keep an 
 - Causal LM: the rows are formatted and masked as in training (worker/recipes/causal_lm_data.py); loss and
   perplexity are the mean negative log-likelihood of the response tokens (as the training metrics), and a
   few examples get a greedy response, bounded by ``max_new_tokens``.
+- Preference: DPO's implicit rewards against the reference, reward accuracy and margin, DPO's loss
+  (worker/recipes/preference_eval.py, which loads the adapter itself: trl's trainer needs it outside inference mode).
 
 An evaluation owns its status transitions here: queued -> running -> succeeded | failed.
 """
@@ -35,7 +37,7 @@ from app.core.models import Adapter, Dataset, Evaluation, EvaluationStatus, utcn
 from app.core.settings import get_settings
 from app.core.spec import CausalLMSettings, JobSpec
 from app.core.storage import get_store
-from app.core.tasks import CAUSAL_LM
+from app.core.tasks import CAUSAL_LM, PREFERENCE
 from app.services.evaluations import predictions_key
 from worker.failures import explain
 from worker.inference import WarmModels
@@ -184,16 +186,40 @@ def evaluate(evaluation: Evaluation, adapter: Adapter, dataset: Dataset, work_di
     _, rows = load_rows(  # with the options it was imported with (delimiter, header, encoding, ...)
         store.local_file(dataset.storage_key), dataset.format, dataset.profile.get("import")
     )
+    target = work_dir / "predictions.csv"
+    if evaluation.task == PREFERENCE:
+        return _evaluate_preference(evaluation, folder, rows, target, work_dir)
     models = WarmModels()  # a cache of its own: released with this evaluation
     try:
         model, tokenizer, studio = models.model_for(adapter.id or 0, folder)
         model = _on_best_device(model)
-        target = work_dir / "predictions.csv"
         if evaluation.task == CAUSAL_LM:
             return evaluate_causal_lm(model, tokenizer, studio, rows, evaluation.settings, target)
         return evaluate_classification(model, tokenizer, studio, rows, evaluation.settings, target)
     finally:
         models.models.clear()
+
+
+def _evaluate_preference(
+    evaluation: Evaluation, folder: Path, rows: list[dict[str, Any]], target: Path, work_dir: Path
+) -> Outcome:
+    """A preference adapter's rewards against its reference (worker/recipes/preference_eval.py)."""
+    from worker.recipes.preference_eval import evaluate_preference
+
+    start_folder = None
+    start_id = evaluation.settings.get("reference_adapter_id")
+    if start_id:  # the supervised adapter the job continued: its reference in training
+        with session_scope() as session:
+            start = session.get(Adapter, int(start_id))
+            key = start.storage_key if start is not None else None
+        if key is None:
+            raise InvalidDataset(
+                f"Adapter {start_id}, the reference of this preference adapter, was deleted; evaluate against "
+                "the base model by starting a new evaluation."
+            )
+        start_folder = get_store().local_dir(key)
+    metrics, details = evaluate_preference(folder, rows, evaluation.settings, target, work_dir, start_folder)
+    return Outcome(metrics, details, len(rows), target)
 
 
 def _on_best_device(model: Any) -> Any:

@@ -21,9 +21,9 @@ from app.core.models import (
     EvaluationStatus,
     Job,
 )
-from app.core.spec import CausalLMSettings, JobSpec
+from app.core.spec import DEFAULT_BETA, CausalLMSettings, JobSpec, PreferenceSettings
 from app.core.storage import get_store
-from app.core.tasks import CAUSAL_LM, CLASSIFICATION
+from app.core.tasks import CAUSAL_LM, CLASSIFICATION, PREFERENCE
 from app.services.adapters import get_adapter
 from app.services.datasets import get_dataset
 
@@ -38,6 +38,8 @@ class EvaluationCreate(BaseModel):
     Classification: ``text_column`` and ``label_column`` default to the columns the adapter was trained on;
     a label column that the file lacks (when not named), or ``label_column: null``, gives predictions only.
     Causal LM: ``causal_lm`` (format and columns) defaults to the adapter's training settings.
+    Preference: ``preference`` (format and columns) defaults to what the dataset's upload detected (pairs or
+    KTO data); a dataset that is neither is refused.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -61,6 +63,11 @@ class EvaluationCreate(BaseModel):
     )
     causal_lm: CausalLMSettings | None = Field(
         default=None, description="Causal-LM adapters: the data format and its columns."
+    )
+    preference: PreferenceSettings | None = Field(
+        default=None,
+        description="Preference adapters: the data format (pairs or kto) and its columns; default: the format "
+        "and columns detected on upload (template and system prompt: the adapter's training ones).",
     )
     samples: int = Field(
         default=5, ge=0, le=20, description="Causal LM: how many examples get a generated (greedy) response."
@@ -179,6 +186,41 @@ def _causal_settings(dataset: Dataset, body: EvaluationCreate, trained: JobSpec 
     }
 
 
+# Losses whose beta is the KL weight of DPO's implicit reward; ORPO's and SimPO's beta mean something else.
+KL_BETA_LOSSES = ("dpo", "ipo", "kto")
+
+
+def _preference_settings(dataset: Dataset, body: EvaluationCreate, trained: JobSpec | None) -> dict[str, Any]:
+    """The preference format and columns (as detected on upload unless given), every row checked as a
+    preference job checks it, and the beta of the implicit rewards (the adapter's job's)."""
+    from app.services.preference import _check_rows  # the same row checks as a preference job's
+
+    trained_settings = trained.preference if trained is not None else PreferenceSettings()
+    proposal = dataset.profile.get("proposal") or {}
+    if body.preference is not None:
+        settings = body.preference
+    elif proposal.get("task") == PREFERENCE:
+        detected = {k: v for k, v in (proposal.get(PREFERENCE) or {}).items() if k != "loss"}
+        settings = PreferenceSettings.model_validate({**trained_settings.model_dump(), **detected})
+    else:
+        raise InvalidSpec(
+            f"Dataset {dataset.id} is not preference data (its columns: "
+            f"{', '.join(map(repr, dataset.columns))}). A preference adapter is evaluated on pairs (prompt, chosen "
+            "and rejected answers) or KTO data (messages and a true/false label); or name the columns in "
+            "'preference'.",
+            field="dataset_id",
+        )
+    # Constructed, not validated: only the preference settings are read (the rest of a job spec does not apply).
+    _check_rows(dataset, JobSpec.model_construct(task=PREFERENCE, preference=settings), "")
+    loss = trained_settings.loss
+    beta = trained_settings.resolved_beta() if loss in KL_BETA_LOSSES else DEFAULT_BETA["dpo"]
+    return {
+        PREFERENCE: settings.model_dump(mode="json"),
+        "beta": beta,
+        "reference_adapter_id": trained_settings.continue_from_adapter_id,
+    }
+
+
 def _queue_for(trained: JobSpec | None) -> str:
     """The queue of the adapter's training job (GPU jobs' adapters evaluate on a GPU worker), one process."""
     from app.core.queue import queue_for
@@ -205,6 +247,8 @@ def create_evaluation(
         settings = _classification_settings(dataset, adapter, body, trained)
     elif adapter.task == CAUSAL_LM:
         settings = _causal_settings(dataset, body, trained)
+    elif adapter.task == PREFERENCE:
+        settings = _preference_settings(dataset, body, trained)
     else:
         raise InvalidSpec(f"Adapters of task {adapter.task!r} cannot be evaluated.", field="adapter")
     evaluation = Evaluation(

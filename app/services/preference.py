@@ -50,7 +50,7 @@ def _check_rows(dataset: Dataset, spec: JobSpec, which: str) -> None:
             # the field of the column the message names, else the format's first column
             field = next((f for f, c in columns.items() if repr(c) in exc.message), next(iter(columns)))
             raise InvalidSpec(
-                f"{which.capitalize()}dataset {dataset.id}, {exc.message[0].lower()}{exc.message[1:]}",
+                f"{(which + 'dataset').capitalize()} {dataset.id}, {exc.message[0].lower()}{exc.message[1:]}",
                 field=field,
                 row=number,
             ) from None

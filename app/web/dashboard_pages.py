@@ -117,6 +117,8 @@ SWEEP_FORM_DEFAULTS = {
     "learning_rates": "0.001, 0.0005",
     "ranks": "8",
     "batch_sizes": "",
+    "betas": "",
+    "losses": "",
     "num_epochs": "1",
     "max_steps": "",
     "max_length": "128",
@@ -130,7 +132,8 @@ SWEEP_FORM_DEFAULTS = {
 def new_sweep_page(
     request: Request, session: SessionDep, owner_id: OwnerScope, dataset_id: int | None = None
 ) -> HTMLResponse:
-    """The sweep form: a base job and lists of methods, learning rates, ranks and batch sizes to try."""
+    """The sweep form: a base job and lists of methods, learning rates, ranks, batch sizes (and, for preference
+    tuning, betas and losses) to try."""
     values = dict(SWEEP_FORM_DEFAULTS, dataset_id=str(dataset_id or ""))
     return render(request, "sweep_new.html", _sweep_form_context(session, values, owner_id))
 
@@ -185,6 +188,12 @@ def _form_to_request(form: dict[str, Any]) -> SweepCreate:
         numbers = _numbers(str(form.get(name) or ""), name, kind)
         if numbers:
             grid[path] = numbers
+    betas = _numbers(str(form.get("betas") or ""), "betas", float)
+    if betas:
+        grid["preference.beta"] = betas
+    losses = [name.strip() for name in str(form.get("losses") or "").split(",") if name.strip()]
+    if losses:  # checked against the loss names with every job's spec
+        grid["preference.loss"] = losses
     return SweepCreate(name=form.get("name") or None, base=base, grid=grid)
 
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from app.core.errors import InvalidSpec
 from app.core.spec import CausalLMSettings, DataFormat, JobSpec
-from app.core.tasks import CLASSIFICATION
+from app.core.tasks import CLASSIFICATION, PREFERENCE
 from app.http.auth import CurrentUser, OwnerScope
 from app.http.deps import SessionDep
 from app.http.errors import validation_items
@@ -80,6 +80,8 @@ def _causal_lm_from_form(form: Any, trained: JobSpec | None) -> dict[str, Any]:
 def _request_from_form(form: Any, task: str, trained: JobSpec | None = None) -> EvaluationCreate:
     """The form's fields as an API request: empty column fields take the adapter's training columns."""
     values: dict[str, Any] = {"dataset_id": form.get("dataset_id") or 0}
+    if task == PREFERENCE:  # the format and columns detected on upload, as a preference job reads them
+        return _validated(values)
     text_columns = [name.strip() for name in str(form.get("text_column") or "").split(",") if name.strip()]
     if task == CLASSIFICATION and len(text_columns) > 1:  # "title, description": joined as in training
         values["text_columns"] = text_columns
@@ -94,6 +96,10 @@ def _request_from_form(form: Any, task: str, trained: JobSpec | None = None) -> 
     else:
         values["samples"] = form.get("samples") or 5
         values["causal_lm"] = _causal_lm_from_form(form, trained)
+    return _validated(values)
+
+
+def _validated(values: dict[str, Any]) -> EvaluationCreate:
     try:
         return EvaluationCreate.model_validate(values)
     except ValidationError as exc:
