@@ -7,31 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from sqlmodel import Session, select
 
-from app.core.db import get_engine
-from app.core.models import Adapter, Job, JobEvent, JobStatus
-from app.core.storage import get_store
-from tests import lm
+from app.core.models import Job, JobEvent, JobStatus
+from tests import lm, test_fsdp
 from tests.factories import create_dataset, create_job
 from tests.lm import alpaca_rows, json_bytes
+from tests.test_fsdp import _adapter_folder, _weights
 
 pytestmark = pytest.mark.timeout(300)
 
 tiny_lm = lm.tiny_lm  # the session fixture, made available to this module
+session = test_fsdp.session  # the database session on one torch thread, as the FSDP tests use it
 
 LEARNING_RATE = 0.03  # measured: held-out loss 6.857, 6.864, 6.918, 6.939 (step 1 is the best by 0.007)
-
-
-@pytest.fixture
-def session(studio_settings: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("PEFT_STUDIO_TORCH_THREADS", "1")
-    from app.core.settings import get_settings
-
-    get_settings.cache_clear()
-    with Session(get_engine()) as db:
-        yield db
 
 
 def test_an_fsdp_job_keeps_its_best_evaluation_as_one_process_does(session: Session, tiny_lm: Path) -> None:
@@ -95,11 +84,8 @@ def test_an_fsdp_job_keeps_its_best_evaluation_as_one_process_does(session: Sess
     assert str(kept[sharded.id]).split(",")[0] == str(kept[single.id]).split(",")[0], kept
 
     # and the FSDP adapter (gathered after every rank restored its shards) is the one-process adapter
-    def weights(job_id: int) -> dict[str, torch.Tensor]:
-        adapter = session.exec(select(Adapter).where(Adapter.job_id == job_id)).one()
-        return load_file(str(get_store().local_dir(adapter.storage_key) / "adapter_model.safetensors"))
-
-    fsdp_weights, one_weights = weights(sharded.id), weights(single.id)
+    fsdp_weights = _weights(_adapter_folder(session, sharded.id))
+    one_weights = _weights(_adapter_folder(session, single.id))
     assert fsdp_weights.keys() == one_weights.keys()
     for name, tensor in one_weights.items():
         torch.testing.assert_close(fsdp_weights[name], tensor, atol=1e-4, rtol=0, msg=name)
