@@ -465,3 +465,31 @@ def test_serve_prints_a_one_time_link_locally_and_login_link_makes_one(
     url = result.output.strip()
     assert url.startswith("http://studio.example/login/token?token=pst_")
     assert TestClient(client.app).get(url.split("example", 1)[1], follow_redirects=False).status_code == 303
+
+
+def test_a_request_looks_its_credential_up_once(client: TestClient) -> None:
+    # given the admin's token, and a count of the queries that read a credential
+    from sqlalchemy import event
+
+    client.get("/api/v1/jobs")  # a token's last-use write happens at most once a minute: not in the count
+    reads: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        text = statement.lstrip().upper()
+        if text.startswith("SELECT") and ("FROM APITOKEN" in text or "FROM BROWSERSESSION" in text):
+            reads.append(statement)
+
+    event.listen(get_engine(), "before_cursor_execute", count)
+    try:
+        # when one API request comes with the token, and one with a signed-in browser's cookie
+        assert client.get("/api/v1/jobs").status_code == 200
+        token_reads = len(reads)
+        _signed_in_browser(client)
+        before = len(reads)
+        assert client.get("/api/v1/jobs").status_code == 200
+        session_reads = len(reads) - before
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", count)
+
+    # then each credential was read once: the gate's look-up serves the route's sign-in too
+    assert (token_reads, session_reads) == (1, 1), reads

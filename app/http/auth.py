@@ -38,6 +38,9 @@ CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 # Paths anyone may open. /static, /docs and /openapi.json are not API routes and never reach `authenticate`.
 PUBLIC_PATHS = frozenset({"/healthz", "/login", "/login/token", "/register"})
+# The request state key under which RequestGate (app/http/gate.py) leaves the user it signed in, with how
+# ("token" or "session"): it checked this request's credential already, so ``authenticate`` does not again.
+GATE_USER = "gate_user"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 INVALID_TOKEN_MESSAGE = (
     "The API token is not valid: it is unknown, expired or revoked. Create one on /tokens."
@@ -122,14 +125,21 @@ async def authenticate(
     if is_public(request.url.path):
         return
     _refuse_out_of_range_ids(request)
+    gate_user, gate_method = request.scope.get("state", {}).get(GATE_USER) or (None, None)
     if credentials is not None:
-        user = await run_in_threadpool(user_for_api_token, session, credentials.credentials)
+        if gate_method == "token":
+            user = gate_user
+        else:
+            user = await run_in_threadpool(user_for_api_token, session, credentials.credentials)
         if user is None:
             raise Unauthorized(INVALID_TOKEN_MESSAGE)
         request.state.auth_method = "token"
     else:
         raw = request.cookies.get(SESSION_COOKIE)
-        user = await run_in_threadpool(user_for_session, session, raw) if raw else None
+        if gate_method == "session":
+            user = gate_user
+        else:
+            user = await run_in_threadpool(user_for_session, session, raw) if raw else None
         if user is None or raw is None:
             raise Unauthorized(SIGN_IN_MESSAGE)
         request.state.auth_method = "session"

@@ -21,12 +21,14 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI
+from sqlalchemy import inspect
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core.models import User
 from app.core.settings import get_settings
-from app.http.auth import INVALID_TOKEN_MESSAGE, SESSION_COOKIE, SIGN_IN_MESSAGE, is_public
+from app.http.auth import GATE_USER, INVALID_TOKEN_MESSAGE, SESSION_COOKIE, SIGN_IN_MESSAGE, is_public
 from app.http.errors import is_openai_path, openai_error_body, unauthorized_response
 from app.http.safety import BodySizeLimit
 from app.services.accounts import user_for_api_token, user_for_session
@@ -90,8 +92,9 @@ def _credentials(scope: Scope) -> tuple[str | None, str | None]:
     return bearer, request.cookies.get(SESSION_COOKIE)
 
 
-def credential_is_valid(bearer: str | None, cookie: str | None) -> bool:
-    """True when the bearer token (or, without one, the session cookie) belongs to an active user.
+def signed_in_user(bearer: str | None, cookie: str | None) -> User | None:
+    """The active user of the bearer token (or, without one, of the session cookie), detached with its columns
+    loaded, or None.
 
     Blocking database work: call it in a thread.
     """
@@ -99,8 +102,16 @@ def credential_is_valid(bearer: str | None, cookie: str | None) -> bool:
 
     with session_scope() as session:
         if bearer is not None:
-            return user_for_api_token(session, bearer) is not None
-        return cookie is not None and user_for_session(session, cookie) is not None
+            user = user_for_api_token(session, bearer)
+        else:
+            user = user_for_session(session, cookie) if cookie is not None else None
+        if user is not None:
+            if inspect(
+                user
+            ).expired_attributes:  # a token's last-use write expired it: load it while attached
+                session.refresh(user)
+            session.expunge(user)
+        return user
 
 
 class RequestGate:
@@ -123,13 +134,15 @@ class RequestGate:
 
         if needs_sign_in(scope["path"]):
             bearer, cookie = _credentials(scope)
-            valid = bool(bearer or cookie) and await anyio.to_thread.run_sync(
-                credential_is_valid, bearer, cookie
+            user = (
+                await anyio.to_thread.run_sync(signed_in_user, bearer, cookie) if bearer or cookie else None
             )
-            if not valid:
+            if user is None:
                 response = await refusal(scope, bearer is not None)
                 await response(scope, _no_body, send_with_headers)
                 return
+            # ``authenticate`` takes the user from here instead of looking the same credential up again
+            scope.setdefault("state", {})[GATE_USER] = (user, "token" if bearer is not None else "session")
         await self.app(scope, receive, send_with_headers)
 
 
