@@ -8,7 +8,7 @@
 #    Liger auto; against the hand-written Trainer + peft script; QLoRA and LoRA; sequence 2048, 30 steps);
 #    the random model is kept in /tmp/gpu-model-1b for step 2.
 # 2. bench/preference.py --gpu on that model: a studio DPO job against the hand-written trl script, without
-#    and with trl's Liger-kernel DPO loss (use_liger_kernel), one round each.
+#    and with trl's Liger-kernel DPO loss (use_liger_kernel), one round each (PREF_REPEAT=2: two, ~1 minute more).
 # 3. bench/gpu_check.py --issue22 on a Llama-2-7B-shaped model, batch 2, with what time is left.
 # Each step has its own time limit, so one that fails or hangs leaves the others their time.
 set -uo pipefail
@@ -43,7 +43,7 @@ timeout 200 "$PY" bench/gpu_check.py $SMOKE --issue22 --size 1b --budget 170 --m
 echo "step 1 exit $?"; tail -n 25 "$OUT/g1b/gpu.md" 2>/dev/null
 
 echo "== step 2: preference (DPO), studio vs trl script, without and with Liger ($(left) s left)"
-PREF=(--gpu --base "$MODEL" --data "$DPO" --pairs 240 --held-out 60 --steps 30 --batch-size 8 --max-length 512 --repeat 1)
+PREF=(--gpu --base "$MODEL" --data "$DPO" --pairs 240 --held-out 60 --steps 30 --batch-size 8 --max-length 512 --repeat ${PREF_REPEAT:-1})
 [ -n "$SMOKE" ] && PREF=(--base "$MODEL" --data "$DPO" --pairs 32 --held-out 16 --steps 2 --batch-size 4 --max-length 128 --repeat 1)
 for liger in "" "--liger"; do
     echo "-- preference ${liger:-without Liger}"
