@@ -889,3 +889,21 @@ def test_each_kind_of_reference_is_evaluated_as_training_scored_it(
     assert result["metrics"]["rewards/margins"] != 0  # the reference is not the trained model
     for key in ("rewards/margins", "rewards/chosen", "rewards/rejected", "loss"):
         assert result["metrics"][key] == pytest.approx(trained[key], rel=tolerance, abs=1e-4), (key, trained)
+
+
+def test_a_job_says_what_max_length_skipped_and_cut(session: Session, tiny_lm: Path) -> None:
+    # given pairs of which four have a prompt longer than max length and four an answer that runs past it
+    long_prompt = {**PAIRS[0], "prompt": "Tell me about Paris, " * 40 + "please."}
+    long_answer = {**PAIRS[1], "chosen": "Blue is a primary colour, " * 20 + "truly."}
+    rows = PAIRS * 4 + [long_prompt] * 4 + [long_answer] * 4
+    spec = preference_spec(tiny_lm, dataset(session, rows, "lengths.json"), validation_fraction=0.0)
+
+    # when the job runs
+    job, _ = run(session, {**spec, "training": {**spec["training"], "max_steps": 1}})
+
+    # then its events say how many examples max length skipped and how many it cut, and what to do
+    note = next((m for m in events(session, job.id or 0) if m.startswith("data: ")), None)
+    assert note == (
+        "data: training.max_length 64: 4 of 24 examples skipped (nothing to learn within it: the prompt fills it) "
+        "and 4 cut at it; raise it to train on them whole (the preview shows where the cut falls)"
+    ), note

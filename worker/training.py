@@ -267,6 +267,9 @@ def train(
     sharded = strategy == "fsdp"
     prepared, method, model, optimizer, method_callbacks = build_trainable(spec, sharded)
     gathered = GatheredState()  # FSDP: the full weights the last checkpoint gathered
+    cut = length_note(prepared.metadata, spec.training.max_length)
+    if cut:
+        prepared.notes.append(cut)
     reference = prepared.metadata.get("reference")
     if reference:  # preference tuning: say what the reference model is (and what it costs)
         prepared.notes.append(f"{prepared.metadata.get('preference_loss')}: reference model {reference}")
@@ -448,6 +451,28 @@ def train(
         )
         session.commit()
     finish_job(job_id, JobStatus.succeeded, "succeeded", run_token=claim.run_token)
+
+
+def length_note(metadata: dict[str, Any], max_length: int) -> str | None:
+    """What ``training.max_length`` did to the data (examples skipped, examples cut), for the job's events."""
+    dropped, truncated = (
+        int(metadata.get("dropped_examples") or 0),
+        int(metadata.get("truncated_examples") or 0),
+    )
+    if not dropped and not truncated:
+        return None
+    total = int(metadata.get("train_examples") or 0) + int(metadata.get("eval_examples") or 0) + dropped
+    parts = []
+    if dropped:
+        parts.append(
+            f"{dropped} of {total} examples skipped (nothing to learn within it: the prompt fills it)"
+        )
+    if truncated:
+        parts.append(f"{truncated} cut at it")
+    return (
+        f"data: training.max_length {max_length}: {' and '.join(parts)}; raise it to train on them whole "
+        "(the preview shows where the cut falls)"
+    )
 
 
 def _keep_best(job_id: int, best: BestModelCallback, step: int, final: dict[str, float]) -> dict[str, float]:

@@ -186,6 +186,7 @@ def prepare(
             "train_examples": len(data.train),
             "eval_examples": len(data.eval),
             "truncated_examples": data.truncated,
+            "dropped_examples": data.dropped,
         },
     )
 

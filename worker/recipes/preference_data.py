@@ -149,11 +149,13 @@ def unpaired(examples: list[tuple[int, PreferenceExample]]) -> list[tuple[int, P
 
 @dataclass
 class PreferenceData:
-    """Rendered training and validation examples, and how many went past max length (trl truncates them)."""
+    """Rendered training and validation examples, how many went past max length (trl truncates them), and how
+    many were skipped because their prompt alone fills it."""
 
     train: list[RenderedExample]
     eval: list[RenderedExample]
     truncated: int
+    dropped: int = 0
 
 
 def preference_data(
@@ -181,5 +183,6 @@ def preference_data(
             "prompts are longer than that. Raise training.max_length or shorten the prompts."
         )
     kept_eval = [example for example in rendered_eval if example.prompt_tokens < renderer.max_length]
-    truncated = sum(example.truncated for example in rendered + rendered_eval)
-    return PreferenceData(kept, kept_eval, truncated)
+    kept_all = kept + kept_eval
+    truncated = sum(example.truncated for example in kept_all)
+    return PreferenceData(kept, kept_eval, truncated, len(rendered) + len(rendered_eval) - len(kept_all))

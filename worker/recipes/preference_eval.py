@@ -189,7 +189,7 @@ def _rendered(
         for number, row in enumerate(rows, start=1)
     ]
     kept = [example for example in rendered if example.prompt_tokens < renderer.max_length]
-    return kept, sum(example.truncated for example in rendered), len(rendered) - len(kept)
+    return kept, sum(example.truncated for example in kept), len(rendered) - len(kept)
 
 
 def evaluate_preference(
