@@ -460,6 +460,7 @@ def test_a_job_continues_a_supervised_adapter_which_is_its_reference_and_try_out
     assert f'data-base-model="ft:{tiny_lm.name}:ftjob-{sft_job.id}"' in page.text
     adapter_page = api.get(f"/adapters/{adapter.id}").text
     assert 'data-testid="chat-link"' in adapter_page and 'data-testid="merged-download"' in adapter_page
+    assert "<dt>Labels</dt>" not in adapter_page  # a classifier's; a preference adapter has none
 
     # and its evaluation on the job's held-out pairs scores them against the supervised adapter, as training did
     from worker.evaluation import run_evaluation
