@@ -134,7 +134,7 @@ def wait_for_job(
             return dict(job)
         if time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 def sst2_slice(target: Path, rows: int, source: str = "train.csv") -> Path:
