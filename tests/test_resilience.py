@@ -402,7 +402,7 @@ def test_claim_runs_a_delivery_once(session: Session) -> None:
     assert session.get(Job, other.id).started_at is None
 
 
-def test_reaper_requeues_then_gives_up(session: Session, no_broker) -> None:
+def test_reaper_requeues_then_gives_up(session: Session, no_broker, monkeypatch) -> None:
     from app.core.settings import get_settings
     from app.services import recovery
 
@@ -432,8 +432,11 @@ def test_reaper_requeues_then_gives_up(session: Session, no_broker) -> None:
     session.expire_all()
     failed = session.get(Job, job.id)
     assert failed.status == JobStatus.failed and "stopped responding" in failed.error
-    # a restarted worker of the same name requeues what it left running at once
-    fresh.worker = "w1@host"
+    # a restarted worker of the same name requeues what it left running once its heartbeat stays still (it
+    # watches a fresh one for MISSED_BEATS intervals: 0.2 s heartbeats here, not the default 5 s)
+    monkeypatch.setenv("PEFT_STUDIO_HEARTBEAT_SECONDS", "0.2")
+    get_settings.cache_clear()
+    fresh.worker, fresh.heartbeat_at = "w1@host", utcnow()
     session.add(fresh)
     session.commit()
     assert recovery.recover_orphans("w1@host") == {fresh.id: "requeued"}
