@@ -105,8 +105,34 @@ def registered_model_folders(tmp_path_factory: pytest.TempPathFactory) -> Iterat
     os.environ.pop("PEFT_STUDIO_MODEL_FOLDERS", None)
 
 
+_IN_PROCESS_URLS = ("PEFT_STUDIO_DATABASE_URL", "PEFT_STUDIO_BROKER_URL", "PEFT_STUDIO_ARTIFACT_ROOT")
+
+
+@pytest.fixture(scope="session")
+def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite studio database brought to the newest revision once per session (``alembic upgrade heads``
+    takes a few tenths of a second); ``studio_settings`` starts each test from a copy of this file."""
+    from app.core.db import get_engine, run_migrations
+    from app.core.settings import get_settings
+
+    data_dir = tmp_path_factory.mktemp("migrated") / "data"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PEFT_STUDIO_DATA_DIR", str(data_dir))
+        for name in _IN_PROCESS_URLS:
+            patch.delenv(name, raising=False)
+        get_settings.cache_clear()
+        get_engine.cache_clear()
+        run_migrations()
+        get_engine().dispose()  # checkpoints the WAL: the one file holds the whole database
+        get_settings.cache_clear()
+        get_engine.cache_clear()
+    return data_dir / "studio.db"
+
+
 @pytest.fixture
-def studio_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def studio_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_database: Path
+) -> Iterator[Path]:
     """In-process settings pointed at a fresh data folder (SQLite, migrated); yields the folder."""
     from app.core.db import get_engine, run_migrations
     from app.core.queue import get_celery
@@ -115,11 +141,14 @@ def studio_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     data_dir = tmp_path / "data"
     monkeypatch.setenv("PEFT_STUDIO_DATA_DIR", str(data_dir))
     monkeypatch.setenv("PEFT_STUDIO_ADMIN_TOKEN", ADMIN_TOKEN)
-    for name in ("PEFT_STUDIO_DATABASE_URL", "PEFT_STUDIO_BROKER_URL", "PEFT_STUDIO_ARTIFACT_ROOT"):
+    for name in _IN_PROCESS_URLS:
         monkeypatch.delenv(name, raising=False)
     get_settings.cache_clear()
     get_engine.cache_clear()
     get_celery.cache_clear()
+    # A copy of the session's migrated database; run_migrations then finds it at the newest revision.
+    data_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(migrated_database, data_dir / "studio.db")
     run_migrations()
     yield data_dir
     get_engine().dispose()

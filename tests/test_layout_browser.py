@@ -1,18 +1,26 @@
 """Pages a newcomer reads at a glance (issue 19), in real Chromium against a real studio: the API docs work
 offline, and no signed-in page logs a console error or scrolls sideways at 1024 px."""
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import CHROMIUM_ARGS
-from tests.studio import run_studio, sst2_slice, wait_for_job
+from tests.studio import RunningStudio, run_studio, sst2_slice, wait_for_job
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
 # How far a page's content may exceed the window before it counts as overflowing (sub-pixel rounding).
 OVERFLOW_SLACK_PX = 1
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStudio]:
+    """One studio for the module: the docs test only reads it, so the layout test finds it as a fresh one."""
+    with run_studio(tmp_path_factory.mktemp("layout") / "data") as running:
+        yield running
 
 
 def _watch_console(page: Any) -> list[str]:
@@ -24,10 +32,10 @@ def _watch_console(page: Any) -> list[str]:
 
 
 @pytest.mark.timeout(600)
-def test_api_docs_render_offline_from_static_assets(tmp_path: Path, chromium_path: str) -> None:
+def test_api_docs_render_offline_from_static_assets(studio: RunningStudio, chromium_path: str) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    with run_studio(tmp_path / "data") as studio, sync_playwright() as playwright:
+    with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
         try:
             context = browser.new_context(viewport={"width": 1366, "height": 900})
@@ -73,10 +81,12 @@ OVERFLOW = """
 
 
 @pytest.mark.timeout(900)  # one small training job on a loaded machine
-def test_no_page_logs_a_console_error_or_scrolls_sideways(tmp_path: Path, chromium_path: str) -> None:
+def test_no_page_logs_a_console_error_or_scrolls_sideways(
+    studio: RunningStudio, tmp_path: Path, chromium_path: str
+) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    with run_studio(tmp_path / "data") as studio, studio.client() as api, sync_playwright() as playwright:
+    with studio.client() as api, sync_playwright() as playwright:
         # given: a dataset, a finished job and its adapter
         csv_path = sst2_slice(tmp_path / "sst2.csv", 40)
         files = {"file": (csv_path.name, csv_path.read_bytes(), "text/csv")}

@@ -288,56 +288,67 @@ def test_an_allow_listed_custom_code_model_loads_with_its_own_code_and_others_ar
         load_base(base, {}, {})
 
 
-def test_a_model_downloaded_by_the_real_worker_trains_a_job(tmp_path: Path, tiny_lm: Path) -> None:
-    """Through ``serve``: the Celery worker fetches the model from the loopback Hub into its cache (HF_ENDPOINT,
-    HF_HUB_CACHE), the web lists it, and a causal-LM job on it trains."""
+@pytest.fixture(scope="module")
+def hub_studio(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Iterator[tuple[Any, int]]:
+    """One ``serve`` studio (and loopback Hub) for the two real-worker tests: a client and the Alpaca upload.
+    Each test asks for a Hub id of its own, so the second still starts from an uncached model."""
     from tests.lm import ALPACA_DEMO
-    from tests.studio import run_studio, wait_for_job
+    from tests.studio import run_studio
 
-    cache = tmp_path / "hub-cache"
+    folder = tmp_path_factory.mktemp("hub-studio")
     with run_hub() as server:
         server.add_folder("acme/tiny-chat", tiny_lm)
+        server.add_folder("acme/tiny-chat-uncached", tiny_lm)
         with (
             run_studio(
-                tmp_path / "data",
+                folder / "data",
                 HF_ENDPOINT=server.url,
-                HF_HUB_CACHE=str(cache),
+                HF_HUB_CACHE=str(folder / "hub-cache"),
                 PEFT_STUDIO_HUB_DOWNLOADS="true",
                 PEFT_STUDIO_TORCH_THREADS="1",
             ) as studio,
             studio.client(timeout=120) as client,
         ):
-            # when
-            created = client.post("/api/v1/model-downloads", json={"model_id": "acme/tiny-chat"})
-            assert created.status_code == 202, created.text
-            events = []
-            with client.stream("GET", f"/api/v1/model-downloads/{created.json()['id']}/stream") as stream:
-                for event in read_events(stream):
-                    events.append(json.loads(event.data))
-                    if event.event == "end":
-                        break
-            # then
-            assert events[-1]["status"] == "succeeded", events[-2]
-            assert events[-2]["worker"] and events[-2]["done_files"] == events[-2]["total_files"]
-            listed = client.get("/api/v1/models", params={"task": "causal-lm"}).json()["data"]
-            assert "acme/tiny-chat" in [m["model_id"] for m in listed]
-            # when a job trains on it
             upload = client.post(
                 "/api/v1/datasets",
                 files={"file": ("alpaca_en_demo.json", ALPACA_DEMO.read_bytes(), "application/json")},
             )
             assert upload.status_code == 201, upload.text
-            spec = {
-                "task": "causal-lm",
-                "base_model": "acme/tiny-chat",
-                "dataset_id": upload.json()["id"],
-                "training": {"max_steps": 2, "batch_size": 4, "max_length": 128, "logging_steps": 1},
-            }
-            job = client.post("/api/v1/jobs", json=spec)
-            assert job.status_code == 201, job.text
-            finished = wait_for_job(client, job.json()["id"])
-            # then
-            assert finished["status"] == "succeeded", finished.get("error")
+            yield client, int(upload.json()["id"])
+
+
+def test_a_model_downloaded_by_the_real_worker_trains_a_job(hub_studio: tuple[Any, int]) -> None:
+    """Through ``serve``: the Celery worker fetches the model from the loopback Hub into its cache (HF_ENDPOINT,
+    HF_HUB_CACHE), the web lists it, and a causal-LM job on it trains."""
+    from tests.studio import wait_for_job
+
+    client, dataset_id = hub_studio
+    # when
+    created = client.post("/api/v1/model-downloads", json={"model_id": "acme/tiny-chat"})
+    assert created.status_code == 202, created.text
+    events = []
+    with client.stream("GET", f"/api/v1/model-downloads/{created.json()['id']}/stream") as stream:
+        for event in read_events(stream):
+            events.append(json.loads(event.data))
+            if event.event == "end":
+                break
+    # then
+    assert events[-1]["status"] == "succeeded", events[-2]
+    assert events[-2]["worker"] and events[-2]["done_files"] == events[-2]["total_files"]
+    listed = client.get("/api/v1/models", params={"task": "causal-lm"}).json()["data"]
+    assert "acme/tiny-chat" in [m["model_id"] for m in listed]
+    # when a job trains on it
+    spec = {
+        "task": "causal-lm",
+        "base_model": "acme/tiny-chat",
+        "dataset_id": dataset_id,
+        "training": {"max_steps": 2, "batch_size": 4, "max_length": 128, "logging_steps": 1},
+    }
+    job = client.post("/api/v1/jobs", json=spec)
+    assert job.status_code == 201, job.text
+    finished = wait_for_job(client, job.json()["id"])
+    # then
+    assert finished["status"] == "succeeded", finished.get("error")
 
 
 def _upload_alpaca(client: Any) -> int:
@@ -410,38 +421,27 @@ def test_cancelling_a_job_stops_the_download_of_its_model(
     assert downloads[0]["model_id"] == "acme/tiny-chat" and downloads[0]["status"] == "cancelled"
 
 
-def test_a_job_on_an_uncached_hub_model_downloads_it_first_then_trains(tmp_path: Path, tiny_lm: Path) -> None:
+def test_a_job_on_an_uncached_hub_model_downloads_it_first_then_trains(hub_studio: tuple[Any, int]) -> None:
     """Through ``serve``: the job names a Hub id that is not cached; the real worker fetches it from the
     loopback Hub as the job's first phase (its events say so), then trains on it."""
-    from tests.studio import run_studio, wait_for_job
+    from tests.studio import wait_for_job
 
-    cache = tmp_path / "hub-cache"
-    with run_hub() as server:
-        server.add_folder("acme/tiny-chat", tiny_lm)
-        with (
-            run_studio(
-                tmp_path / "data",
-                HF_ENDPOINT=server.url,
-                HF_HUB_CACHE=str(cache),
-                PEFT_STUDIO_HUB_DOWNLOADS="true",
-                PEFT_STUDIO_TORCH_THREADS="1",
-            ) as studio,
-            studio.client(timeout=120) as client,
-        ):
-            # when
-            job = client.post("/api/v1/jobs", json=_lm_spec("acme/tiny-chat", _upload_alpaca(client)))
-            assert job.status_code == 201, job.text
-            finished = wait_for_job(client, job.json()["id"])
-            # then
-            assert finished["status"] == "succeeded", finished.get("error")
-            events = [e["message"] for e in client.get(f"/api/v1/jobs/{job.json()['id']}/events").json()]
-            assert any(m.startswith("acme/tiny-chat is not in the model cache yet") for m in events), events
-            assert any(m.startswith("downloading acme/tiny-chat: 0 % of") for m in events), events
-            assert any(m.startswith("downloaded acme/tiny-chat (") for m in events), events
-            downloads = client.get("/api/v1/model-downloads").json()["data"]
-            assert downloads[0]["status"] == "succeeded"
-            listed = client.get("/api/v1/models", params={"task": "causal-lm"}).json()["data"]
-            assert "acme/tiny-chat" in [m["model_id"] for m in listed]
+    client, dataset_id = hub_studio
+    model_id = "acme/tiny-chat-uncached"
+    # when
+    job = client.post("/api/v1/jobs", json=_lm_spec(model_id, dataset_id))
+    assert job.status_code == 201, job.text
+    finished = wait_for_job(client, job.json()["id"])
+    # then
+    assert finished["status"] == "succeeded", finished.get("error")
+    events = [e["message"] for e in client.get(f"/api/v1/jobs/{job.json()['id']}/events").json()]
+    assert any(m.startswith(f"{model_id} is not in the model cache yet") for m in events), events
+    assert any(m.startswith(f"downloading {model_id}: 0 % of") for m in events), events
+    assert any(m.startswith(f"downloaded {model_id} (") for m in events), events
+    downloads = client.get("/api/v1/model-downloads").json()["data"]
+    assert [d["status"] for d in downloads if d["model_id"] == model_id] == ["succeeded"]
+    listed = client.get("/api/v1/models", params={"task": "causal-lm"}).json()["data"]
+    assert model_id in [m["model_id"] for m in listed]
 
 
 def test_the_hub_token_is_saved_and_forgotten_on_the_account_page(client: TestClient, hub: HubServer) -> None:

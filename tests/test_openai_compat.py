@@ -105,7 +105,7 @@ def finished_job(client: openai.OpenAI, tiny_lm: Path) -> dict[str, Any]:
         if job.status in ("succeeded", "failed", "cancelled"):
             break
         assert time.monotonic() < deadline, f"job still {job.status}"
-        time.sleep(1)
+        time.sleep(0.2)
     for event in client.fine_tuning.jobs.list_events(job.id, limit=100).data:
         events[event.id] = event
     return {"job": job, "events": list(events.values()), "training": training, "validation": validation}
@@ -199,7 +199,7 @@ def test_jobs_list_pages_with_after_and_has_more(
     deadline = time.monotonic() + 120
     while client.fine_tuning.jobs.retrieve(second.id).status != "cancelled":
         assert time.monotonic() < deadline
-        time.sleep(0.5)
+        time.sleep(0.1)
     with pytest.raises(openai.ConflictError):
         client.fine_tuning.jobs.cancel(second.id)
 
@@ -380,7 +380,7 @@ def test_a_dpo_job_from_openais_preference_file(
     deadline = time.monotonic() + 300
     while job.status not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline, f"job still {job.status}"
-        time.sleep(1)
+        time.sleep(0.1)
         job = client.fine_tuning.jobs.retrieve(job.id)
     assert job.status == "succeeded", job.error
     assert job.method is not None and job.method.dpo is not None

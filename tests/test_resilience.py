@@ -211,12 +211,10 @@ def test_every_method_checkpoints_and_resumes(session: Session, monkeypatch, met
     # when it is resumed
     models = _run_crash_and_resume(session, monkeypatch, job, crash_at=4)
 
-    # then it finished with a continuous series, and the method was applied once to a fresh base
+    # then it finished with a continuous series, and the method was applied once to a fresh base: the resumed
+    # model has the parameters of the reference run's, which build_trainable made once from the same spec
     assert _train_steps(session, job.id) == [1, 2, 3, 4]
-    spec = JobSpec.model_validate(job.spec)
-    from worker.training import build_trainable
-
-    fresh = build_trainable(spec)[2]
+    fresh = reference_models[0]
     resumed = models[0]
     assert [n for n, _ in resumed.named_parameters()] == [n for n, _ in fresh.named_parameters()]
     assert count_parameters(resumed) == count_parameters(fresh)
@@ -404,7 +402,7 @@ def test_claim_runs_a_delivery_once(session: Session) -> None:
     assert session.get(Job, other.id).started_at is None
 
 
-def test_reaper_requeues_then_gives_up(session: Session, no_broker) -> None:
+def test_reaper_requeues_then_gives_up(session: Session, no_broker, monkeypatch) -> None:
     from app.core.settings import get_settings
     from app.services import recovery
 
@@ -434,8 +432,11 @@ def test_reaper_requeues_then_gives_up(session: Session, no_broker) -> None:
     session.expire_all()
     failed = session.get(Job, job.id)
     assert failed.status == JobStatus.failed and "stopped responding" in failed.error
-    # a restarted worker of the same name requeues what it left running at once
-    fresh.worker = "w1@host"
+    # a restarted worker of the same name requeues what it left running once its heartbeat stays still (it
+    # watches a fresh one for MISSED_BEATS intervals: 0.2 s heartbeats here, not the default 5 s)
+    monkeypatch.setenv("PEFT_STUDIO_HEARTBEAT_SECONDS", "0.2")
+    get_settings.cache_clear()
+    fresh.worker, fresh.heartbeat_at = "w1@host", utcnow()
     session.add(fresh)
     session.commit()
     assert recovery.recover_orphans("w1@host") == {fresh.id: "requeued"}
