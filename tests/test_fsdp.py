@@ -83,6 +83,26 @@ def _loads_with_plain_peft(folder: Path, base: Path) -> Any:
     return model
 
 
+def run_sharded_and_single(
+    session: Session, common: dict[str, Any], training: dict[str, Any], name: str
+) -> tuple[Job, Job]:
+    """A job on two FSDP gloo ranks and the same job on one process with the global batch (twice the per-rank
+    batch, so both see the same examples every step), created and run in that order."""
+    from worker.engine import run_job
+
+    sharded = create_job(
+        session,
+        **common,
+        training=training,
+        resources={"num_processes": 2, "strategy": "fsdp", "accelerator": "cpu"},
+    )
+    single = create_job(session, **common, training={**training, "batch_size": 2 * training["batch_size"]})
+    run_job(sharded.id, worker_name=f"{name}-fsdp")
+    run_job(single.id, worker_name=f"{name}-single")
+    session.expire_all()
+    return sharded, single
+
+
 def test_fsdp_on_two_gloo_ranks_trains_like_one_process_cancels_and_resumes(
     session: Session, tiny_lm: Path
 ) -> None:
@@ -97,20 +117,10 @@ def test_fsdp_on_two_gloo_ranks_trains_like_one_process_cancels_and_resumes(
         "dataset_id": dataset.id,
         "validation_fraction": 0,
     }
-    sharded = create_job(
-        session,
-        **common,
-        training=TRAINING,
-        resources={"num_processes": 2, "strategy": "fsdp", "accelerator": "cpu"},
-    )
-    single = create_job(session, **common, training={**TRAINING, "batch_size": 8})
-
     # when both run
-    run_job(sharded.id, worker_name="fsdp-test")
-    run_job(single.id, worker_name="single-test")
+    sharded, single = run_sharded_and_single(session, common, TRAINING, "test")
 
     # then the FSDP job succeeded, sharded over two gloo ranks
-    session.expire_all()
     job = session.get(Job, sharded.id)
     assert job is not None and job.status == JobStatus.succeeded, job and job.error
     events = [e.message for e in session.exec(select(JobEvent).where(JobEvent.job_id == sharded.id)).all()]

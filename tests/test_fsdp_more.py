@@ -15,9 +15,17 @@ from sqlmodel import Session, select
 
 from app.core.models import Job, JobEvent, JobStatus
 from tests import lm, test_fsdp
-from tests.factories import create_dataset, create_job
+from tests.factories import create_dataset
 from tests.lm import alpaca_rows, json_bytes
-from tests.test_fsdp import LOSS_RTOL, _adapter_folder, _loads_with_plain_peft, _losses, _weights
+from tests.test_fsdp import (
+    LOSS_RTOL,
+    TRAINING,
+    _adapter_folder,
+    _loads_with_plain_peft,
+    _losses,
+    _weights,
+    run_sharded_and_single,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,8 +38,6 @@ LEARNING_RATE = 0.03  # measured: held-out loss 6.857, 6.864, 6.918, 6.939 (step
 def test_qlora_with_fsdp_shards_the_4bit_model_and_trains_like_one_process(
     session: Session, tiny_lm: Path
 ) -> None:
-    from worker.engine import run_job
-
     # given eight short examples, and a QLoRA job on two FSDP ranks and on one process with the global batch
     rows = [row | {"output": row["output"][:120]} for row in alpaca_rows(8)]
     dataset = create_dataset(session, json_bytes(rows), "alpaca8.json")
@@ -42,32 +48,11 @@ def test_qlora_with_fsdp_shards_the_4bit_model_and_trains_like_one_process(
         "validation_fraction": 0,
         "method": "qlora",
     }
-    training = {
-        "max_steps": 3,
-        "batch_size": 4,
-        "learning_rate": 1e-2,
-        "lr_scheduler": "constant",
-        "warmup_ratio": 0,
-        "logging_steps": 1,
-        "max_length": 128,
-        "group_by_length": False,
-        "save_steps": 0,
-        "seed": 0,
-    }
-    sharded = create_job(
-        session,
-        **common,
-        training=training,
-        resources={"num_processes": 2, "strategy": "fsdp", "accelerator": "cpu"},
-    )
-    single = create_job(session, **common, training={**training, "batch_size": 8})
-
+    training = {**TRAINING, "max_steps": 3, "save_steps": 0}
     # when both run
-    run_job(sharded.id, worker_name="qlora-fsdp")
-    run_job(single.id, worker_name="qlora-single")
+    sharded, single = run_sharded_and_single(session, common, training, "qlora")
 
     # then the FSDP job sharded its (4-bit) model over both ranks and succeeded
-    session.expire_all()
     job = session.get(Job, sharded.id)
     assert job is not None and job.status == JobStatus.succeeded, job and job.error
     events = [e.message for e in session.exec(select(JobEvent).where(JobEvent.job_id == sharded.id)).all()]
@@ -86,7 +71,6 @@ def test_qlora_with_fsdp_shards_the_4bit_model_and_trains_like_one_process(
 
 
 def test_an_fsdp_job_keeps_its_best_evaluation_as_one_process_does(session: Session, tiny_lm: Path) -> None:
-    from worker.engine import run_job
 
     # given eight English training examples and four held-out ones of digits, which training on English makes
     # less likely after the first step: the first evaluation is the best
@@ -122,20 +106,10 @@ def test_an_fsdp_job_keeps_its_best_evaluation_as_one_process_does(session: Sess
         "dataset_id": train.id,
         "validation_dataset_id": held_out.id,
     }
-    sharded = create_job(
-        session,
-        **common,
-        training=training,
-        resources={"num_processes": 2, "strategy": "fsdp", "accelerator": "cpu"},
-    )
-    single = create_job(session, **common, training={**training, "batch_size": 8})
-
     # when both run
-    run_job(sharded.id, worker_name="fsdp-best")
-    run_job(single.id, worker_name="single-best")
+    sharded, single = run_sharded_and_single(session, common, training, "best")
 
     # then both kept the same earlier evaluation and put its weights back
-    session.expire_all()
     kept = {}
     for job_id in (sharded.id, single.id):
         job = session.get(Job, job_id)
