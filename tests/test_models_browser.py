@@ -45,7 +45,8 @@ def test_download_from_the_models_page_shows_progress_and_lists_the_model(
                 # then the table shows it running with a partly filled bar, then succeeded
                 row = page.locator("[data-download]").first
                 expect(row).to_contain_text("running")
-                expect(row).to_contain_text("succeeded")
+                # the throttled download takes seconds more than expect's 5 s default: wait for it, time nothing
+                expect(row).to_contain_text("succeeded", timeout=120_000)
                 files = len(list(tiny_lm.iterdir()))
                 expect(row).to_contain_text(f"{files} / {files} files")
                 # and after a reload the library lists it for causal LM, not for classification
