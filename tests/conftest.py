@@ -17,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 # The in-process studio's admin API token (PEFT_STUDIO_ADMIN_TOKEN): the `client` fixture sends it.
 ADMIN_TOKEN = "pst_test-admin-token-not-secret-0000"
+EXPECT_TIMEOUT_MS = 30_000  # browser checks on a busy machine (see chromium_path)
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -88,8 +89,16 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def chromium_path() -> str:
-    """Debian's chromium binary, required under CI=true."""
+    """Debian's chromium binary, required under CI=true; also gives Playwright's ``expect`` a generous wait.
+
+    ``page.set_default_timeout`` does not reach ``expect``, whose default is 5 s: on a loaded 2-core machine a
+    state that follows background work (a download, a job, a stream) can take longer. Only a failing check
+    waits the longer time; nothing is timed.
+    """
+    from playwright.sync_api import expect
+
     require_service("Chromium", shutil.which(CHROMIUM) is not None or Path(CHROMIUM).exists())
+    expect.set_options(timeout=EXPECT_TIMEOUT_MS)
     return CHROMIUM
 
 
