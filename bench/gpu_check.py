@@ -127,6 +127,18 @@ def sizes(smoke: bool, size: str = "1b") -> dict[str, Any]:
     }
 
 
+# --variants: studio settings over the defaults (training.*), each measured against the same hand-written runs
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "gc": {"gradient_checkpointing": "on"},
+    "flex": {"attention": "flex_attention"},
+    "compile": {"torch_compile": True},
+    "noliger": {"liger": "off"},
+    "flex-noliger": {"attention": "flex_attention", "liger": "off"},
+    "gc-flex": {"gradient_checkpointing": "on", "attention": "flex_attention"},
+    "flex-compile": {"attention": "flex_attention", "torch_compile": True},
+}
+
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]}
 LEARNING_RATE = 2e-4
 SEED = 42
@@ -389,6 +401,8 @@ class Studio:
                 "method_config": method_config,
                 "training": training,
                 "causal_lm": {"packing": cfg.get("packing", True)},
+                # FlexAttention (a variant) trains on GPUs only; on the smoke CPU run the variant is skipped
+                "resources": {"accelerator": "gpu" if cuda else "any"},
             }
         )
         with Session(get_engine()) as session:
@@ -615,6 +629,25 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             tail = min(10, len(curves["studio"]), len(curves["hf"]))
             summary[kind]["loss_last10_studio"] = round(statistics.mean(curves["studio"][-tail:]), 4)
             summary[kind]["loss_last10_hf"] = round(statistics.mean(curves["hf"][-tail:]), 4)
+    variants: dict[str, Any] = {}
+    for r in results:
+        variant, method = r.get("variant"), r.get("method")
+        if not variant or variant == "default" or not r.get("tokens_per_s"):
+            continue
+        hf_tps, hf_mem = (
+            median_of(f"hf-{method}#", "tokens_per_s"),
+            median_of(f"hf-{method}#", "peak_train_gib"),
+        )
+        variants[f"{variant} {method}"] = {
+            "tokens_per_s": r["tokens_per_s"],
+            "tokens_per_s_ratio": round(r["tokens_per_s"] / hf_tps, 3) if hf_tps else None,
+            "peak_train_gib": r.get("peak_train_gib"),
+            "peak_memory_ratio": round(r["peak_train_gib"] / hf_mem, 3)
+            if hf_mem and r.get("peak_train_gib")
+            else None,
+        }
+    if variants:
+        summary["variants"] = variants
     return summary
 
 
@@ -649,6 +682,8 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += ["", "| comparison (medians) | studio | hand-written | ratio |", "| --- | ---: | ---: | ---: |"]
     for kind, s in report["summary"].items():
+        if kind == "variants":
+            continue
         lines.append(
             f"| {kind} tokens/s | {s['studio_tokens_per_s']} | {s['hf_tokens_per_s']} | {s['tokens_per_s_ratio']} |"
         )
@@ -658,6 +693,18 @@ def markdown(report: dict[str, Any]) -> str:
         if "loss_last10_studio" in s:
             lines.append(
                 f"| {kind} mean loss, last 10 logged steps | {s['loss_last10_studio']} | {s['loss_last10_hf']} | |"
+            )
+    variants = report["summary"].get("variants") or {}
+    if variants:
+        lines += [
+            "",
+            "| studio variant | tokens/s | ratio to hand-written | peak train GiB | ratio to hand-written |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, v in variants.items():
+            lines.append(
+                f"| {name} | {v['tokens_per_s']} | {v['tokens_per_s_ratio']} | {v['peak_train_gib']} "
+                f"| {v['peak_memory_ratio']} |"
             )
     lines.append("")
     lines.append(f"Total script time {report['elapsed_s']} s.")
@@ -698,6 +745,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 8; 4 with --issue22)")
     parser.add_argument(
         "--checkpointing", action="store_true", help="--issue22: studio with gradient checkpointing on"
+    )
+    parser.add_argument(
+        "--variants",
+        default="default",
+        help="--issue22: comma-separated studio variants beside the defaults: gc (gradient checkpointing), flex "
+        "(FlexAttention), compile (torch.compile), gc-flex, flex-compile; each against the same hand-written runs",
     )
     parser.add_argument(
         "--packing",
@@ -813,11 +866,19 @@ def main() -> None:
         report["studio_setup_error"] = f"{type(error).__name__}: {error}"
         print(traceback.format_exc(), flush=True)
 
-    def studio_run(method: str, bf16_patch: bool = False) -> Callable[[dict[str, Any]], None]:
+    def studio_run(
+        method: str, bf16_patch: bool = False, variant: str = "default"
+    ) -> Callable[[dict[str, Any]], None]:
         def run(record: dict[str, Any]) -> None:
             if studio is None:
                 raise RuntimeError(f"studio setup failed: {report.get('studio_setup_error')}")
-            studio.run(record, model_dir, method, cfg, budget, bf16_patch)
+            overrides = VARIANTS[variant]
+            if overrides.get("attention") == "flex_attention" and not __import__("torch").cuda.is_available():
+                record["skipped"] = "FlexAttention has no backward pass on CPUs"
+                return
+            settings = {**cfg, "studio_training": {**cfg.get("studio_training", {}), **overrides}}
+            record["variant"] = variant
+            studio.run(record, model_dir, method, settings, budget, bf16_patch)
 
         return run
 
@@ -828,7 +889,15 @@ def main() -> None:
     if args.issue22:
         args.reps = 0
         plan += [("studio-qlora#1", studio_run("qlora")), ("hf-qlora#1", hf_run("qlora"))]
-        plan += [("studio-lora#1", studio_run("lora")), ("hf-lora#1", hf_run("lora"))]
+        lora_pair = [("studio-lora#1", studio_run("lora")), ("hf-lora#1", hf_run("lora"))]
+        # 7 B: the variants on QLoRA before the LoRA pair (the time guard may cut what comes last)
+        methods = ["qlora"] if args.size == "7b" else ["qlora", "lora"]
+        if args.size != "7b":
+            plan += lora_pair
+        for variant in [v for v in args.variants.split(",") if v and v != "default"]:
+            plan += [(f"studio-{variant}-{m}#1", studio_run(m, variant=variant)) for m in methods]
+        if args.size == "7b":
+            plan += lora_pair
     for rep in range(1, args.reps + 1):
         plan += [(f"studio-qlora#{rep}", studio_run("qlora")), (f"hf-qlora#{rep}", hf_run("qlora"))]
     if not args.issue22:

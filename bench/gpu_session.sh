@@ -36,12 +36,15 @@ MODEL=/tmp/gpu-model-1b
 PACKING=${PACKING:-}
 DPO=.gpu_site/data/dpo_en_demo.json
 [ -f "$DPO" ] || DPO=../shared/data/preference/dpo_en_demo.json
+# VARIANTS_1B / VARIANTS_7B: studio variants beside the defaults (bench/gpu_check.py --variants); STEP1: seconds
+# for step 1; PREF=0 skips step 2.
 echo "== step 1: issue 22, 1.1 B ($(left) s left)"
 mkdir -p "$OUT/g1b"
-timeout 200 "$PY" bench/gpu_check.py $SMOKE --issue22 --size 1b --budget 170 --model-dir "$MODEL" $PACKING \
-    --out "$OUT/g1b" >"$OUT/g1b/log.txt" 2>&1
-echo "step 1 exit $?"; tail -n 25 "$OUT/g1b/gpu.md" 2>/dev/null
-
+STEP1=${STEP1:-200}
+timeout "$STEP1" "$PY" bench/gpu_check.py $SMOKE --issue22 --size 1b --budget $((STEP1 - 30)) --model-dir "$MODEL" \
+    $PACKING --variants "${VARIANTS_1B:-default}" --out "$OUT/g1b" >"$OUT/g1b/log.txt" 2>&1
+echo "step 1 exit $?"; tail -n 40 "$OUT/g1b/gpu.md" 2>/dev/null
+if [ "${PREF:-1}" = "1" ]; then
 echo "== step 2: preference (DPO), studio vs trl script, without and with Liger ($(left) s left)"
 PREF=(--gpu --base "$MODEL" --data "$DPO" --pairs 240 --held-out 60 --steps 30 --batch-size 8 --max-length 512 --repeat ${PREF_REPEAT:-1})
 [ -n "$SMOKE" ] && PREF=(--base "$MODEL" --data "$DPO" --pairs 32 --held-out 16 --steps 2 --batch-size 4 --max-length 128 --repeat 1)
@@ -51,6 +54,7 @@ for liger in "" "--liger"; do
     echo "preference ${liger:-no-liger} exit $?"
 done >"$OUT/pref.txt" 2>&1
 grep -E "^\{|^SUMMARY|^preference|Error" "$OUT/pref.txt" | cut -c1-600
+fi
 
 REST=$(($(left) - 20))
 echo "== step 3: issue 22, 6.7 B ($REST s for it)"
@@ -58,7 +62,7 @@ if [ "$REST" -gt 90 ]; then
     mkdir -p "$OUT/g7b"
     rm -rf "$MODEL"
     timeout "$REST" "$PY" bench/gpu_check.py $SMOKE --issue22 --size 7b --batch 2 --budget $((REST - 15)) $PACKING \
-        --out "$OUT/g7b" >"$OUT/g7b/log.txt" 2>&1
-    echo "step 3 exit $?"; tail -n 25 "$OUT/g7b/gpu.md" 2>/dev/null
+        --variants "${VARIANTS_7B:-default}" --out "$OUT/g7b" >"$OUT/g7b/log.txt" 2>&1
+    echo "step 3 exit $?"; tail -n 40 "$OUT/g7b/gpu.md" 2>/dev/null
 fi
 echo "== done in $(($(date +%s) - START)) s"

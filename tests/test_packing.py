@@ -5,6 +5,8 @@ the packed batch adds the same per-token terms in another order (rows of several
 longest first), so the loss and every gradient agree to about 1e-6 relative; we allow atol 1e-5, rtol 1e-4.
 """
 
+import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,3 +153,99 @@ def test_auto_packing_is_on_for_llama_off_for_virtual_tokens(studio_settings: Pa
         # and the old boolean still means what it meant
         assert JobSpec.model_validate({**base, "causal_lm": {"packing": True}}).causal_lm.packing == "rows"
         assert JobSpec.model_validate({**base, "causal_lm": {"packing": False}}).causal_lm.packing == "off"
+
+
+def test_auto_packs_rows_on_a_gpu_and_keeps_the_rules_cadence(
+    studio_settings: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU worker ``auto`` packs rows (a step of batch_size examples leaves a GPU idle); the auto rule's
+    epochs stay and its evaluation and logging cadence is scaled to the packed steps. Only the GPU decision is
+    patched: the job trains for real, on this CPU."""
+    from sqlmodel import select
+
+    from app.core.db import get_engine
+    from app.core.models import Adapter, Job, JobEvent, JobStatus, MetricPoint
+    from tests.factories import create_job
+    from worker.engine import run_job
+    from worker.recipes import causal_lm
+
+    monkeypatch.setattr(causal_lm, "trains_on_gpu", lambda: True)
+    with Session(get_engine()) as session:
+        rows = [row | {"output": row["output"][:60]} for row in alpaca_rows(30)]
+        dataset = create_dataset(session, json_bytes(rows), "short.json")
+        # given the default spec (packing, epochs, evaluation and logging all auto): 24 training rows at batch 4
+        job = create_job(
+            session,
+            task="causal-lm",
+            base_model=str(tiny_lm),
+            dataset_id=dataset.id,
+            validation_fraction=0.2,
+            training={"batch_size": 4, "max_length": 256},
+        )
+        # when a GPU worker runs it
+        run_job(job.id)
+        session.expire_all()
+        finished = session.get(Job, job.id)
+        assert finished is not None and finished.status == JobStatus.succeeded, finished and finished.error
+        events = [e.message for e in session.exec(select(JobEvent).where(JobEvent.job_id == job.id))]
+        note = next(m for m in events if m.startswith("packing auto: rows on a GPU"))
+        assert session.exec(select(Adapter).where(Adapter.job_id == job.id)).one()
+        points = session.exec(select(MetricPoint).where(MetricPoint.job_id == job.id)).all()
+
+    # then the examples were packed into rows, and the note says how many steps that makes
+    counts = re.search(r"(\d+) examples in (\d+) rows: (\d+) steps \((\d+) unpacked\)", note)
+    assert counts is not None, note
+    examples, packed_rows, steps, unpacked = (int(n) for n in counts.groups())
+    assert examples == 24 and packed_rows < examples / 2
+    # the rule's epochs (20: 6 unpacked steps an epoch is far from its 200) are kept: 20 passes over the rows
+    assert unpacked == 20 * 6 and steps == 20 * math.ceil(packed_rows / 4)
+    train_steps = sorted({p.step for p in points if p.split == "train"})
+    assert max(train_steps) == steps
+    # and it still evaluates 10 times and logs about 20 times, not every 12 and 6 steps of the unpacked count
+    eval_steps = sorted({p.step for p in points if p.split == "eval"})
+    every = math.ceil(steps / 10)
+    assert f"eval every {every} steps" in note
+    assert eval_steps[: len(range(every, steps + 1, every))] == list(range(every, steps + 1, every))
+    assert len(train_steps) >= 15
+
+
+def test_flex_attention_keeps_packed_rows_apart(studio_settings: Path, tiny_lm: Path) -> None:
+    """``training.attention: flex_attention`` loads the model with FlexAttention, whose block mask from the packed
+    position ids gives each example the logits it has alone (forward only: FlexAttention has no backward on CPUs,
+    so the spec asks for a GPU; the mask and the kernel are the GPU's)."""
+    from app.core.base_models import resolve_base_model
+    from app.core.db import get_engine
+    from worker.recipes import causal_lm
+
+    with Session(get_engine()) as session:
+        rows = [row | {"output": row["output"][:80]} for row in alpaca_rows(6)]
+        dataset = create_dataset(session, json_bytes(rows), "short.json")
+        base = {
+            "task": "causal-lm",
+            "base_model": str(tiny_lm),
+            "dataset_id": dataset.id,
+            "validation_fraction": 0,
+            "training": {"max_steps": 1, "batch_size": 6, "max_length": MAX_LENGTH},
+            "causal_lm": {"packing": "rows"},
+            "resources": {"accelerator": "gpu"},
+        }
+        flex = JobSpec.model_validate(
+            {**base, "training": {**base["training"], "attention": "flex_attention"}}
+        )
+        prepared = causal_lm.prepare(flex, resolve_base_model(str(tiny_lm)), dataset, None, {})
+        sdpa = causal_lm.prepare(
+            JobSpec.model_validate(base), resolve_base_model(str(tiny_lm)), dataset, None, {}
+        )
+    assert prepared.model.config._attn_implementation == "flex_attention"
+    assert sdpa.model.config._attn_implementation == "sdpa"
+    batch = prepared.collator(prepared.train_dataset)
+    assert len(prepared.train_dataset) < 6  # several examples share a row
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    with torch.no_grad():
+        flex_logits = prepared.model.eval()(**inputs).logits
+        torch.testing.assert_close(flex_logits, sdpa.model.eval()(**inputs).logits, atol=ATOL, rtol=RTOL)
+        row = batch["position_ids"][0].tolist()
+        second = [i for i, p in enumerate(row) if p == 0][1]
+        end = next((i for i, p in enumerate(row) if i > second and p == 0), len(row))
+        alone = prepared.model(input_ids=batch["input_ids"][:1, second:end]).logits[0]
+        torch.testing.assert_close(flex_logits[0, second:end], alone, atol=ATOL, rtol=RTOL)

@@ -32,6 +32,14 @@ def test_impossible_combinations_are_refused_with_the_field_and_the_fix() -> Non
         for accelerator in ("cpu", "any"):
             errors = _errors(training={"optimizer": optimizer}, resources={"accelerator": accelerator})
             assert "set resources.accelerator to gpu" in errors["resources"], errors
+        # also when the spec leaves resources out (its default is checked too)
+        assert "set resources.accelerator to gpu" in _errors(training={"optimizer": optimizer})["resources"]
+
+    # FlexAttention has no backward pass on CPUs, and only causal-LM jobs choose their attention
+    errors = _errors(task="causal-lm", training={"attention": "flex_attention"})
+    assert "no backward pass on CPUs; set resources.accelerator to gpu" in errors["resources"], errors
+    errors = _errors(training={"attention": "eager"}, resources={"accelerator": "gpu"})
+    assert "is for causal-lm jobs" in errors["resources"], errors
 
     # a studio adapter (not peft/transformers) cannot be gathered from FSDP shards
     errors = _errors(method="houlsby", resources={"strategy": "fsdp", "num_processes": 2})
@@ -49,6 +57,15 @@ def test_impossible_combinations_are_refused_with_the_field_and_the_fix() -> Non
         }
     )
     assert spec.resources.strategy == "fsdp" and spec.training.optimizer == "paged_adamw_8bit"
+    flex = JobSpec.model_validate(
+        {
+            "dataset_id": 1,
+            "task": "causal-lm",
+            "training": {"attention": "flex_attention"},
+            "resources": {"accelerator": "gpu"},
+        }
+    )
+    assert flex.training.attention == "flex_attention"
 
 
 def test_the_api_answers_an_impossible_combination_with_a_422(client: Any) -> None:

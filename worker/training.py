@@ -19,7 +19,13 @@ import torch
 from sqlmodel import select
 from transformers import Trainer, TrainerState, TrainingArguments, set_seed
 
-from app.core.autoconfig import needs_resolution, resolve_spec, resolve_training, rule_inputs_for
+from app.core.autoconfig import (
+    needs_resolution,
+    rescale_cadence,
+    resolve_spec,
+    resolve_training,
+    rule_inputs_for,
+)
 from app.core.base_models import resolve_base_model
 from app.core.db import session_scope
 from app.core.models import Adapter, Dataset, Job, JobStatus
@@ -266,6 +272,7 @@ def train(
     set_seed(spec.training.seed)  # the new head's random init too: a rerun or resumed run starts the same
     sharded = strategy == "fsdp"
     prepared, method, model, optimizer, method_callbacks = build_trainable(spec, sharded)
+    spec = packed_cadence(resolved(spec), prepared)
     gathered = GatheredState()  # FSDP: the full weights the last checkpoint gathered
     cut = length_note(prepared.metadata, spec.training.max_length)
     if cut:
@@ -451,6 +458,28 @@ def train(
         )
         session.commit()
     finish_job(job_id, JobStatus.succeeded, "succeeded", run_token=claim.run_token)
+
+
+def packed_cadence(spec: JobSpec, prepared: Prepared) -> JobSpec:
+    """When ``packing`` auto packed rows (a GPU worker), keep the auto rule's evaluation and logging counts.
+
+    The rule counted steps from examples at submission; an epoch of rows has fewer, fuller steps. The epochs stay
+    (the same passes over the data); the packing note in the job's events says how many steps that is now.
+    """
+    meta = prepared.metadata
+    if meta.get("packing") != "rows" or not meta.get("packing_auto"):
+        return spec
+    examples, rows = int(meta.get("train_examples") or 0), int(meta.get("train_sequences") or 0)
+    before, after = total_steps(spec, examples), total_steps(spec, rows)
+    if before is None or after is None:
+        return spec
+    training, changed = rescale_cadence(spec.training, before, after)
+    note = f"{examples} examples in {rows} rows: {after} steps ({before} unpacked)"
+    note += f"; {changed} (auto, scaled to keep as many)" if changed else ""
+    for index, existing in enumerate(prepared.notes):
+        if existing and existing.startswith("packing auto: rows"):
+            prepared.notes[index] = f"{existing}: {note}"
+    return spec.model_copy(update={"training": training})
 
 
 def length_note(metadata: dict[str, Any], max_length: int) -> str | None:

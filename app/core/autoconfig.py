@@ -174,6 +174,32 @@ def resolve_training(training: TrainingSettings, inputs: RuleInputs) -> Resoluti
     return Resolution(TrainingSettings.model_validate(resolved.model_dump()), tuple(chosen), explanation)
 
 
+def rescale_cadence(
+    training: TrainingSettings, steps_before: int, steps_after: int
+) -> tuple[TrainingSettings, str]:
+    """Keep the rule's evaluation and logging counts when a run has another number of steps than it counted.
+
+    The rule counts steps from examples at submission; when the worker packs examples into rows (``packing``
+    auto on a GPU), an epoch has fewer, fuller steps. The epochs stay (the same passes over the data); the
+    evaluation and logging cadences the rule chose (``auto_fields``) are scaled so the job still evaluates and
+    logs as many times. Explicit values are kept. Returns the settings and what changed ('' if nothing).
+    """
+    chosen = set(training.auto_fields or [])
+    if steps_before == steps_after or steps_before < 1 or steps_after < 1:
+        return training, ""
+    values: dict[str, Any] = {}
+    if "eval_steps" in chosen and training.eval_steps and not _is_auto(training.eval_steps):
+        evaluations = max(1, math.ceil(steps_before / int(training.eval_steps)))
+        values["eval_steps"] = max(1, math.ceil(steps_after / evaluations))
+    if "logging_steps" in chosen and not _is_auto(training.logging_steps):
+        values["logging_steps"] = min(MAX_LOGGING_STEPS, max(1, steps_after // 20))
+    changed = {name: value for name, value in values.items() if value != getattr(training, name)}
+    if not changed:
+        return training, ""
+    said = ", ".join(f"{name.removesuffix('_steps')} every {value} steps" for name, value in changed.items())
+    return training.model_copy(update=changed), said
+
+
 def rule_inputs_for(spec: JobSpec, train_rows: int, eval_rows: int) -> RuleInputs:
     """The rule's inputs for a spec with known row counts (the model size from its config.json)."""
     from app.core.base_models import resolve_base_model

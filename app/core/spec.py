@@ -16,7 +16,7 @@ from pydantic import (
 from app.core.chat_templates import TemplateName
 from app.core.method_registry import registry
 from app.core.settings import BUNDLED_MODEL_ID
-from app.core.tasks import CLASSIFICATION, task_names
+from app.core.tasks import CAUSAL_LM, CLASSIFICATION, task_names
 
 if TYPE_CHECKING:
     Task = str
@@ -140,6 +140,12 @@ class TrainingSettings(BaseModel):
         description="Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU, linear + cross-entropy without "
         "the vocabulary-sized logits): auto applies them on CUDA when liger-kernel is installed and the model is "
         "a Llama, Mistral, Qwen2/3, Gemma or Phi3; the job's events say when and why not.",
+    )
+    attention: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
+        default="auto",
+        description="The attention kernel of a causal-LM job's model: auto keeps the model's default (SDPA); "
+        "flex_attention (PyTorch FlexAttention, compiled) skips the blocks a packed row's block-diagonal mask "
+        "rules out instead of computing them masked; it needs accelerator gpu (no backward pass on CPUs).",
     )
     torch_compile: bool = Field(
         default=False,
@@ -452,7 +458,8 @@ class JobSpec(BaseModel):
     causal_lm: CausalLMSettings = Field(default_factory=CausalLMSettings)
     preference: PreferenceSettings = Field(default_factory=PreferenceSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
-    resources: ResourceSettings = Field(default_factory=ResourceSettings)
+    # validate_default: the checks across sections below also hold for a spec that leaves resources out
+    resources: ResourceSettings = Field(default_factory=ResourceSettings, validate_default=True)
 
     # Field validators (not one model validator) so that errors name ``method`` and ``method_config.<field>``.
     @field_validator("method")
@@ -493,6 +500,17 @@ class JobSpec(BaseModel):
                 f"training.optimizer {training.optimizer} is a bitsandbytes 8-bit optimizer for CUDA GPUs; set "
                 f"resources.accelerator to gpu (it is {resources.accelerator}) or choose adamw_torch"
             )
+        if training is not None and training.attention != "auto":
+            if info.data.get("task") != CAUSAL_LM:
+                raise ValueError(
+                    f"training.attention {training.attention} is for causal-lm jobs (other tasks keep their "
+                    "model's attention); choose auto"
+                )
+            if training.attention == "flex_attention" and not resources.wants_gpu:
+                raise ValueError(
+                    "training.attention flex_attention has no backward pass on CPUs; set resources.accelerator "
+                    f"to gpu (it is {resources.accelerator}) or choose auto"
+                )
         method = registry().get(str(info.data.get("method")))
         if resources.strategy == "fsdp" and method is not None and method.saved_as == "studio":
             raise ValueError(

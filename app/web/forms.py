@@ -70,6 +70,7 @@ _LABELS = {
     "strategy": "Multi-process strategy (DDP / FSDP)",
     "optimizer": "Optimizer",
     "liger": "Liger fused kernels (CUDA)",
+    "attention": "Attention kernel (causal LM)",
     "torch_compile": "torch.compile the model",
     # method settings
     "r": "Rank (r)",

@@ -44,8 +44,18 @@ def honours_packed_positions(model: Any) -> bool:
     )
 
 
-def packing_mode(spec: JobSpec, model: Any) -> tuple[str, str | None]:
-    """The packing a job trains with (on, rows, off) and, when auto chose off, why (for the job's events)."""
+def trains_on_gpu() -> bool:
+    """True on a worker whose Trainer runs on a CUDA GPU (training_arguments: use_cpu otherwise)."""
+    return torch.cuda.is_available()
+
+
+def packing_mode(spec: JobSpec, model: Any, gpu: bool | None = None) -> tuple[str, str | None]:
+    """The packing a job trains with (on, rows, off) and, when auto chose, what and why (for the job's events).
+
+    ``auto`` is ``on`` (padding-free: a step is exactly the unpacked batch) on a CPU, and ``rows`` on a GPU
+    (``gpu``, default: this worker's), where a step of ``batch_size`` examples leaves it mostly idle: measured on
+    an H200, a tenth of a packed script's tokens/s (docs/performance.md).
+    """
     choice = spec.causal_lm.packing
     supported = honours_packed_positions(model)
     if choice in ("on", "rows") and not supported:
@@ -64,6 +74,12 @@ def packing_mode(spec: JobSpec, model: Any) -> tuple[str, str | None]:
     if not supported:
         return "off", (
             f"packing auto: off, {type(model).__name__} does not keep packed examples apart by position ids"
+        )
+    if trains_on_gpu() if gpu is None else gpu:
+        return "rows", (
+            f"packing auto: rows on a GPU (a step packs batch_size {spec.training.batch_size} rows of up to "
+            f"max_length {spec.training.max_length} tokens; a step of {spec.training.batch_size} examples would "
+            "leave the GPU mostly idle)"
         )
     return "on", None
 
@@ -107,9 +123,11 @@ def causal_lm_metrics(prediction: EvalPrediction) -> dict[str, float]:
     }
 
 
-def _load_kwargs(load_kwargs: dict[str, Any], base: ResolvedModel) -> dict[str, Any]:
+def _load_kwargs(load_kwargs: dict[str, Any], base: ResolvedModel, attention: str = "auto") -> dict[str, Any]:
     # safetensors only; trust_remote_code only for models the admin allow-listed (app/core/safety.py)
     kwargs = {**model_load_kwargs(base.model_id), **load_kwargs}
+    if attention != "auto":
+        kwargs["attn_implementation"] = attention
     if not torch.cuda.is_available():
         kwargs.setdefault("dtype", torch.float32)  # bf16 is ~5x slower than fp32 on this kind of CPU
     return kwargs
@@ -132,7 +150,7 @@ def prepare(
     # No KV cache while training: it is not needed, and with it transformers ignores packed position ids.
     config.use_cache = False
     model = AutoModelForCausalLM.from_pretrained(
-        str(base.path), config=config, **_load_kwargs(load_kwargs, base)
+        str(base.path), config=config, **_load_kwargs(load_kwargs, base, spec.training.attention)
     )
     padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
     train_dataset: list[dict[str, Any]]
@@ -161,6 +179,7 @@ def prepare(
         metadata={
             "template": template_name,
             "packing": packing,
+            "packing_auto": spec.causal_lm.packing == "auto",
             "data_format": spec.causal_lm.format,
             "system_prompt": spec.causal_lm.system_prompt,
             "eos_token_id": tokenizer.eos_token_id,
