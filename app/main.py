@@ -15,7 +15,7 @@ from app.api import models as models_api
 from app.api import sweeps as sweeps_api
 from app.api import tokens as tokens_api
 from app.api import users as users_api
-from app.core.db import PROJECT_ROOT, run_migrations
+from app.core.db import PROJECT_ROOT, run_migrations, startup_lock
 from app.http import errors, gate
 from app.http.auth import AUTH_DEPENDENCIES
 from app.services.accounts import bootstrap_accounts
@@ -41,8 +41,9 @@ def create_app(migrate: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if migrate:
-            run_migrations()
-            bootstrap_accounts()  # the admin exists; PEFT_STUDIO_ADMIN_TOKEN is registered
+            with startup_lock():  # uvicorn --workers N: one process at a time (app/core/db.py)
+                run_migrations()
+                bootstrap_accounts()  # the admin exists; PEFT_STUDIO_ADMIN_TOKEN is registered
         # The reaper (requeues running jobs whose worker vanished) and the webhook dispatcher run in one web
         # process of those sharing the data folder (app/services/background.py), however many serve starts.
         duties = BackgroundDuties()

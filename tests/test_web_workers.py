@@ -87,3 +87,44 @@ def test_web_workers_run_the_background_duties_once(tmp_path: Path) -> None:
             serve.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
+
+
+def test_uvicorn_workers_start_together_on_a_fresh_database(tmp_path: Path) -> None:
+    """``uvicorn app.main:app --workers 3`` with no ``peft-studio migrate`` first: every process migrates at start,
+    and without the start-up lock two created the same tables at once and the loser stopped the server."""
+    data_dir = tmp_path / "data"
+    port = free_port()
+    token = "pst_web-workers-test-token-0000000"
+    env = studio_env(data_dir, PEFT_STUDIO_ADMIN_TOKEN=token)
+    log = tmp_path / "uvicorn.log"
+    with log.open("wb") as out:
+        web = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--workers", "3"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert web.poll() is None, log.read_text(errors="replace")
+            with suppress(httpx.HTTPError):
+                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+            return False
+
+        _wait(up, 90, "uvicorn", log)
+        _wait(lambda: log.read_text().count("Application startup complete") == 3, 60, "three processes", log)
+        # then all three started (one admin, the schema at head) and the API answers from them
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as api:
+            assert all(api.get("/api/v1/jobs").status_code == 200 for _ in range(10))
+        assert "failed to start" not in log.read_text()
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(web.pid, signal.SIGTERM)
+        try:
+            web.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(web.pid, signal.SIGKILL)

@@ -68,6 +68,28 @@ def session_scope() -> Iterator[Session]:
         yield session
 
 
+@contextmanager
+def startup_lock() -> Iterator[None]:
+    """Processes starting on one data folder migrate and bootstrap one at a time.
+
+    ``uvicorn app.main:app --workers N`` (or gunicorn) starts N processes whose start-up each migrates the
+    database: on a fresh SQLite database two of them would create the same tables at once, and the loser's
+    failed start stops the whole server. An exclusive ``flock`` in the data folder puts them in turn (the later
+    ones find the schema at head); the kernel releases it if a holder dies. Postgres' migrations also take an
+    advisory lock (migrations/env.py), which covers starters on several hosts.
+    """
+    import fcntl
+
+    folder = get_settings().resolved_data_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "startup.lock").open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def run_migrations() -> None:
     """Bring the database schema to the newest Alembic revision."""
     from alembic import command
