@@ -476,6 +476,22 @@ def main() -> None:
                 print(
                     f"{kind} after load_{options.web_workers}: {results[f'{kind}.after.load_{options.web_workers}']}"
                 )
+            if "big" not in skip and kind == "postgres" and label == "after" and options.web_workers > 1:
+                # 1,000 viewers spread over --web-workers processes (each process's reader fans out to its own)
+                name = f"sse_big_{options.web_workers}"
+                with tempfile.TemporaryDirectory(prefix="bench-web-") as folder:
+                    backend = Backend(kind, Path(folder))
+                    web = Web(root, backend, processes=options.web_workers)
+                    try:
+                        results[f"{kind}.after.{name}"] = sse_run(
+                            web, backend, options.big_clients, options.client_procs
+                        )
+                    except Exception as error:  # noqa: BLE001 - record and go on
+                        results[f"{kind}.after.{name}"] = {"error": repr(error)[:500]}
+                    finally:
+                        web.stop()
+                        backend.drop()
+                print(f"{kind} after {name}: {json.dumps(results[f'{kind}.after.{name}'])}", flush=True)
             if "series" not in skip:
                 with tempfile.TemporaryDirectory(prefix="bench-web-") as folder:
                     backend = Backend(kind, Path(folder))

@@ -153,8 +153,11 @@ def queue_position(session: Session, job: Job) -> int | None:
     if job.status != JobStatus.queued:
         return None
     queue = _queue_of(job.spec)
-    earlier = session.exec(select(Job).where(col(Job.status) == JobStatus.queued, col(Job.id) < job.id)).all()
-    return 1 + sum(1 for other in earlier if _queue_of(other.spec) == queue)
+    # only the specs (where the queue is), not whole rows, of the jobs waiting before it
+    earlier = session.exec(
+        select(Job.spec).where(col(Job.status) == JobStatus.queued, col(Job.id) < job.id)
+    ).all()
+    return 1 + sum(1 for spec in earlier if _queue_of(dict(spec)) == queue)
 
 
 def job_public(session: Session, job: Job) -> JobPublic:
