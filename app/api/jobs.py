@@ -206,7 +206,7 @@ async def stream_job(
     session.close()
     start = int(last_event_id) if last_event_id and last_event_id.isdigit() else max(after, 0)
 
-    async def events() -> AsyncIterator[ServerSentEvent]:
+    async def events() -> AsyncIterator[ServerSentEvent | bytes]:
         async with live.get_hub().subscribe(job_id) as feed:
             async for event in _stream_events(request, feed, start):
                 yield event
@@ -214,7 +214,9 @@ async def stream_job(
     return EventSourceResponse(events(), ping=15)
 
 
-async def _stream_events(request: Request, feed: live.JobFeed, start: int) -> AsyncIterator[ServerSentEvent]:
+async def _stream_events(
+    request: Request, feed: live.JobFeed, start: int
+) -> AsyncIterator[ServerSentEvent | bytes]:
     """The stream's events: points after ``start`` from the job's shared feed (app/services/live.py).
 
     Points older than the feed's buffer are read from the database by this stream alone (a fresh page, a
@@ -249,16 +251,24 @@ async def _stream_events(request: Request, feed: live.JobFeed, start: int) -> As
             points = await asyncio.to_thread(live.read_points, job_id, cursor)
             if len(points) < live.READ_LIMIT and feed.base == base:
                 caught_up = True  # nothing else exists up to the feed's buffer
+        # The points' frames are encoded once by the feed; a wake-up's points go out as one write (a viewer
+        # that fell behind catches up in one send, not one per point).
+        frames: list[bytes] = []
         for point in points:
             if last_attempt is not None and point.attempt != last_attempt:
                 kept = await asyncio.to_thread(_kept, job_id, cursor)
                 if held_step > kept[0]:
+                    if frames:
+                        yield b"".join(frames)
+                        frames = []
                     yield _reset_event(kept, point.attempt)
                     held_step = kept[0]
             last_attempt = point.attempt
             held_step = max(held_step, point.step)
             cursor = point.id
-            yield ServerSentEvent(data=point.data, event="metric", id=str(point.id))
+            frames.append(point.frame)
+        if frames:
+            yield b"".join(frames)
         if caught_up and cursor < base:
             cursor = base
         status = feed.status
@@ -269,7 +279,9 @@ async def _stream_events(request: Request, feed: live.JobFeed, start: int) -> As
             if status is not None:
                 yield ServerSentEvent(data=status, event="end")
             return
-        if await request.is_disconnected():
-            return
         if caught_up and cursor >= feed.cursor:
+            # EventSourceResponse ends the stream when the client leaves; this check is a backstop, made only
+            # before waiting (once per wake-up of a caught-up viewer, not once per point of one catching up).
+            if await request.is_disconnected():
+                return
             await live.wait_for_change(changed)

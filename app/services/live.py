@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from sqlmodel import Session, col, func, select
+from sse_starlette import ServerSentEvent
 
 from app.core.db import get_engine
 from app.core.events import Subscription
@@ -46,12 +47,15 @@ class LivePoint:
     attempt: int
     step: int
     data: str
+    frame: bytes  # the whole ``event: metric`` SSE frame, encoded once for every viewer
 
 
 def live_point(point: MetricPoint) -> LivePoint:
     """Encode one row for streaming."""
     public = MetricPointPublic.model_validate(point)
-    return LivePoint(int(public.id), public.attempt, public.step, public.model_dump_json())
+    data = public.model_dump_json()
+    frame = ServerSentEvent(data=data, event="metric", id=str(public.id)).encode()
+    return LivePoint(int(public.id), public.attempt, public.step, data, frame)
 
 
 def status_snapshot(session: Session, job: Job) -> str:
