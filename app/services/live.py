@@ -25,7 +25,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from sqlmodel import Session, col, func, select
-from sse_starlette import ServerSentEvent
 
 from app.core.db import get_engine
 from app.core.events import Subscription
@@ -54,7 +53,9 @@ def live_point(point: MetricPoint) -> LivePoint:
     """Encode one row for streaming."""
     public = MetricPointPublic.model_validate(point)
     data = public.model_dump_json()
-    frame = ServerSentEvent(data=data, event="metric", id=str(public.id)).encode()
+    # What sse-starlette's ServerSentEvent(data, event="metric", id).encode() writes (compact JSON has no newline);
+    # tests/test_live_stream.py checks they are the same bytes. The services layer does not import the web stack.
+    frame = f"id: {public.id}\r\nevent: metric\r\ndata: {data}\r\n\r\n".encode()
     return LivePoint(int(public.id), public.attempt, public.step, data, frame)
 
 
