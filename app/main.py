@@ -1,5 +1,6 @@
 """The FastAPI application: JSON API under /api/v1, HTML pages at /, static files."""
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,6 +36,24 @@ from app.web.render import render
 STATIC_DIR: Path = PROJECT_ROOT / "static"
 
 
+_FROZEN = False
+
+
+def freeze_start_up_objects() -> None:
+    """Once per process, after start-up: move everything made so far (modules, routes, models, templates) out of
+    the garbage collector's sight (``gc.freeze``).
+
+    A full collection walks every tracked object; in a web process that had started, one took 112 ms, and every
+    request in flight waited for it: under 100 polling clients those pauses were the API's p99 (bench/web_tier.py,
+    issue 20). With the start-up objects frozen the same collection takes 8-10 ms. Frozen objects are never
+    freed, so this runs once per process (tests build many apps in one).
+    """
+    global _FROZEN
+    if not _FROZEN:
+        _FROZEN = True
+        gc.freeze()
+
+
 def create_app(migrate: bool = True) -> FastAPI:
     """Build the app; by default the database is migrated to the newest schema on start."""
 
@@ -48,6 +67,7 @@ def create_app(migrate: bool = True) -> FastAPI:
         # process of those sharing the data folder (app/services/background.py), however many serve starts.
         duties = BackgroundDuties()
         duties.start()
+        freeze_start_up_objects()
         yield
         await duties.stop()
 

@@ -132,8 +132,7 @@ def job_metrics(
 ) -> Response:
     """Every logged metric point of the job, in order (ids after `after`). Answers 304 to a matching
     `If-None-Match`; the tag changes when a point is added or removed."""
-    service.get_job(session, job_id, owner_id)
-    newest, count = service.metrics_version(session, job_id, after)
+    newest, count = service.metrics_version(session, job_id, owner_id, after)
     version = f"metrics:{get_engine().url}:{job_id}:{after}:{newest}:{count}"
 
     def encode() -> bytes:

@@ -55,12 +55,6 @@ def get_engine() -> Engine:
     return _make_engine(get_settings().resolved_database_url)
 
 
-def get_session() -> Iterator[Session]:
-    """A session per request (FastAPI dependency)."""
-    with Session(get_engine()) as session:
-        yield session
-
-
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """A session for code outside requests (the worker, the CLI)."""

@@ -42,6 +42,13 @@ class Settings(BaseSettings):
         description="How often the live stream looks for new metric points in the database (with a Redis "
         "broker the stream is woken at once by pub/sub, and this is only the fallback).",
     )
+    auth_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a web process remembers a valid token or session cookie (0: look it up on every "
+        "request). A change to accounts (revoked token, sign-out, deactivated user) takes effect at once in "
+        "every process sharing the data folder; web processes on other hosts see it within this time.",
+    )
     cancel_poll_seconds: float = Field(
         default=0.5, description="How often a running job checks whether it has been cancelled."
     )

@@ -165,7 +165,7 @@ def _refuse_out_of_range_ids(request: Request) -> None:
             raise NotFound(f"{name.removesuffix('_id').capitalize()} {value} does not exist.")
 
 
-def current_user(request: Request) -> User:
+async def current_user(request: Request) -> User:
     """The signed-in user (set by ``authenticate``)."""
     user = getattr(request.state, "user", None)
     if user is None:
@@ -176,7 +176,7 @@ def current_user(request: Request) -> User:
 CurrentUser = Annotated[User, Depends(current_user)]
 
 
-def require_admin(user: CurrentUser) -> User:
+async def require_admin(user: CurrentUser) -> User:
     """The signed-in user when they are the admin, else 403."""
     if not user.is_admin:
         raise Forbidden("Only the admin may do this.")
@@ -191,7 +191,12 @@ def owner_scope(user: CurrentUser) -> int | None:
     return None if user.is_admin else user.id
 
 
-OwnerScope = Annotated[int | None, Depends(owner_scope)]
+async def _owner_scope_dependency(user: CurrentUser) -> int | None:
+    return owner_scope(user)
+
+
+# The user dependencies are async (no blocking work in them): a sync one costs each request a thread hop.
+OwnerScope = Annotated[int | None, Depends(_owner_scope_dependency)]
 
 
 T = TypeVar("T", bound=SQLModel)

@@ -26,12 +26,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.models import User
+from app.core.models import User, utcnow
 from app.core.settings import get_settings
 from app.http.auth import GATE_USER, INVALID_TOKEN_MESSAGE, SESSION_COOKIE, SIGN_IN_MESSAGE, is_public
 from app.http.errors import is_openai_path, openai_error_body, unauthorized_response
 from app.http.safety import BodySizeLimit
-from app.services.accounts import user_for_api_token, user_for_session
+from app.services.accounts import session_sign_in, token_sign_in
+from app.services.credential_cache import credentials, current_epoch
 
 # Our pages load scripts and styles from /static only. Inline style attributes carry computed widths (progress
 # bars, histograms), so styles allow them; scripts never run inline (no eval, no inline handlers).
@@ -94,24 +95,34 @@ def _credentials(scope: Scope) -> tuple[str | None, str | None]:
 
 def signed_in_user(bearer: str | None, cookie: str | None) -> User | None:
     """The active user of the bearer token (or, without one, of the session cookie), detached with its columns
-    loaded, or None.
+    loaded, or None. A credential found valid is remembered for a few seconds (``credential_cache``).
 
     Blocking database work: call it in a thread.
     """
     from app.core.db import session_scope
 
+    kind, raw = ("token", bearer) if bearer is not None else ("session", cookie)
+    if raw is None:
+        return None
+    epoch = current_epoch()  # read before the lookup: a change committed meanwhile makes the entry stale
     with session_scope() as session:
-        if bearer is not None:
-            user = user_for_api_token(session, bearer)
-        else:
-            user = user_for_session(session, cookie) if cookie is not None else None
-        if user is not None:
-            if inspect(
-                user
-            ).expired_attributes:  # a token's last-use write expired it: load it while attached
-                session.refresh(user)
-            session.expunge(user)
-        return user
+        found = token_sign_in(session, raw) if kind == "token" else session_sign_in(session, raw)
+        if found is None:
+            return None
+        user, expires = found
+        if inspect(user).expired_attributes:  # a token's last-use write expired it: load it while attached
+            session.refresh(user)
+        session.expunge(user)
+    credentials.put(kind, raw, user, expires, epoch)
+    return user
+
+
+def remembered_user(bearer: str | None, cookie: str | None) -> User | None:
+    """The user a credential signed in a moment ago, when nothing about accounts changed since (no database
+    work: a dictionary and one ``stat``, fine on the event loop); None when it must be looked up."""
+    if bearer is not None:
+        return credentials.get("token", bearer, utcnow())
+    return credentials.get("session", cookie, utcnow()) if cookie is not None else None
 
 
 class RequestGate:
@@ -134,9 +145,9 @@ class RequestGate:
 
         if needs_sign_in(scope["path"]):
             bearer, cookie = _credentials(scope)
-            user = (
-                await anyio.to_thread.run_sync(signed_in_user, bearer, cookie) if bearer or cookie else None
-            )
+            user = remembered_user(bearer, cookie)
+            if user is None and (bearer or cookie):
+                user = await anyio.to_thread.run_sync(signed_in_user, bearer, cookie)
             if user is None:
                 response = await refusal(scope, bearer is not None)
                 await response(scope, _no_body, send_with_headers)

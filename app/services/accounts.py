@@ -31,6 +31,7 @@ from app.core.models import (
     utcnow,
 )
 from app.core.settings import Settings, get_settings
+from app.services import credential_cache  # noqa: F401  (its listeners note every change to accounts)
 
 TOKEN_PREFIX = "pst_"
 MIN_PASSWORD_LENGTH = 8
@@ -225,6 +226,13 @@ def revoke_api_token(session: Session, user: User, token_id: int) -> ApiToken:
 
 def user_for_api_token(session: Session, raw: str) -> User | None:
     """The active user a token belongs to, or None when it is unknown, revoked or expired."""
+    found = token_sign_in(session, raw)
+    return found[0] if found else None
+
+
+def token_sign_in(session: Session, raw: str) -> tuple[User, datetime | None] | None:
+    """The active user a token signs in and when the token expires, or None when it is unknown, revoked or
+    expired."""
     token = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_secret(raw))).first()
     if token is None or token.revoked_at is not None:
         return None
@@ -240,7 +248,7 @@ def user_for_api_token(session: Session, raw: str) -> User | None:
         token.last_used_at = now
         session.add(token)
         session.commit()
-    return user
+    return user, expires
 
 
 # ---- one-time login links and browser sessions -------------------------------------------------
@@ -297,6 +305,13 @@ def start_session(session: Session, user: User) -> str:
 
 def user_for_session(session: Session, raw: str) -> User | None:
     """The active user of a session cookie, or None when it is unknown or expired."""
+    found = session_sign_in(session, raw)
+    return found[0] if found else None
+
+
+def session_sign_in(session: Session, raw: str) -> tuple[User, datetime] | None:
+    """The active user a session cookie signs in and when the session expires, or None when it is unknown or
+    expired."""
     row = session.exec(select(BrowserSession).where(BrowserSession.token_hash == hash_secret(raw))).first()
     if row is None:
         return None
@@ -304,7 +319,7 @@ def user_for_session(session: Session, raw: str) -> User | None:
     if expires is None or expires <= utcnow():
         return None
     user = session.get(User, row.user_id)
-    return user if user is not None and user.is_active else None
+    return (user, expires) if user is not None and user.is_active else None
 
 
 def end_session(session: Session, raw: str) -> None:

@@ -225,15 +225,19 @@ def jobs_public(session: Session, jobs: list[Job]) -> list[JobPublic]:
     ]
 
 
-def metrics_version(session: Session, job_id: int, after_id: int = 0) -> tuple[int, int]:
-    """(newest point id, point count) after ``after_id``: one indexed query that changes whenever the job's
-    points do (ids are never reused, so a replaced point changes the newest id or the count)."""
-    newest, count = session.exec(
-        select(func.max(MetricPoint.id), func.count()).where(
-            MetricPoint.job_id == job_id, col(MetricPoint.id) > after_id
-        )
-    ).one()
-    return int(newest or 0), int(count or 0)
+def metrics_version(
+    session: Session, job_id: int, owner_id: int | None, after_id: int = 0
+) -> tuple[int, int]:
+    """(newest point id, point count) after ``after_id`` of a job ``owner_id`` may see (NotFound otherwise, as
+    ``get_job``): one query, indexed, that changes whenever the job's points do (ids are never reused, so a
+    replaced point changes the newest id or the count). A poll that finds nothing new costs only this."""
+    points = (MetricPoint.job_id == job_id, col(MetricPoint.id) > after_id)
+    newest = select(func.max(MetricPoint.id)).where(*points).scalar_subquery()
+    count = select(func.count()).select_from(MetricPoint).where(*points).scalar_subquery()
+    row = session.exec(select(Job.owner_id, newest, count).where(Job.id == job_id)).first()
+    if row is None or (owner_id is not None and row[0] != owner_id):
+        raise NotFound(f"Job {job_id} does not exist.")
+    return int(row[1] or 0), int(row[2] or 0)
 
 
 def cancel_job(session: Session, job_id: int, owner_id: int | None = None) -> Job:
