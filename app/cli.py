@@ -42,6 +42,9 @@ def worker_command(queues: str | None = None, concurrency: int = 1, hostname: st
     return command
 
 
+KEEP_ALIVE_SECONDS = 65
+
+
 @cli.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -88,6 +91,10 @@ def serve(
             log_level="info",
             workers=web_workers,
             log_config=_log_config(),
+            # Longer than clients keep an idle connection (browsers ~60 s, httpx 5 s): with uvicorn's 5 s a
+            # client could send its next request just as the server closed the idle connection (a ReadError,
+            # ~1 in 3,000 requests under bench/load_gen.py).
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
         )
     finally:
         supervisor.stop()

@@ -142,6 +142,9 @@ class Web:
             str(self.port),
             "--log-level",
             "warning",
+            # as `peft-studio serve` runs it (app/cli.py), for both codes: idle connections outlive the client's
+            "--timeout-keep-alive",
+            "65",
         ]
         if processes > 1:
             args += ["--workers", str(processes)]

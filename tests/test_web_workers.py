@@ -30,6 +30,23 @@ def _wait(condition: object, seconds: float, what: str, log: Path) -> None:
         time.sleep(0.2)
 
 
+def _answers_after_idle(port: int, idle: float) -> bool:
+    """Two requests on one kept-alive connection, ``idle`` seconds apart: True when both are answered."""
+    import socket
+
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        answers = []
+        for pause in (0.0, idle):
+            time.sleep(pause)
+            try:
+                conn.sendall(request)
+                answers.append(conn.recv(4096).startswith(b"HTTP/1.1 200"))
+            except OSError:
+                answers.append(False)
+        return all(answers)
+
+
 def test_web_workers_run_the_background_duties_once(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -75,6 +92,9 @@ def test_web_workers_run_the_background_duties_once(tmp_path: Path) -> None:
         assert (data_dir / "web-background.lock").read_text().strip() == str(leader)
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as api:
             assert all(api.get("/api/v1/jobs").status_code == 200 for _ in range(10))
+        # and a connection left idle longer than uvicorn's default keep-alive (5 s, as long as httpx keeps one:
+        # a client's next request could meet the close) is still open for the next request
+        assert _answers_after_idle(port, idle=6.0)
         # when: that process dies
         os.kill(leader, signal.SIGKILL)
         # then: another web process takes the duties over (the kernel released the lock)
@@ -120,6 +140,9 @@ def test_uvicorn_workers_start_together_on_a_fresh_database(tmp_path: Path) -> N
         # then all three started (one admin, the schema at head) and the API answers from them
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as api:
             assert all(api.get("/api/v1/jobs").status_code == 200 for _ in range(10))
+        # and a connection left idle longer than uvicorn's default keep-alive (5 s, as long as httpx keeps one:
+        # a client's next request could meet the close) is still open for the next request
+        assert _answers_after_idle(port, idle=6.0)
         assert "failed to start" not in log.read_text()
     finally:
         with suppress(ProcessLookupError):
