@@ -68,3 +68,14 @@ def test_migrate_twice_is_harmless(tmp_path: Path) -> None:
 
     assert again.returncode == 0, again.stderr
     assert "database is up to date" in again.stdout
+
+
+def test_serve_runs_on_uvloop_and_httptools() -> None:
+    # given uvicorn configured as `serve` configures it (loop and http left to "auto"), then it picks the C event
+    # loop and HTTP protocol (issue 20: a polled request and each live-stream write cost less CPU with them)
+    from uvicorn.config import Config
+
+    config = Config("app.main:app", lifespan="off")
+    config.load()
+    assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
+    assert config.get_loop_factory().__module__ == "uvloop"
