@@ -5,7 +5,8 @@ Why an ASGI middleware and not only the app-wide dependency (``app.http.auth.aut
 parses a request's body (a multipart upload spooled to a temporary file, a JSON body parsed into memory) before
 it runs the route's dependencies, so a dependency alone let anyone without credentials make the server write
 or hold a gigabyte before answering 401. Here the credential is checked from the headers only (a bearer token
-or the session cookie, looked up with the same functions the dependency uses, in a worker thread) and a request
+or the session cookie, looked up with the same functions the dependency uses, in a worker thread, or taken
+from the few seconds' memory of valid credentials, ``app.services.credential_cache``) and a request
 without a valid one is answered at once; the dependency still runs afterwards (CSRF, ``request.state.user``).
 The body-size cap that counts bytes as they arrive is ``app.http.safety.BodySizeLimit``, the next layer in.
 
