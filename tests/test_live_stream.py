@@ -304,8 +304,9 @@ def test_a_points_frame_is_what_sse_starlette_would_write() -> None:
     """The feed encodes each point's SSE frame once for every viewer, without the web stack's classes."""
     from sse_starlette import ServerSentEvent
 
-    from app.core.models import MetricPoint
+    from app.core.models import MetricPoint, MetricPointPublic
     from app.services.live import live_point
 
-    point = live_point(MetricPoint(id=7, job_id=1, step=3, split="eval", values={"loss": 0.5, "acc": 1.0}))
-    assert point.frame == ServerSentEvent(data=point.data, event="metric", id="7").encode()
+    row = MetricPoint(id=7, job_id=1, step=3, split="eval", values={"loss": 0.5, "acc": 1.0})
+    data = MetricPointPublic.model_validate(row).model_dump_json()
+    assert live_point(row).frame == ServerSentEvent(data=data, event="metric", id="7").encode()

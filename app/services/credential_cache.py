@@ -19,7 +19,6 @@ was valid is remembered, by its sha256 and the database it was checked against, 
 The user handed out is a fresh detached copy per request, so no two requests share an ORM object.
 """
 
-import hashlib
 import os
 import threading
 import time
@@ -52,9 +51,10 @@ class _Entry:
 
 @lru_cache(maxsize=16)
 def _resolved(data_dir: Path, database_url: str | None) -> tuple[Path, str]:
-    """The epoch file and the database of a data folder and URL setting (resolving a path costs syscalls)."""
-    folder = data_dir.expanduser().resolve()
-    return folder / EPOCH_FILE, database_url or f"sqlite:///{folder / 'studio.db'}"
+    """The epoch file and the database URL of the current settings, whose ``data_dir`` and ``database_url`` are
+    the key (the settings resolve a path with syscalls; this runs on every request)."""
+    settings = get_settings()
+    return settings.resolved_data_dir / EPOCH_FILE, settings.resolved_database_url
 
 
 def _epoch_path() -> Path:
@@ -91,9 +91,10 @@ class CredentialCache:
 
     @staticmethod
     def _key(kind: str, raw: str) -> tuple[str, str, str]:
-        digest = hashlib.sha256(raw.encode("utf-8")).hexdigest()
+        from app.services.accounts import hash_secret  # accounts imports this module for its listeners
+
         settings = get_settings()
-        return (_resolved(settings.data_dir, settings.database_url)[1], kind, digest)
+        return (_resolved(settings.data_dir, settings.database_url)[1], kind, hash_secret(raw))
 
     def get(self, kind: str, raw: str, now: datetime) -> User | None:
         """A detached copy of the user this credential signed in within the last few seconds, if nothing about

@@ -40,12 +40,11 @@ IDLE_RECHECK_SECONDS = 5.0  # a waiting subscriber looks at its connection this 
 
 @dataclass(frozen=True)
 class LivePoint:
-    """A metric point as the stream sends it: id, attempt and step for the stream's bookkeeping, JSON once."""
+    """A metric point as the stream sends it: id, attempt and step for the stream's bookkeeping, and its SSE frame."""
 
     id: int
     attempt: int
     step: int
-    data: str
     frame: bytes  # the whole ``event: metric`` SSE frame, encoded once for every viewer
 
 
@@ -56,7 +55,7 @@ def live_point(point: MetricPoint) -> LivePoint:
     # What sse-starlette's ServerSentEvent(data, event="metric", id).encode() writes (compact JSON has no newline);
     # tests/test_live_stream.py checks they are the same bytes. The services layer does not import the web stack.
     frame = f"id: {public.id}\r\nevent: metric\r\ndata: {data}\r\n\r\n".encode()
-    return LivePoint(int(public.id), public.attempt, public.step, data, frame)
+    return LivePoint(int(public.id), public.attempt, public.step, frame)
 
 
 def status_snapshot(session: Session, job: Job) -> str:
