@@ -19,6 +19,7 @@ was valid is remembered, by its sha256 and the database it was checked against, 
 The user handed out is a fresh detached copy per request, so no two requests share an ORM object.
 """
 
+import hashlib
 import os
 import threading
 import time
@@ -91,10 +92,11 @@ class CredentialCache:
 
     @staticmethod
     def _key(kind: str, raw: str) -> tuple[str, str, str]:
-        from app.services.accounts import hash_secret  # accounts imports this module for its listeners
-
+        # only a dictionary key (never stored), so the raw credential is not kept in memory; accounts.hash_secret
+        # is not imported: accounts imports this module for its listeners (tests/test_layout.py: no cycles)
+        digest = hashlib.sha256(raw.encode("utf-8")).hexdigest()
         settings = get_settings()
-        return (_resolved(settings.data_dir, settings.database_url)[1], kind, hash_secret(raw))
+        return (_resolved(settings.data_dir, settings.database_url)[1], kind, digest)
 
     def get(self, kind: str, raw: str, now: datetime) -> User | None:
         """A detached copy of the user this credential signed in within the last few seconds, if nothing about
