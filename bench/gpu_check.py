@@ -137,6 +137,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "flex-noliger": {"attention": "flex_attention", "liger": "off"},
     "gc-flex": {"gradient_checkpointing": "on", "attention": "flex_attention"},
     "flex-compile": {"attention": "flex_attention", "torch_compile": True},
+    # per-example attention: torch's flash-attention varlen kernel on a packed batch (worker/packed_attention.py)
+    "varlen": {"attention": "sdpa_varlen"},
+    "varlen-noliger": {"attention": "sdpa_varlen", "liger": "off"},
 }
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["all-linear"]}
@@ -449,7 +452,10 @@ class Studio:
             record["job_notes"] = [
                 event.message
                 for event in session.exec(select(JobEvent).where(JobEvent.job_id == job_id)).all()
-                if any(word in event.message.lower() for word in ("liger", "packing", "precision", "bf16"))
+                if any(
+                    word in event.message.lower()
+                    for word in ("liger", "packing", "precision", "bf16", "attention")
+                )
             ][:6]
             record["adapter_bytes"] = adapter.size_bytes
             record["train_loss"] = adapter.metrics.get("train_loss")

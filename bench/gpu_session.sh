@@ -42,7 +42,7 @@ echo "== step 1: issue 22, 1.1 B ($(left) s left)"
 mkdir -p "$OUT/g1b"
 STEP1=${STEP1:-200}
 timeout "$STEP1" "$PY" bench/gpu_check.py $SMOKE --issue22 --size 1b --budget $((STEP1 - 30)) --model-dir "$MODEL" \
-    $PACKING --variants "${VARIANTS_1B:-default}" --out "$OUT/g1b" >"$OUT/g1b/log.txt" 2>&1
+    $PACKING --variants "${VARIANTS_1B:-default,varlen}" --out "$OUT/g1b" >"$OUT/g1b/log.txt" 2>&1
 echo "step 1 exit $?"; tail -n 40 "$OUT/g1b/gpu.md" 2>/dev/null
 if [ "${PREF:-1}" = "1" ]; then
 echo "== step 2: preference (DPO), studio vs trl script, without and with Liger ($(left) s left)"
@@ -62,7 +62,7 @@ if [ "$REST" -gt 90 ]; then
     mkdir -p "$OUT/g7b"
     rm -rf "$MODEL"
     timeout "$REST" "$PY" bench/gpu_check.py $SMOKE --issue22 --size 7b --batch 2 --budget $((REST - 15)) $PACKING \
-        --variants "${VARIANTS_7B:-default}" --out "$OUT/g7b" >"$OUT/g7b/log.txt" 2>&1
+        --variants "${VARIANTS_7B:-default,varlen}" --out "$OUT/g7b" >"$OUT/g7b/log.txt" 2>&1
     echo "step 3 exit $?"; tail -n 40 "$OUT/g7b/gpu.md" 2>/dev/null
 fi
 echo "== done in $(($(date +%s) - START)) s"

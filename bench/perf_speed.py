@@ -10,6 +10,8 @@ baseline taken in the same process at the same load:
 * SST-2, studio and hand-written Trainer + peft script with the same hyper-parameters: samples/s ratio.
 * Alpaca on a Llama-shaped LM (hidden 512, 4 layers, rows of 512 tokens), ``causal_lm.packing`` off / rows /
   on (padding-free): real-token FLOP rate / GEMM (target >= 80 % packed), padding share, samples/s.
+  Packed rows use ``training.attention`` auto (``sdpa_varlen`` on a CPU: attention per example); the
+  ``*_masked`` configurations keep SDPA's block-diagonal mask over each row, as auto did before.
 * the same with ``training.torch_compile`` (packing on): kept only where it pays.
 
 Writes bench/results/perf-speed.json and prints a Markdown table for docs/benchmarks.md. FLOPs count the Linear
@@ -55,6 +57,8 @@ def configurations(base: Path, rows: int, lm_rows: int) -> dict[str, list[str]]:
         "lm_off": [*lm, "--packing", "off", "--gemm"],
         "lm_rows": [*lm, "--packing", "rows", "--gemm"],
         "lm_on": [*lm, "--packing", "on", "--gemm"],
+        "lm_on_masked": [*lm, "--packing", "on", "--attention", "sdpa", "--gemm"],
+        "lm_rows_masked": [*lm, "--packing", "rows", "--attention", "sdpa", "--gemm"],
         "lm_on_compiled": [*lm, "--packing", "on", "--torch-compile", "--gemm"],
     }
 

@@ -151,6 +151,7 @@ def run_studio(options: argparse.Namespace) -> dict[str, Any]:
                     "logging_steps": 10,
                     "torch_compile": options.torch_compile,
                     "save_steps": options.save_steps,
+                    "attention": options.attention,
                 },
                 "causal_lm": {"format": "alpaca", "packing": options.packing},
             }
@@ -315,6 +316,12 @@ def main() -> None:
         help="studio-lm: causal_lm.packing",
     )
     parser.add_argument("--torch-compile", action="store_true", help="studio: training.torch_compile")
+    parser.add_argument(
+        "--attention",
+        choices=["auto", "sdpa", "sdpa_varlen"],
+        default="auto",
+        help="studio-lm: training.attention (sdpa: the masked kernel auto used before sdpa_varlen)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--gemm", action="store_true", help="also measure this process's fp32 GEMM rate")
     options = parser.parse_args()

@@ -40,6 +40,8 @@ def test_impossible_combinations_are_refused_with_the_field_and_the_fix() -> Non
     assert "no backward pass on CPUs; set resources.accelerator to gpu" in errors["resources"], errors
     errors = _errors(training={"attention": "eager"}, resources={"accelerator": "gpu"})
     assert "is for causal-lm jobs" in errors["resources"], errors
+    errors = _errors(training={"attention": "sdpa_varlen"})
+    assert "training.attention sdpa_varlen is for causal-lm jobs" in errors["resources"], errors
 
     # a studio adapter (not peft/transformers) cannot be gathered from FSDP shards
     errors = _errors(method="houlsby", resources={"strategy": "fsdp", "num_processes": 2})
@@ -66,6 +68,11 @@ def test_impossible_combinations_are_refused_with_the_field_and_the_fix() -> Non
         }
     )
     assert flex.training.attention == "flex_attention"
+    # per-example attention runs on CPUs too
+    varlen = JobSpec.model_validate(
+        {"dataset_id": 1, "task": "causal-lm", "training": {"attention": "sdpa_varlen"}}
+    )
+    assert varlen.training.attention == "sdpa_varlen"
 
 
 def test_the_api_answers_an_impossible_combination_with_a_422(client: Any) -> None:

@@ -141,11 +141,13 @@ class TrainingSettings(BaseModel):
         "the vocabulary-sized logits): auto applies them on CUDA when liger-kernel is installed and the model is "
         "a Llama, Mistral, Qwen2/3, Gemma or Phi3; the job's events say when and why not.",
     )
-    attention: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
+    attention: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flex_attention"] = Field(
         default="auto",
-        description="The attention kernel of a causal-LM job's model: auto keeps the model's default (SDPA); "
-        "flex_attention (PyTorch FlexAttention, compiled) skips the blocks a packed row's block-diagonal mask "
-        "rules out instead of computing them masked; it needs accelerator gpu (no backward pass on CPUs).",
+        description="The attention kernel of a causal-LM job's model. sdpa_varlen: packed examples attend "
+        "within themselves only (SDPA's causal kernel per example, or one flash-attention varlen call on a CUDA "
+        "GPU in bf16/fp16), instead of a row-wide block-diagonal mask; auto uses it for packed rows on CPU "
+        "workers and keeps the model's default (SDPA) elsewhere. flex_attention (PyTorch FlexAttention, "
+        "compiled) skips the blocks the mask rules out; it needs accelerator gpu (no backward pass on CPUs).",
     )
     torch_compile: bool = Field(
         default=False,

@@ -13,6 +13,7 @@ from app.core.models import Dataset
 from app.core.safety import model_load_kwargs, remote_code_allowed
 from app.core.spec import JobSpec
 from app.core.tasks import CAUSAL_LM
+from worker import packed_attention
 from worker.methods import get_method
 from worker.recipes import Prepared, Recipe
 from worker.recipes.causal_lm_data import (
@@ -84,6 +85,44 @@ def packing_mode(spec: JobSpec, model: Any, gpu: bool | None = None) -> tuple[st
     return "on", None
 
 
+def attention_choice(
+    spec: JobSpec, model: Any, packing: str, gpu: bool | None = None
+) -> tuple[bool, str | None]:
+    """Whether packed training switches the model to per-example SDPA (``sdpa_varlen``), and the note saying so.
+
+    ``auto`` switches on a CPU worker (measured there: docs/benchmarks.md) and keeps SDPA's masked kernel on a
+    GPU, where it is not measured yet; ``sdpa_varlen`` asks for it anywhere. Only SDPA models are switched (it is
+    SDPA's arithmetic), only when rows are packed, and not when the model's sliding window is shorter than
+    ``max_length`` (the window would no longer hold inside an example).
+    """
+    choice = spec.training.attention
+    if choice not in ("auto", packed_attention.NAME) or packing == "off":
+        if choice == packed_attention.NAME:
+            return False, f"attention {choice}: no packed rows (packing off), so plain SDPA"
+        return False, None
+    implementation = getattr(model.config, "_attn_implementation", None)
+    window = getattr(model.config, "sliding_window", None)
+    if getattr(model.config, "use_sliding_window", True) is False:
+        window = None
+    why_not = None
+    if implementation not in packed_attention.REPLACES:
+        why_not = f"the model's attention is {implementation}, not sdpa"
+    elif window and window < spec.training.max_length:
+        why_not = (
+            f"its sliding window ({window} tokens) is shorter than max_length {spec.training.max_length}"
+        )
+    if why_not:
+        if choice == packed_attention.NAME:
+            raise ValueError(f"training.attention {choice}: {why_not}; choose auto")
+        return False, None
+    if choice == "auto" and (trains_on_gpu() if gpu is None else gpu):
+        return False, None
+    return True, (
+        f"attention {'auto: ' if choice == 'auto' else ''}{packed_attention.NAME}, each packed example attends "
+        "within itself (no block-diagonal mask over the row)"
+    )
+
+
 def preprocess_logits(logits: Any, labels: Any) -> tuple[Any, Any]:
     """Keep only what the metrics need: argmax ids (aligned with labels) and each row's summed NLL.
 
@@ -126,7 +165,9 @@ def causal_lm_metrics(prediction: EvalPrediction) -> dict[str, float]:
 def _load_kwargs(load_kwargs: dict[str, Any], base: ResolvedModel, attention: str = "auto") -> dict[str, Any]:
     # safetensors only; trust_remote_code only for models the admin allow-listed (app/core/safety.py)
     kwargs = {**model_load_kwargs(base.model_id), **load_kwargs}
-    if attention != "auto":
+    if attention == packed_attention.NAME:
+        kwargs["attn_implementation"] = "sdpa"  # switched to per-example SDPA once packing is known
+    elif attention != "auto":
         kwargs["attn_implementation"] = attention
     if not torch.cuda.is_available():
         kwargs.setdefault("dtype", torch.float32)  # bf16 is ~5x slower than fp32 on this kind of CPU
@@ -156,11 +197,19 @@ def prepare(
     train_dataset: list[dict[str, Any]]
     packing, why_not = packing_mode(spec, model)
     notes = [why_not] if why_not else []
+    per_example, attention_note = attention_choice(spec, model, packing)
+    if per_example:
+        model.set_attn_implementation(packed_attention.register())
+    if attention_note:
+        notes.append(attention_note)
     if packing == "rows":
         train_dataset = pack(data.train, spec.training.max_length)
         collator: Any = _TrainOrEvalCollator(PackedCollator(tokenizer.pad_token_id), padded)
     elif packing == "on":
-        varlen = getattr(model.config, "_attn_implementation", None) in VARLEN_ATTENTION
+        varlen = getattr(model.config, "_attn_implementation", None) in (
+            *VARLEN_ATTENTION,
+            packed_attention.NAME,
+        )
         train_dataset = [example.packable() for example in data.train]
         row_tokens = None if varlen else spec.training.max_length
         collator = _TrainOrEvalCollator(PaddingFreeCollator(tokenizer.pad_token_id, row_tokens), padded)
