@@ -458,6 +458,11 @@ def test_attention_auto_and_sdpa_varlen_choose_by_device_packing_and_window(
     assert choose(spec(), Model(), "on", gpu=False)[0] and choose(spec(), Model(), "rows", gpu=False)[0]
     assert choose(spec(), Model(), "off", gpu=False) == (False, None)
     assert choose(spec(), Model(), "rows", gpu=True) == (False, None)
+    # nor under torch.compile (the host-side boundaries would break the graph at every layer)
+    compiled = spec().model_copy(
+        update={"training": spec().training.model_copy(update={"torch_compile": True})}
+    )
+    assert choose(compiled, Model(), "on", gpu=False) == (False, None)
     # explicit: on a GPU too; without packing it says why it changes nothing
     switched, note = choose(spec("sdpa_varlen"), Model(), "rows", gpu=True)
     assert switched and note is not None and note.startswith("attention sdpa_varlen,")
