@@ -390,6 +390,11 @@ def test_sdpa_varlen_attends_per_example_and_falls_back_to_the_mask(
         torch.testing.assert_close(varlen(**padded).logits, sdpa(**padded).logits, atol=ATOL, rtol=RTOL)
     assert len(calls) == layers and not any(unmasked for _, unmasked, _ in calls)
 
+    # (and positions that restart but not at 0, as generation gives left padding, are not a packed batch)
+    assert packed_attention.example_segments(torch.tensor([[1, 1, 0, 1, 2]])) is None
+    assert packed_attention.example_segments(torch.tensor([[0, 1, 0, 1, 2]])) == [[(0, 2), (2, 5)]]
+    assert packed_attention.example_segments(torch.tensor([[0, 1, 2, 3]])) is None
+
     # given PyTorch's varlen kernel (each signature), when the packed batch goes through it
     for new_signature in (True, False):
         kernel = _reference_varlen(new_signature)

@@ -75,14 +75,20 @@ _last = _Last()
 def example_segments(position_ids: torch.Tensor) -> Segments | None:
     """Per row, the (start, end) of each example: a new one wherever a position does not follow the last.
 
-    None when no row holds more than one example (nothing packed: the masked path is the same work).
+    None when no row holds more than one example (nothing packed: the masked path is the same work), or when a
+    run does not start at position 0: packed examples (and the collators' padding) always do, so anything else
+    (e.g. a left-padded batch's positions) is not a packed batch and keeps its mask.
     """
     rows = position_ids.reshape(-1, position_ids.shape[-1])
     if rows.shape[-1] < 2:
         return None
-    starts = (rows[:, 1:] != rows[:, :-1] + 1).cpu()
+    starts = rows[:, 1:] != rows[:, :-1] + 1
     if not bool(starts.any()):
         return None
+    first = torch.cat([torch.ones_like(starts[:, :1]), starts], dim=1)
+    if bool((rows[first] != 0).any()):
+        return None
+    starts = starts.cpu()
     width = rows.shape[-1]
     segments: Segments = []
     for row in starts.tolist():
