@@ -488,3 +488,11 @@ def test_attention_auto_and_sdpa_varlen_choose_by_device_packing_and_window(
     assert choose(spec(), eager, "on", gpu=False) == (False, None)
     with pytest.raises(ValueError, match="attention is eager, not sdpa"):
         choose(spec("sdpa_varlen"), eager, "on", gpu=False)
+
+    # and a padding-free row holds: the whole batch under flash varlen (no mask), up to 2,048 tokens under
+    # sdpa_varlen (transformers still builds its row × row mask beside it), max_length under a dense mask
+    rows = causal_lm.padding_free_row_tokens
+    assert rows(Model(_attn_implementation="flash_attention_2"), MAX_LENGTH) is None
+    assert rows(Model(_attn_implementation="sdpa_varlen"), MAX_LENGTH) == 2048
+    assert rows(Model(_attn_implementation="sdpa_varlen"), 4096) == 4096
+    assert rows(Model(), MAX_LENGTH) == rows(eager, MAX_LENGTH) == MAX_LENGTH

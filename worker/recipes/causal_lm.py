@@ -85,6 +85,22 @@ def packing_mode(spec: JobSpec, model: Any, gpu: bool | None = None) -> tuple[st
     return "on", None
 
 
+# Rows of a padding-free batch under sdpa_varlen: attention is per example, but transformers still builds a
+# row × row mask beside it (the fallback's), so rows are capped where that stays cheap.
+PER_EXAMPLE_ROW_TOKENS = 2048
+
+
+def padding_free_row_tokens(model: Any, max_length: int) -> int | None:
+    """How many tokens a padding-free row holds: the whole batch under flash-attention varlen (no mask at all), up
+    to 2,048 (or ``max_length``) under per-example SDPA, ``max_length`` under a dense row-wide mask."""
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation in VARLEN_ATTENTION:
+        return None
+    if implementation == packed_attention.NAME:
+        return max(max_length, PER_EXAMPLE_ROW_TOKENS)
+    return max_length
+
+
 def attention_choice(
     spec: JobSpec, model: Any, packing: str, gpu: bool | None = None
 ) -> tuple[bool, str | None]:
@@ -211,12 +227,8 @@ def prepare(
         train_dataset = pack(data.train, spec.training.max_length)
         collator: Any = _TrainOrEvalCollator(PackedCollator(tokenizer.pad_token_id), padded)
     elif packing == "on":
-        varlen = getattr(model.config, "_attn_implementation", None) in (
-            *VARLEN_ATTENTION,
-            packed_attention.NAME,
-        )
         train_dataset = [example.packable() for example in data.train]
-        row_tokens = None if varlen else spec.training.max_length
+        row_tokens = padding_free_row_tokens(model, spec.training.max_length)
         collator = _TrainOrEvalCollator(PaddingFreeCollator(tokenizer.pad_token_id, row_tokens), padded)
     else:
         train_dataset = [example.features() for example in data.train]

@@ -15,7 +15,8 @@ tests/test_causal_lm.py checks that an example's logits are the same packed or a
   made, so a step sees exactly the examples (and the loss) it would unpacked, minus the padding. Under
   flash-attention varlen the whole batch is one row (attention costs the sum of the squared example lengths);
   under SDPA/eager the mask is dense, so the examples are bin-packed into rows of at most ``max_length``
-  tokens instead of one ``batch × length`` long row whose attention would cost its square.
+  tokens instead of one ``batch × length`` long row whose attention would cost its square; under per-example
+  SDPA (``sdpa_varlen``) into rows of up to 2,048 tokens (recipes/causal_lm.py: ``padding_free_row_tokens``).
 * ``rows`` (the original packing, ``pack``): the whole training set is bin-packed once into rows of
   ``max_length`` tokens, and the batch size counts rows: fewer, fuller steps.
 """
