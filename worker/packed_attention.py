@@ -13,7 +13,7 @@ lengths, not the square of the row:
 
 Either way the result is the masked attention's (tests/test_packing.py). It falls back to transformers' own
 SDPA, with the mask transformers built, whenever a batch is not packed (evaluation batches, padded with an
-attention mask) or a call comes without position ids. The recipe switches a model to it only for packed
+attention mask; positions that do not restart at 0) or a call comes without position ids. The recipe switches a model to it only for packed
 training, and not for models whose sliding window is shorter than an example (worker/recipes/causal_lm.py).
 """
 
@@ -124,7 +124,6 @@ def varlen_kernel(query: torch.Tensor, dropout: float, scaling: float | None = N
 
 def _varlen_call(
     kernel: Kernel,
-    module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -187,7 +186,7 @@ def per_example_attention(
         )
     kernel = varlen_kernel(query, dropout, scaling)
     if kernel is not None:
-        return _varlen_call(kernel, module, query, key, value, packing, scaling), None
+        return _varlen_call(kernel, query, key, value, packing, scaling), None
     rows = []
     for index, row in enumerate(packing.segments):
         examples = [
