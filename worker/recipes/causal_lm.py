@@ -107,9 +107,9 @@ def attention_choice(
     """Whether packed training switches the model to per-example SDPA (``sdpa_varlen``), and the note saying so.
 
     ``auto`` switches on a CPU worker (measured there: docs/benchmarks.md) unless the model is compiled, and keeps
-    SDPA's masked kernel on a GPU, where it is not measured yet; ``sdpa_varlen`` asks for it anywhere. Only SDPA models are switched (it is
-    SDPA's arithmetic), only when rows are packed, and not when the model's sliding window is shorter than
-    ``max_length`` (the window would no longer hold inside an example).
+    SDPA's masked kernel on a GPU, where it is not measured yet; ``sdpa_varlen`` asks for it anywhere. Only SDPA
+    models are switched (it is SDPA's arithmetic), only when rows are packed, and not when the model's sliding
+    window is shorter than ``max_length`` (the window would no longer hold inside an example).
     """
     choice = spec.training.attention
     if choice not in ("auto", packed_attention.NAME) or packing == "off":
@@ -131,13 +131,9 @@ def attention_choice(
         if choice == packed_attention.NAME:
             raise ValueError(f"training.attention {choice}: {why_not}; choose auto")
         return False, None
-    if choice == "auto" and (trains_on_gpu() if gpu is None else gpu):
+    # auto: not on a GPU (unmeasured there), nor compiled (host-side boundaries would break the graph per layer)
+    if choice == "auto" and ((trains_on_gpu() if gpu is None else gpu) or spec.training.torch_compile):
         return False, None
-    if choice == "auto" and spec.training.torch_compile:
-        return (
-            False,
-            None,
-        )  # reading example boundaries on the host would break the compiled graph at every layer
     return True, (
         f"attention {'auto: ' if choice == 'auto' else ''}{packed_attention.NAME}, each packed example attends "
         "within itself (no block-diagonal mask over the row)"
