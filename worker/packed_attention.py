@@ -38,8 +38,8 @@ Segments = list[list[tuple[int, int]]]
 class _Packing:
     """Example boundaries of one position-ids tensor (every layer of a forward passes the same one)."""
 
-    def __init__(self, position_ids: torch.Tensor, segments: Segments) -> None:
-        self.position_ids = position_ids
+    def __init__(self, width: int, segments: Segments) -> None:
+        self.width = width
         self.segments = segments
         self.longest = max(end - start for row in segments for start, end in row)
         self._cumulative: torch.Tensor | None = None
@@ -47,9 +47,10 @@ class _Packing:
     def cumulative(self, device: torch.device) -> torch.Tensor:
         """varlen's ``cu_seqlens``: where each example starts in the flattened batch, and the total (int32)."""
         if self._cumulative is None or self._cumulative.device != device:
-            width = self.position_ids.shape[-1]
-            starts = [index * width + start for index, row in enumerate(self.segments) for start, _ in row]
-            total = len(self.segments) * width
+            starts = [
+                index * self.width + start for index, row in enumerate(self.segments) for start, _ in row
+            ]
+            total = len(self.segments) * self.width
             self._cumulative = torch.tensor([*starts, total], dtype=torch.int32, device=device)
         return self._cumulative
 
@@ -65,7 +66,7 @@ class _Last:
         if position_ids is not self.position_ids:
             segments = example_segments(position_ids)
             self.position_ids = position_ids
-            self.packing = _Packing(position_ids, segments) if segments is not None else None
+            self.packing = _Packing(position_ids.shape[-1], segments) if segments is not None else None
         return self.packing
 
 
